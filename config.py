@@ -1,0 +1,216 @@
+"""Command line -> one frozen, validated ``Config``; flag names follow the official release, so sweep scripts work.
+
+Values a user does not give on the command line come from the dataset's preset (the authors' published best
+settings, PAPER_FACTS section 2); ``Config.from_preset`` names them, and the printed and saved config says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from losses import SCHEMES
+from models import ARCHS
+
+REPO_DIR = Path(__file__).resolve().parent
+DATASETS = ("synthetic", "pascal", "coco", "nuswide", "cub")
+OPTIMIZERS = ("adam", "sgd")
+TRAIN_SET_VARIANTS = ("observed", "clean")
+
+# Per-dataset presets, used for every value below that is not given on the command line. The real datasets' optimiser,
+# lr and Delta_rel (percent per epoch, per scheme) are the authors' published best; the rest are the official defaults.
+# The synthetic ones were tuned for the embedded demo (README, "The synthetic default").
+_OFFICIAL = {"arch": "resnet50", "image_size": 448, "num_epochs": 10}
+PRESETS: dict[str, dict] = {
+    "pascal": {**_OFFICIAL, "optimizer": "sgd", "lr": 5e-3, "delta_rel": {"LL-R": 0.2, "LL-Ct": 0.2, "LL-Cp": 0.1}},
+    "coco": {**_OFFICIAL, "optimizer": "adam", "lr": 1e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2}},
+    "nuswide": {**_OFFICIAL, "optimizer": "adam", "lr": 1e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2}},
+    "cub": {**_OFFICIAL, "optimizer": "adam", "lr": 7.5e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.4, "LL-Cp": 0.2}},
+    "synthetic": {
+        "arch": "smallcnn",
+        "image_size": 32,
+        "num_epochs": 10,
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "delta_rel": {"LL-R": 1.0, "LL-Ct": 0.5, "LL-Cp": 0.5},
+    },
+}
+PRESET_FIELDS = ("arch", "image_size", "num_epochs", "optimizer", "lr", "delta_rel")
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str
+    mod_scheme: str
+    delta_rel: float
+    lr: float
+    optimizer: str
+    bsize: int
+    num_epochs: int
+    lr_mult: float
+    arch: str
+    use_pretrained: bool
+    pretrained_weights: str
+    image_size: int
+    train_set_variant: str
+    val_frac: float
+    split_seed: int
+    ss_seed: int
+    ss_frac_train: float
+    ss_frac_val: float
+    num_workers: int
+    seed: int
+    data_root: str
+    save_path: str
+    exp_name: str
+    device: str
+    gpu_num: int
+    from_preset: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.save_path) / self.exp_name
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["from_preset"] = list(self.from_preset)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every rule a config must satisfy, as readable problems (empty when valid)."""
+    p = []
+    choices = {"dataset": DATASETS, "mod_scheme": SCHEMES, "optimizer": OPTIMIZERS, "arch": ARCHS}
+    choices["train_set_variant"] = TRAIN_SET_VARIANTS
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            p.append(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
+    if not 0 <= cfg.delta_rel <= 100:
+        p.append(f"--delta_rel is in percent per epoch and must lie in [0, 100] (got {cfg.delta_rel})")
+    elif cfg.mod_scheme == "LL-Cp" and cfg.delta_rel == 0:
+        p.append("--delta_rel 0 with LL-Cp corrects nothing; use --mod_scheme AN for that")
+    for name in ("lr", "lr_mult"):
+        if not getattr(cfg, name) > 0:
+            p.append(f"--{name} must be positive (got {getattr(cfg, name)})")
+    for name in ("bsize", "num_epochs", "image_size"):
+        if getattr(cfg, name) < 1:
+            p.append(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
+    if not 0 < cfg.val_frac < 1:
+        p.append(f"--val_frac must lie strictly between 0 and 1 (got {cfg.val_frac})")
+    for name in ("ss_frac_train", "ss_frac_val"):
+        if not 0 < getattr(cfg, name) <= 1:
+            p.append(f"--{name} must lie in (0, 1] (got {getattr(cfg, name)})")
+    if cfg.num_workers < 0:
+        p.append(f"--num_workers must be >= 0 (got {cfg.num_workers})")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        p.append(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
+    if cfg.train_set_variant == "clean" and cfg.mod_scheme != "AN":
+        p.append(
+            "--train_set_variant clean trains on full labels, which leave no unobserved entry to reject or correct; "
+            "use --mod_scheme AN (the default with clean)"
+        )
+    if not cfg.exp_name or "/" in cfg.exp_name or cfg.exp_name in (".", ".."):
+        p.append(f"--exp_name must be a plain folder name (got {cfg.exp_name!r})")
+    return p
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Large Loss Matters (CVPR 2022): train a multi-label classifier from single positive labels.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dataset", default="synthetic", choices=DATASETS)
+    parser.add_argument("--mod_scheme", default=None, choices=SCHEMES, help="default LL-R (AN with clean labels)")
+    parser.add_argument("--delta_rel", type=float, default=None, help="percent per epoch (default: preset)")
+    parser.add_argument("--lr", type=float, default=None, help="backbone learning rate (default: preset)")
+    parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="default: preset")
+    parser.add_argument("--bsize", type=int, default=16, help="batch size")
+    parser.add_argument("--num_epochs", type=int, default=None, help="epochs (default 10)")
+    parser.add_argument("--lr_mult", type=float, default=10.0, help="the head's learning rate is lr * lr_mult")
+    parser.add_argument("--arch", default=None, choices=ARCHS, help="default resnet50; synthetic smallcnn")
+    parser.add_argument(
+        "--use_pretrained", type=str2bool, nargs="?", const=True, default=True, help="pretrained backbone"
+    )
+    parser.add_argument("--pretrained_weights", default="IMAGENET1K_V1", help="torchvision weights name for ResNets")
+    parser.add_argument(
+        "--image_size", type=int, default=None, help="resize to this square (default 448; synthetic 32)"
+    )
+    parser.add_argument(
+        "--train_set_variant", default="observed", choices=TRAIN_SET_VARIANTS, help="single positive or full labels"
+    )
+    parser.add_argument("--val_frac", type=float, default=0.2, help="fraction of the official train split held out")
+    parser.add_argument("--split_seed", type=int, default=1200, help="seed of the official train/val split")
+    parser.add_argument("--ss_seed", type=int, default=999, help="seed of the optional subsampling")
+    parser.add_argument("--ss_frac_train", type=float, default=1.0, help="fraction of train images kept")
+    parser.add_argument("--ss_frac_val", type=float, default=1.0, help="fraction of val images kept")
+    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: preset)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and flips")
+    parser.add_argument("--data_root", default=None, help="dataset folder (default: data/<dataset> in the repo)")
+    parser.add_argument("--save_path", default="results", help="parent folder of run folders")
+    parser.add_argument("--exp_name", default=None, help="run folder name (default: dataset_scheme_delta_seed_time)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--gpu_num", type=int, default=0, help="CUDA device index")
+    return parser
+
+
+def _default_num_workers(dataset: str) -> int:
+    # The synthetic images are 32x32 PNGs: decoding them in the main process is faster than feeding worker processes.
+    if dataset == "synthetic":
+        return 0
+    import os
+
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Resolve presets and defaults, then build (and so validate) the frozen config."""
+    values = dict(vars(args))
+    preset = PRESETS[values["dataset"]]
+    if values["mod_scheme"] is None:
+        values["mod_scheme"] = "AN" if values["train_set_variant"] == "clean" else "LL-R"
+    from_preset = [name for name in PRESET_FIELDS if values[name] is None]
+    for name in from_preset:
+        values[name] = preset[name]
+    if "delta_rel" in from_preset:
+        values["delta_rel"] = values["delta_rel"].get(values["mod_scheme"], 0.0)
+    values["from_preset"] = tuple(from_preset)
+    if values["num_workers"] is None:
+        values["num_workers"] = _default_num_workers(values["dataset"])
+    if values["data_root"] is None:
+        values["data_root"] = str(REPO_DIR / "data" / values["dataset"])
+    if values["exp_name"] is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        values["exp_name"] = (
+            f"{values['dataset']}_{values['mod_scheme']}_d{values['delta_rel']:g}_s{values['seed']}_{stamp}"
+        )
+    return Config(**values)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse the command line; any invalid value exits with argparse's usage message (status 2), never a traceback."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))

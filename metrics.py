@@ -1,0 +1,85 @@
+"""Average precision and mAP, vectorised over classes, with scikit-learn's exact definition (tied scores included).
+
+AP of one class = sum over distinct score thresholds t (descending) of (R(t) - R(t_prev)) * P(t): the step-wise area
+under the precision-recall curve, where all entries with the same score enter together (one threshold). This equals
+``sklearn.metrics.average_precision_score`` per class. A class without positives gets AP 0 and still counts in the mean
+(as in the official code, which calls scikit-learn). Everything runs in torch, on whatever device the scores are on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+
+
+def _sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """Ascending sort of each row. On the CPU numpy's vectorised sort is about twice as fast as torch's."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+    return torch.sort(x, dim=1).values
+
+
+def _ap_per_class(scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    # AP = mean over the positives j of  #{positives with score >= s_j} / #{entries with score >= s_j}:
+    # counting ">=" puts every tied entry into one threshold, exactly as scikit-learn does. Only the positives need
+    # a rank, so one sort of each class's scores and two searchsorted calls replace the whole precision-recall curve.
+    # Work class-major (C x N, contiguous): every step below runs along rows.
+    positive = targets if targets.dtype == torch.bool else targets > 0
+    if valid is not None:  # left-out entries score -inf: below every real score, so they are never counted
+        positive &= valid
+        scores = scores.masked_fill(~valid, -torch.inf)
+    positive = positive.t().contiguous()
+    scores = (scores if scores.dtype == torch.float64 else scores.float()).t().contiguous()
+    num_classes, n = scores.shape
+    rows, cols = positive.nonzero(as_tuple=True)  # row-major: grouped by class
+    num_pos = torch.bincount(rows, minlength=num_classes)
+    width = max(int(num_pos.max()), 1)
+    slot = torch.arange(rows.numel(), device=scores.device) - (num_pos.cumsum(0) - num_pos)[rows]
+    pos_scores = torch.full((num_classes, width), -torch.inf, dtype=scores.dtype, device=scores.device)
+    pos_scores[rows, slot] = scores[rows, cols]
+    pos_scores = _sort_rows(pos_scores)  # -inf padding first, then the positives ascending
+    ranked_at_or_above = n - torch.searchsorted(_sort_rows(scores), pos_scores, side="left")
+    positives_at_or_above = width - torch.searchsorted(pos_scores, pos_scores, side="left")
+    real = torch.arange(width, device=scores.device) >= (width - num_pos).unsqueeze(1)
+    precision = positives_at_or_above.double() / ranked_at_or_above.clamp(min=1).double()
+    ap = torch.where(real, precision, 0.0).sum(1) / num_pos.clamp(min=1).double()
+    return torch.where(num_pos > 0, ap, 0.0)
+
+
+def average_precision(scores, targets, valid=None):
+    """Per-class AP of an N x C score matrix against 0/1 targets (numpy in, numpy out; torch in, torch out).
+
+    ``valid`` (optional, N x C bool) leaves entries out entirely, as if their rows did not exist for that class: the
+    OpenImages protocol, where unknown labels are not scored. Scores must be finite.
+    """
+    is_numpy = not isinstance(scores, torch.Tensor)
+    scores_t = _as_tensor(scores)
+    targets_t = _as_tensor(targets).to(scores_t.device)
+    valid_t = None if valid is None else _as_tensor(valid).to(scores_t.device).bool()
+    one_class = scores_t.dim() == 1
+    if one_class:
+        scores_t, targets_t = scores_t[:, None], targets_t[:, None]
+        valid_t = None if valid_t is None else valid_t[:, None]
+    if scores_t.dim() != 2 or scores_t.shape != targets_t.shape:
+        raise ValueError(f"scores {tuple(scores_t.shape)} and targets {tuple(targets_t.shape)} must be the same N x C")
+    if valid_t is not None and valid_t.shape != scores_t.shape:
+        raise ValueError(f"valid {tuple(valid_t.shape)} must match scores {tuple(scores_t.shape)}")
+    if not bool(torch.isfinite(scores_t).all()):
+        raise ValueError("scores contain NaN or infinite values")
+    if scores_t.shape[0] == 0:
+        ap = torch.zeros(scores_t.shape[1], dtype=torch.float64, device=scores_t.device)
+    else:
+        ap = _ap_per_class(scores_t, targets_t, valid_t)
+    if one_class:
+        ap = ap[0]
+    return ap.cpu().numpy() if is_numpy else ap
+
+
+def mean_average_precision(scores, targets, valid=None) -> float:
+    """mAP in percent: 100 x the mean of ``average_precision`` over classes (classes without positives count as 0)."""
+    ap = average_precision(scores, targets, valid)
+    return 100.0 * float(ap.mean())

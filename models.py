@@ -1,0 +1,108 @@
+"""Multi-label classifiers: a backbone's feature map, global pooling, and one linear head (logits, no sigmoid)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = RESNETS + ("smallcnn",)
+
+
+class SmallCNN(nn.Module):
+    """Six conv+BN+ReLU layers (107k parameters) for the 32x32 synthetic images; returns a 4x4 feature map."""
+
+    out_channels = 64
+    _spec = (16, "pool", 32, 32, "pool", 64, 64, "pool", 64)
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for item in self._spec:
+            if item == "pool":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+            channels = item
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MultiLabelClassifier(nn.Module):
+    """``head(pool(backbone(x)))``. ``backbone`` and ``head`` are separate so the head can get ``lr * lr_mult``."""
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, pool: str = "avg") -> None:
+        super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        self.backbone = backbone
+        self.pool = pool
+        self.head = nn.Linear(feat_dim, num_classes, bias=True)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.backbone(x)
+        return fmap.mean(dim=(2, 3)) if self.pool == "avg" else fmap.amax(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The requested pretrained weights are neither cached nor downloadable."""
+
+
+def _imagenet_state_dict(arch: str, weights_name: str) -> dict:
+    try:
+        weights = torchvision.models.get_model_weights(arch)[weights_name]
+    except KeyError:
+        names = [w.name for w in torchvision.models.get_model_weights(arch)]
+        raise PretrainedWeightsUnavailable(f"{arch} has no weights {weights_name!r}; choose one of {names}.") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as err:  # URLError, socket errors, HTTP errors: all mean "not here and not reachable"
+        raise PretrainedWeightsUnavailable(
+            f"ImageNet weights for {arch} ({weights_name}) are not cached and could not be downloaded ({err}).\n"
+            f"Expected file: {cached}\n"
+            f"Download {weights.url} on a machine with network and copy it there (or set TORCH_HOME), "
+            f"or pass --use_pretrained false to train from scratch."
+        ) from None
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    use_pretrained: bool,
+    weights_name: str = "IMAGENET1K_V1",
+    smallcnn_weights: str | Path | None = None,
+) -> MultiLabelClassifier:
+    """The paper's classifier: torchvision ResNet without its fc, global average pooling, Linear(feat_dim, C).
+
+    ``smallcnn`` is the synthetic dataset's backbone; its pretrained weights come from ``smallcnn_weights`` (the file
+    written by ``synthetic.ensure_pretrained_backbone``). It pools with a global max, which suits small objects.
+    """
+    if arch == "smallcnn":
+        backbone = SmallCNN()
+        if use_pretrained:
+            if smallcnn_weights is None or not Path(smallcnn_weights).exists():
+                raise PretrainedWeightsUnavailable(
+                    f"No pretrained smallcnn weights at {smallcnn_weights}; they exist only for --dataset synthetic. "
+                    "Pass --use_pretrained false to train from scratch."
+                )
+            backbone.load_state_dict(torch.load(smallcnn_weights, map_location="cpu", weights_only=True))
+        return MultiLabelClassifier(backbone, SmallCNN.out_channels, num_classes, pool="max")
+    if arch not in RESNETS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    resnet = getattr(torchvision.models, arch)(weights=None)
+    if use_pretrained:
+        resnet.load_state_dict(_imagenet_state_dict(arch, weights_name))
+    feat_dim = resnet.fc.in_features
+    backbone = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool and fc: the feature map
+    return MultiLabelClassifier(backbone, feat_dim, num_classes, pool="avg")

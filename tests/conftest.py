@@ -1,0 +1,41 @@
+"""Shared fixtures: the repo on sys.path, the synthetic dataset generated once per session, a CLI runner."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The default synthetic dataset and its pretrained backbone, generated once (about 15 s) for the whole session."""
+    import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.ensure_dataset(root)
+    synthetic.ensure_pretrained_backbone(root)
+    return root
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python main.py ARGS`` in a subprocess, the way users do."""
+    full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True, env=full_env, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
+    config = json.loads((run_dir / "config.json").read_text())
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    final = json.loads((run_dir / "final.json").read_text())
+    return config, log, final

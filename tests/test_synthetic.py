@@ -1,0 +1,53 @@
+"""The embedded synthetic dataset: deterministic, in the real on-disk form, with the intended label statistics."""
+
+import numpy as np
+
+import synthetic
+
+
+def generate_small(root, monkeypatch):
+    monkeypatch.setattr(synthetic, "NUM_TRAIN", 40)
+    monkeypatch.setattr(synthetic, "NUM_TEST", 10)
+    return synthetic.ensure_dataset(root)
+
+
+def test_generation_is_deterministic_and_in_the_formatted_layout(tmp_path, monkeypatch):
+    a, b = generate_small(tmp_path / "a", monkeypatch), generate_small(tmp_path / "b", monkeypatch)
+    for phase, count in (("train", 40), ("val", 10)):
+        images_a = np.load(a / f"formatted_{phase}_images.npy")
+        labels_a = np.load(a / f"formatted_{phase}_labels.npy")
+        assert images_a.shape == (count,) and labels_a.shape == (count, 16)
+        np.testing.assert_array_equal(labels_a, np.load(b / f"formatted_{phase}_labels.npy"))
+        for name in images_a:
+            assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes()
+
+
+def test_existing_dataset_is_reused_and_a_stale_one_rebuilt(tmp_path, monkeypatch, capsys):
+    root = generate_small(tmp_path, monkeypatch)
+    stamp = (root / "formatted_train_labels.npy").stat().st_mtime_ns
+    synthetic.ensure_dataset(root)
+    assert (root / "formatted_train_labels.npy").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    capsys.readouterr()
+    synthetic.ensure_dataset(root)
+    assert "regenerating" in capsys.readouterr().out
+
+
+def test_label_statistics():
+    rng = np.random.default_rng(0)
+    drawn = [synthetic.draw_multilabel_image(rng) for _ in range(600)]
+    labels = np.stack([d[1] for d in drawn])
+    assert drawn[0][0].shape == (32, 32, 3) and drawn[0][0].dtype == np.uint8
+    per_image = labels.sum(1)
+    assert per_image.min() == 1 and per_image.max() == 4
+    assert 2.2 < per_image.mean() < 2.8  # 2.5 expected from the 1-4 object probabilities
+    frequency = labels.mean(0)
+    assert frequency.min() > 0.03 and frequency.max() < 0.4  # rare and common classes, none absent
+    # co-occurrence: classes favoured by the same scene appear together more often than independence predicts
+    a, b = synthetic.SCENES[0][0], synthetic.SCENES[0][1]
+    assert (labels[:, a] * labels[:, b]).mean() > frequency[a] * frequency[b]
+
+
+def test_pretraining_shapes_are_disjoint_from_the_classes():
+    assert not set(synthetic.PRETRAIN_SHAPES) & set(synthetic.MULTILABEL_SHAPES)
+    assert len(synthetic.PRETRAIN_SHAPES) == len(synthetic.MULTILABEL_SHAPES) == 16

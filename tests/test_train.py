@@ -1,0 +1,76 @@
+"""The training step: LL-Cp writes its corrections into the trainer's label matrix; a NaN loss stops the run."""
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import losses
+import models
+import train
+
+
+def tiny_loader(synthetic_root, n=24, bsize=8):
+    paths = np.array([str(synthetic_root / "images" / "train" / f"train_{i:06d}.png") for i in range(n)])
+    return torch.utils.data.DataLoader(
+        datasets.ImageDataset(paths, 32), batch_sampler=datasets.EpochBatches(n, bsize, shuffle=True, seed=0)
+    )
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return models.build_model("smallcnn", 16, use_pretrained=False)
+
+
+def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entries(synthetic_root, monkeypatch):
+    observed = torch.zeros(24, 16, dtype=torch.int8)
+    observed[:, 0] = 1
+    selections = []
+    real_large_loss = losses.large_loss
+
+    def recording_large_loss(logits, batch_observed, scheme, rate):
+        loss, selected = real_large_loss(logits, batch_observed, scheme, rate)
+        selections.append((batch_observed.clone(), selected.clone()))
+        return loss, selected
+
+    monkeypatch.setattr(losses, "large_loss", recording_large_loss)
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = tiny_loader(synthetic_root)
+    stats = train.train_one_epoch(
+        model, loader, optimizer, observed, scheme="LL-Cp", rate=0.05, epoch=2, device=torch.device("cpu")
+    )
+    # ceil(8 * 16 * 0.05) = 7 per batch, 3 batches
+    assert stats["num_selected"] == 21 and int((observed == 1).sum()) == 24 + 21
+    loader.batch_sampler.set_epoch(2)
+    for batch_idx, (before, selected) in zip(loader.batch_sampler, selections, strict=True):
+        assert (before[selected] == 0).all()  # only unobserved entries were corrected
+        assert torch.equal(observed[batch_idx], before.masked_fill(selected, 1))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(synthetic_root):
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    observed = torch.zeros(24, 16, dtype=torch.int8)
+    with pytest.raises(train.TrainingError, match="NaN or infinite"):
+        train.train_one_epoch(
+            model,
+            tiny_loader(synthetic_root),
+            optimizer,
+            observed,
+            scheme="AN",
+            rate=0.0,
+            epoch=1,
+            device=torch.device("cpu"),
+        )
+
+
+def test_optimizer_gives_the_head_lr_times_lr_mult():
+    from config import parse_config
+
+    cfg = parse_config(["--lr", "0.002", "--lr_mult", "10", "--optimizer", "sgd", "--exp_name", "x"])
+    optimizer = train.build_optimizer(cfg, tiny_model())
+    assert [g["lr"] for g in optimizer.param_groups] == [0.002, 0.02]
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 1e-3

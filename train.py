@@ -1,0 +1,221 @@
+"""Training and evaluation: ``train_one_epoch`` and ``evaluate`` return plain dicts, ``run(cfg)`` does a whole run.
+
+The trainer owns the training label matrix (observed labels, -1/0/1, on the device): the loader only yields images and
+row indices, so LL-Cp's permanent corrections are written where every later batch reads them, whatever the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import datasets
+import losses
+import metrics
+import models
+from config import REPO_DIR, Config
+
+EARLY_STOP_DROP = 3.0  # stop when val mAP falls more than this many points below the best so far (official rule)
+NONFINITE_CHECK_EVERY = 25  # steps between host-side checks of the running loss
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss became NaN); the message says why and what to try."""
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device cpu.")
+    return torch.device("cuda", cfg.gpu_num)
+
+
+def build_optimizer(cfg: Config, model: models.MultiLabelClassifier) -> torch.optim.Optimizer:
+    """The official optimiser: backbone at ``lr``, head at ``lr * lr_mult``; Adam without weight decay, or SGD with
+    momentum 0.9 and weight decay 1e-3."""
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": cfg.lr},
+        {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult},
+    ]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=1e-3)
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss_sum):
+        raise TrainingError(
+            f"The training loss became NaN or infinite at epoch {epoch}, by step {step}. "
+            "Lower --lr (or check the data for corrupt labels) and start a new run."
+        )
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    observed: torch.Tensor,
+    *,
+    scheme: str,
+    rate: float,
+    epoch: int,
+    device: torch.device,
+) -> dict:
+    """One pass over the training set. ``observed`` (N x C, -1/0/1, on ``device``) is updated in place by LL-Cp."""
+    model.train()
+    sampler: datasets.EpochBatches = loader.batch_sampler
+    sampler.set_epoch(epoch)
+    loss_sum = torch.zeros((), device=device)
+    num_selected = torch.zeros((), dtype=torch.long, device=device)
+    num_batches = len(loader)
+    for step, (images, idx) in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr), 1):
+        x = datasets.to_model_input(images.to(device, non_blocking=True), sampler.flips[idx].to(device))
+        idx = idx.to(device)
+        batch_observed = observed[idx]
+        loss, selected = losses.large_loss(model(x), batch_observed, scheme, rate)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheme == "LL-Cp":  # permanent correction: later epochs see these entries as observed positives
+            observed[idx] = batch_observed.masked_fill(selected, 1)
+        loss_sum += loss.detach()
+        num_selected += selected.sum()
+        if step % NONFINITE_CHECK_EVERY == 0 or step == num_batches:
+            _check_finite(loss_sum, epoch, step)
+    return {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, desc: str
+) -> torch.Tensor:
+    """Sigmoid scores of every image in loader order, kept on the device."""
+    model.eval()
+    scores = [
+        torch.sigmoid(model(datasets.to_model_input(images.to(device, non_blocking=True))).float())
+        for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr)
+    ]
+    return torch.cat(scores)
+
+
+def evaluate(model, loader, labels: torch.Tensor, device: torch.device, desc: str = "eval") -> dict:
+    """mAP (percent) and per-class AP against the clean labels (``labels`` on ``device``, loader order)."""
+    ap = metrics.average_precision(predict(model, loader, device, desc), labels)
+    return {"map": 100.0 * float(ap.mean()), "ap_per_class": (100.0 * ap).tolist()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A whole run.
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run folder and write ``config.json``; never reuse a folder that already holds anything."""
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise TrainingError(
+            f"The run folder {run_dir} already exists and is not empty; nothing was overwritten. "
+            "Choose another --exp_name (or --save_path), or move the old run away."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    return run_dir
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def print_header(cfg: Config, run_dir: Path, device: torch.device) -> None:
+    print(f"git {git_sha()}  torch {torch.__version__}  device {device}  run folder {run_dir}")
+    for key, value in sorted(cfg.to_dict().items()):
+        if key != "from_preset":
+            print(f"  {key:18s} {value}{'   (preset)' if key in cfg.from_preset else ''}")
+
+
+def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
+    smallcnn_weights = None
+    if cfg.arch == "smallcnn" and cfg.use_pretrained and cfg.dataset == "synthetic":
+        import synthetic
+
+        smallcnn_weights = synthetic.ensure_pretrained_backbone(cfg.data_root)
+    return models.build_model(
+        cfg.arch,
+        num_classes,
+        use_pretrained=cfg.use_pretrained,
+        weights_name=cfg.pretrained_weights,
+        smallcnn_weights=smallcnn_weights,
+    )
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run(cfg: Config) -> dict:
+    """Train with the configured scheme, keep the best-val weights, score them on test; returns ``final.json``."""
+    started = time.time()
+    device = resolve_device(cfg)
+    splits = datasets.build_splits(cfg)  # before the run folder exists: a data error leaves nothing behind
+    run_dir = prepare_run_dir(cfg)
+    print_header(cfg, run_dir, device)
+    print(f"images: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])}")
+    torch.manual_seed(cfg.seed)
+    num_classes = splits["train"].labels.shape[1]
+    model = build_model(cfg, num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    pin = device.type == "cuda"
+    loaders = {name: datasets.make_loader(s, cfg, train=name == "train", pin_memory=pin) for name, s in splits.items()}
+    observed = torch.from_numpy(splits["train"].observed).to(device)
+    val_labels = torch.from_numpy(splits["val"].labels).to(device)
+    best = {"val_map": -1.0, "epoch": 0}
+    early_stopped = False
+    for epoch in range(1, cfg.num_epochs + 1):
+        epoch_start = time.time()
+        rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
+        positives_at_start = int((observed == 1).sum())
+        stats = train_one_epoch(
+            model, loaders["train"], optimizer, observed, scheme=cfg.mod_scheme, rate=rate, epoch=epoch, device=device
+        )
+        val_map = evaluate(model, loaders["val"], val_labels, device, desc=f"epoch {epoch} val")["map"]
+        record = {"epoch": epoch, "rate": rate, **stats, "observed_positives": positives_at_start, "val_map": val_map}
+        record["seconds"] = round(time.time() - epoch_start, 3)
+        _append_jsonl(run_dir / "log.jsonl", record)
+        print(
+            f"epoch {epoch:3d}  rate {rate:.4f}  loss {stats['train_loss']:.4f}  selected {stats['num_selected']:6d}"
+            f"  val mAP {val_map:6.2f}  ({record['seconds']:.1f} s)"
+        )
+        if val_map > best["val_map"]:
+            best = {"val_map": val_map, "epoch": epoch}
+            checkpoint = {"model": model.state_dict(), "epoch": epoch, "val_map": val_map, "config": cfg.to_dict()}
+            torch.save(checkpoint, run_dir / "bestmodel.pt")
+        elif best["val_map"] - val_map > EARLY_STOP_DROP:
+            print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below {best['val_map']:.2f}")
+            early_stopped = True
+            break
+    state = torch.load(run_dir / "bestmodel.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    test = evaluate(model, loaders["test"], torch.from_numpy(splits["test"].labels).to(device), device, desc="test")
+    final = {
+        "best_epoch": best["epoch"],
+        "val_map": best["val_map"],
+        "test_map": test["map"],
+        "test_ap_per_class": test["ap_per_class"],
+        "epochs_run": epoch,
+        "early_stopped": early_stopped,
+        "seconds": round(time.time() - started, 1),
+    }
+    (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+    print(f"test mAP {test['map']:.2f} (best val mAP {best['val_map']:.2f} at epoch {best['epoch']}); {run_dir}")
+    return final
