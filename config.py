@@ -17,7 +17,7 @@ from losses import SCHEMES
 from models import ARCHS
 
 REPO_DIR = Path(__file__).resolve().parent
-DATASETS = ("synthetic", "pascal", "coco", "nuswide", "cub")
+DATASETS = ("synthetic", "pascal", "coco", "nuswide", "cub", "openimages")
 OPTIMIZERS = ("adam", "sgd")
 TRAIN_SET_VARIANTS = ("observed", "clean")
 
@@ -30,6 +30,13 @@ PRESETS: dict[str, dict] = {
     "coco": {**_OFFICIAL, "optimizer": "adam", "lr": 1e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2}},
     "nuswide": {**_OFFICIAL, "optimizer": "adam", "lr": 1e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2}},
     "cub": {**_OFFICIAL, "optimizer": "adam", "lr": 7.5e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.4, "LL-Cp": 0.2}},
+    # The paper publishes no OpenImages settings: COCO's, the closest large-scale setting, as a starting point.
+    "openimages": {
+        **_OFFICIAL,
+        "optimizer": "adam",
+        "lr": 1e-5,
+        "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2},
+    },
     "synthetic": {
         "arch": "smallcnn",
         "image_size": 32,
@@ -121,6 +128,8 @@ def validate(cfg: Config) -> list[str]:
             "--train_set_variant clean trains on full labels, which leave no unobserved entry to reject or correct; "
             "use --mod_scheme AN (the default with clean)"
         )
+    if cfg.dataset == "openimages" and cfg.train_set_variant == "clean":
+        p.append("OpenImages has no full labels: --train_set_variant clean is not available for it")
     if not cfg.exp_name or "/" in cfg.exp_name or cfg.exp_name in (".", ".."):
         p.append(f"--exp_name must be a plain folder name (got {cfg.exp_name!r})")
     return p

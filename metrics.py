@@ -23,16 +23,12 @@ def _sort_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x, dim=1).values
 
 
-def _ap_per_class(scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def _ap_dense(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # AP = mean over the positives j of  #{positives with score >= s_j} / #{entries with score >= s_j}:
     # counting ">=" puts every tied entry into one threshold, exactly as scikit-learn does. Only the positives need
     # a rank, so one sort of each class's scores and two searchsorted calls replace the whole precision-recall curve.
     # Work class-major (C x N, contiguous): every step below runs along rows.
-    positive = targets if targets.dtype == torch.bool else targets > 0
-    if valid is not None:  # left-out entries score -inf: below every real score, so they are never counted
-        positive &= valid
-        scores = scores.masked_fill(~valid, -torch.inf)
-    positive = positive.t().contiguous()
+    positive = (targets if targets.dtype == torch.bool else targets > 0).t().contiguous()
     scores = (scores if scores.dtype == torch.float64 else scores.float()).t().contiguous()
     num_classes, n = scores.shape
     rows, cols = positive.nonzero(as_tuple=True)  # row-major: grouped by class
@@ -50,11 +46,44 @@ def _ap_per_class(scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tens
     return torch.where(num_pos > 0, ap, 0.0)
 
 
+def average_precision_entries(scores, positive, classes, num_classes: int) -> torch.Tensor:
+    """Per-class AP from a list of scored entries: ``scores[i]`` of class ``classes[i]``, a positive or not.
+
+    The form for partially annotated labels (OpenImages): only annotated entries are listed, so unknown ones never
+    enter a class's ranking. A class with entries but no positive gets 0; a class with no entry gets NaN (skipped by
+    ``mean_average_precision``). Same tie rule as ``average_precision``.
+    """
+    scores, positive, classes = _as_tensor(scores), _as_tensor(positive), _as_tensor(classes)
+    device = scores.device
+    positive, classes = positive.to(device).bool(), classes.to(device).long()
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(classes[order], stable=True)]  # by class, scores descending within a class
+    scores, positive, classes = scores[order], positive[order], classes[order]
+    m = len(scores)
+    is_group_end = torch.ones(m, dtype=torch.bool, device=device)
+    is_group_end[:-1] = (scores[1:] != scores[:-1]) | (classes[1:] != classes[:-1])
+    positions = torch.arange(m, device=device)
+    group_end = torch.where(is_group_end, positions, m).flip(0).cummin(0).values.flip(0)
+    counts = torch.bincount(classes, minlength=num_classes)
+    starts = counts.cumsum(0) - counts
+    true_pos = positive.long().cumsum(0)
+    before_start = torch.where(starts > 0, true_pos[(starts - 1).clamp(min=0)], 0) if m else starts
+    ranked_at_or_above = group_end - starts[classes] + 1
+    positives_at_or_above = true_pos[group_end] - before_start[classes]
+    precision = positives_at_or_above.double() / ranked_at_or_above.double()
+    num_pos = torch.bincount(classes, weights=positive.double(), minlength=num_classes)
+    total = torch.zeros(num_classes, dtype=torch.float64, device=device).index_add_(0, classes, precision * positive)
+    ap = torch.where(num_pos > 0, total / num_pos.clamp(min=1), 0.0)
+    return torch.where(counts > 0, ap, torch.nan)
+
+
 def average_precision(scores, targets, valid=None):
     """Per-class AP of an N x C score matrix against 0/1 targets (numpy in, numpy out; torch in, torch out).
 
     ``valid`` (optional, N x C bool) leaves entries out entirely, as if their rows did not exist for that class: the
-    OpenImages protocol, where unknown labels are not scored. Scores must be finite.
+    OpenImages protocol, where unknown labels are not scored (a class with no valid entry gets NaN). Scores must be
+    finite.
     """
     is_numpy = not isinstance(scores, torch.Tensor)
     scores_t = _as_tensor(scores)
@@ -70,16 +99,20 @@ def average_precision(scores, targets, valid=None):
         raise ValueError(f"valid {tuple(valid_t.shape)} must match scores {tuple(scores_t.shape)}")
     if not bool(torch.isfinite(scores_t).all()):
         raise ValueError("scores contain NaN or infinite values")
-    if scores_t.shape[0] == 0:
+    if valid_t is not None:
+        rows, cols = valid_t.nonzero(as_tuple=True)
+        ap = average_precision_entries(scores_t[rows, cols], targets_t[rows, cols] > 0, cols, scores_t.shape[1])
+    elif scores_t.shape[0] == 0:
         ap = torch.zeros(scores_t.shape[1], dtype=torch.float64, device=scores_t.device)
     else:
-        ap = _ap_per_class(scores_t, targets_t, valid_t)
+        ap = _ap_dense(scores_t, targets_t)
     if one_class:
         ap = ap[0]
     return ap.cpu().numpy() if is_numpy else ap
 
 
 def mean_average_precision(scores, targets, valid=None) -> float:
-    """mAP in percent: 100 x the mean of ``average_precision`` over classes (classes without positives count as 0)."""
-    ap = average_precision(scores, targets, valid)
-    return 100.0 * float(ap.mean())
+    """mAP in percent: 100 x the mean of ``average_precision`` over classes (classes without positives count as 0;
+    with ``valid``, classes without any valid entry are skipped)."""
+    ap = _as_tensor(average_precision(scores, targets, valid))
+    return 100.0 * float(ap.nanmean())

@@ -61,14 +61,14 @@ def train_one_epoch(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
-    observed: torch.Tensor,
+    observed: datasets.DenseLabelStore | datasets.SparseLabelStore,
     *,
     scheme: str,
     rate: float,
     epoch: int,
     device: torch.device,
 ) -> dict:
-    """One pass over the training set. ``observed`` (N x C, -1/0/1, on ``device``) is updated in place by LL-Cp."""
+    """One pass over the training set. ``observed`` (the training label store) takes LL-Cp's corrections."""
     model.train()
     sampler: datasets.EpochBatches = loader.batch_sampler
     sampler.set_epoch(epoch)
@@ -77,18 +77,18 @@ def train_one_epoch(
     num_batches = len(loader)
     for step, (images, idx) in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr), 1):
         x = datasets.to_model_input(images.to(device, non_blocking=True), sampler.flips[idx].to(device))
-        idx = idx.to(device)
-        batch_observed = observed[idx]
+        batch_observed = observed.batch(idx)
         loss, selected = losses.large_loss(model(x), batch_observed, scheme, rate)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheme == "LL-Cp":  # permanent correction: later epochs see these entries as observed positives
-            observed[idx] = batch_observed.masked_fill(selected, 1)
+            observed.set_positive(idx, batch_observed, selected)
         loss_sum += loss.detach()
         num_selected += selected.sum()
         if step % NONFINITE_CHECK_EVERY == 0 or step == num_batches:
             _check_finite(loss_sum, epoch, step)
+    observed.end_epoch()
     return {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
 
 
@@ -105,10 +105,30 @@ def predict(
     return torch.cat(scores)
 
 
-def evaluate(model, loader, labels: torch.Tensor, device: torch.device, desc: str = "eval") -> dict:
-    """mAP (percent) and per-class AP against the clean labels (``labels`` on ``device``, loader order)."""
-    ap = metrics.average_precision(predict(model, loader, device, desc), labels)
-    return {"map": 100.0 * float(ap.mean()), "ap_per_class": (100.0 * ap).tolist()}
+def average_precision(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> torch.Tensor:
+    """Per-class AP: against full labels, or, for partial labels (OpenImages), over the annotated entries only."""
+    if isinstance(labels, datasets.SparseLabels):
+        rows, cols, values = (torch.from_numpy(a).to(scores.device) for a in labels.entries())
+        return metrics.average_precision_entries(scores[rows, cols], values > 0, cols, labels.num_classes)
+    return metrics.average_precision(scores, labels)
+
+
+def evaluate(model, loader, labels, device: torch.device, desc: str = "eval", class_groups=None) -> dict:
+    """mAP and per-class AP in percent (NaN-free: a class without scored entries is left out and listed as None);
+    with ``class_groups``, the mAP of each group (G1 the rarest) too."""
+    ap = 100.0 * average_precision(predict(model, loader, device, desc), labels).cpu().double()
+    result = {"map": float(ap.nanmean()), "ap_per_class": [None if a != a else a for a in ap.tolist()]}
+    if class_groups is not None:
+        groups = torch.from_numpy(class_groups)
+        result["group_map"] = {f"G{g + 1}": float(ap[groups == g].nanmean()) for g in range(int(groups.max()) + 1)}
+    return result
+
+
+def eval_labels(split: datasets.Split, device: torch.device) -> torch.Tensor | datasets.SparseLabels:
+    """What a split is scored against: full labels on the device, or the sparse annotated entries."""
+    if isinstance(split.labels, datasets.SparseLabels):
+        return split.labels
+    return torch.from_numpy(split.labels).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,24 +187,24 @@ def run(cfg: Config) -> dict:
     """Train with the configured scheme, keep the best-val weights, score them on test; returns ``final.json``."""
     started = time.time()
     device = resolve_device(cfg)
-    splits = datasets.build_splits(cfg)  # before the run folder exists: a data error leaves nothing behind
+    data = datasets.build_data(cfg)  # before the run folder exists: a data error leaves nothing behind
     run_dir = prepare_run_dir(cfg)
     print_header(cfg, run_dir, device)
-    print(f"images: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])}")
+    print(f"images: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
     torch.manual_seed(cfg.seed)
-    num_classes = splits["train"].labels.shape[1]
-    model = build_model(cfg, num_classes).to(device, memory_format=torch.channels_last)
+    model = build_model(cfg, data.num_classes).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     pin = device.type == "cuda"
+    splits = {"train": data.train, "val": data.val, "test": data.test}
     loaders = {name: datasets.make_loader(s, cfg, train=name == "train", pin_memory=pin) for name, s in splits.items()}
-    observed = torch.from_numpy(splits["train"].observed).to(device)
-    val_labels = torch.from_numpy(splits["val"].labels).to(device)
+    observed = datasets.label_store(data.train.observed, device)
+    val_labels = eval_labels(data.val, device)
     best = {"val_map": -1.0, "epoch": 0}
     early_stopped = False
     for epoch in range(1, cfg.num_epochs + 1):
         epoch_start = time.time()
         rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
-        positives_at_start = int((observed == 1).sum())
+        positives_at_start = observed.num_positive()
         stats = train_one_epoch(
             model, loaders["train"], optimizer, observed, scheme=cfg.mod_scheme, rate=rate, epoch=epoch, device=device
         )
@@ -206,16 +226,20 @@ def run(cfg: Config) -> dict:
             break
     state = torch.load(run_dir / "bestmodel.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
-    test = evaluate(model, loaders["test"], torch.from_numpy(splits["test"].labels).to(device), device, desc="test")
+    test = evaluate(model, loaders["test"], eval_labels(data.test, device), device, "test", data.class_groups)
     final = {
         "best_epoch": best["epoch"],
         "val_map": best["val_map"],
         "test_map": test["map"],
         "test_ap_per_class": test["ap_per_class"],
+        **({"test_group_map": test["group_map"]} if "group_map" in test else {}),
         "epochs_run": epoch,
         "early_stopped": early_stopped,
         "seconds": round(time.time() - started, 1),
     }
     (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
-    print(f"test mAP {test['map']:.2f} (best val mAP {best['val_map']:.2f} at epoch {best['epoch']}); {run_dir}")
+    groups = "".join(f", {g} {m:.2f}" for g, m in test.get("group_map", {}).items())
+    print(
+        f"test mAP {test['map']:.2f}{groups} (best val mAP {best['val_map']:.2f} at epoch {best['epoch']}); {run_dir}"
+    )
     return final

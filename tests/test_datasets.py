@@ -127,7 +127,8 @@ def test_image_path_is_bit_identical_to_the_paper_transforms(odd_images):
             transforms.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD),
         ]
     )
-    dataset = datasets.ImageDataset(np.array(odd_images), size)
+    split = datasets.Split("", np.array(odd_images), np.zeros((4, 1)), np.zeros((4, 1)))
+    dataset = datasets.ImageDataset(split, size)
     for i, path in enumerate(odd_images):
         with Image.open(path) as raw:
             reference = paper_train(raw.convert("RGB"))

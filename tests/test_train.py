@@ -11,9 +11,10 @@ import train
 
 
 def tiny_loader(synthetic_root, n=24, bsize=8):
-    paths = np.array([str(synthetic_root / "images" / "train" / f"train_{i:06d}.png") for i in range(n)])
+    names = np.array([f"train/train_{i:06d}.png" for i in range(n)])
+    split = datasets.Split(str(synthetic_root / "images"), names, np.zeros((n, 16)), np.zeros((n, 16)))
     return torch.utils.data.DataLoader(
-        datasets.ImageDataset(paths, 32), batch_sampler=datasets.EpochBatches(n, bsize, shuffle=True, seed=0)
+        datasets.ImageDataset(split, 32), batch_sampler=datasets.EpochBatches(n, bsize, shuffle=True, seed=0)
     )
 
 
@@ -23,8 +24,9 @@ def tiny_model():
 
 
 def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entries(synthetic_root, monkeypatch):
-    observed = torch.zeros(24, 16, dtype=torch.int8)
-    observed[:, 0] = 1
+    initial = np.zeros((24, 16), dtype=np.int8)
+    initial[:, 0] = 1
+    observed = datasets.DenseLabelStore(initial, torch.device("cpu"))
     selections = []
     real_large_loss = losses.large_loss
 
@@ -41,11 +43,11 @@ def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entri
         model, loader, optimizer, observed, scheme="LL-Cp", rate=0.05, epoch=2, device=torch.device("cpu")
     )
     # ceil(8 * 16 * 0.05) = 7 per batch, 3 batches
-    assert stats["num_selected"] == 21 and int((observed == 1).sum()) == 24 + 21
+    assert stats["num_selected"] == 21 and observed.num_positive() == 24 + 21
     loader.batch_sampler.set_epoch(2)
     for batch_idx, (before, selected) in zip(loader.batch_sampler, selections, strict=True):
         assert (before[selected] == 0).all()  # only unobserved entries were corrected
-        assert torch.equal(observed[batch_idx], before.masked_fill(selected, 1))
+        assert torch.equal(observed.matrix[batch_idx], before.masked_fill(selected, 1))
 
 
 def test_non_finite_loss_stops_with_a_clear_message(synthetic_root):
@@ -53,7 +55,7 @@ def test_non_finite_loss_stops_with_a_clear_message(synthetic_root):
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    observed = torch.zeros(24, 16, dtype=torch.int8)
+    observed = datasets.DenseLabelStore(np.zeros((24, 16), dtype=np.int8), torch.device("cpu"))
     with pytest.raises(train.TrainingError, match="NaN or infinite"):
         train.train_one_epoch(
             model,
