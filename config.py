@@ -13,40 +13,56 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from losses import SCHEMES
+from losses import BASELINES, SCHEMES
 from models import ARCHS
 
 REPO_DIR = Path(__file__).resolve().parent
 DATASETS = ("synthetic", "pascal", "coco", "nuswide", "cub", "openimages")
 OPTIMIZERS = ("adam", "sgd")
 TRAIN_SET_VARIANTS = ("observed", "clean")
+TRAIN_MODES = ("end_to_end", "linear_init")
 
-# Per-dataset presets, used for every value below that is not given on the command line. The real datasets' optimiser,
-# lr and Delta_rel (percent per epoch, per scheme) are the authors' published best; the rest are the official defaults.
-# The synthetic ones were tuned for the embedded demo (README, "The synthetic default").
+# Per-dataset presets, used for every value below that is not given on the command line.
+# - optimiser, lr, delta_rel (percent per epoch, per LL scheme): the LL authors' published best (PAPER_FACTS s. 2);
+#   with BoostLU, its own published delta_rel.
+# - expected_num_pos (EPR, ROLE): Cole et al.'s constants as PAPER_FACTS lists them.
+# - em_alpha, apl_beta, apl_warmup (EM, EM+APL): Zhou et al.'s released per-dataset defaults.
+# The synthetic values were tuned for the embedded demo (README, "The synthetic default").
 _OFFICIAL = {"arch": "resnet50", "image_size": 448, "num_epochs": 10}
-PRESETS: dict[str, dict] = {
-    "pascal": {**_OFFICIAL, "optimizer": "sgd", "lr": 5e-3, "delta_rel": {"LL-R": 0.2, "LL-Ct": 0.2, "LL-Cp": 0.1}},
-    "coco": {**_OFFICIAL, "optimizer": "adam", "lr": 1e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2}},
-    "nuswide": {**_OFFICIAL, "optimizer": "adam", "lr": 1e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2}},
-    "cub": {**_OFFICIAL, "optimizer": "adam", "lr": 7.5e-5, "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.4, "LL-Cp": 0.2}},
-    # The paper publishes no OpenImages settings: COCO's, the closest large-scale setting, as a starting point.
-    "openimages": {
+_BOOSTLU_DELTA_REL = {"LL-R": 0.5, "LL-Ct": 0.2, "LL-Cp": 0.1}
+
+
+def _preset(optimizer, lr, ll_r, ll_ct, ll_cp, expected_num_pos, em_alpha, apl_beta, apl_warmup, **overrides) -> dict:
+    return {
         **_OFFICIAL,
-        "optimizer": "adam",
-        "lr": 1e-5,
-        "delta_rel": {"LL-R": 0.4, "LL-Ct": 0.2, "LL-Cp": 0.2},
-    },
-    "synthetic": {
-        "arch": "smallcnn",
-        "image_size": 32,
-        "num_epochs": 10,
-        "optimizer": "adam",
-        "lr": 1e-3,
-        "delta_rel": {"LL-R": 1.0, "LL-Ct": 0.5, "LL-Cp": 0.5},
-    },
+        "optimizer": optimizer,
+        "lr": lr,
+        "delta_rel": {"LL-R": ll_r, "LL-Ct": ll_ct, "LL-Cp": ll_cp},
+        "boostlu_delta_rel": _BOOSTLU_DELTA_REL,
+        "expected_num_pos": expected_num_pos,
+        "em_alpha": em_alpha,
+        "apl_beta": apl_beta,
+        "apl_warmup": apl_warmup,
+        **overrides,
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "pascal": _preset("sgd", 5e-3, 0.2, 0.2, 0.1, 1.5, 0.2, 0.02, 5),
+    "coco": _preset("adam", 1e-5, 0.4, 0.2, 0.2, 2.9, 0.1, 0.9, 5),
+    "nuswide": _preset("adam", 1e-5, 0.4, 0.2, 0.2, 1.9, 0.1, 0.2, 4),
+    "cub": _preset("adam", 7.5e-5, 0.4, 0.4, 0.2, 31.4, 0.01, 0.4, 3),
+    # The paper publishes no OpenImages settings: COCO's, the closest large-scale setting, as a starting point.
+    # EPR, ROLE and EM+APL are not offered there (no expected count; per-image state of 3.4M x 5,000).
+    "openimages": _preset("adam", 1e-5, 0.4, 0.2, 0.2, 0.0, 0.1, 0.9, 5),
+    "synthetic": _preset(
+        "adam", 1e-3, 1.0, 0.5, 0.5, 2.5, 0.1, 0.2, 5, arch="smallcnn", image_size=32, boostlu_delta_rel=None
+    ),
 }
-PRESET_FIELDS = ("arch", "image_size", "num_epochs", "optimizer", "lr", "delta_rel")
+PRESET_FIELDS = (
+    "arch", "image_size", "num_epochs", "optimizer", "lr", "delta_rel", "expected_num_pos", "em_alpha", "apl_beta",
+    "apl_warmup",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,16 @@ class Config:
     exp_name: str
     device: str
     gpu_num: int
+    loss: str = "an"
+    expected_num_pos: float = 0.0
+    ls_coef: float = 0.1
+    em_alpha: float = 0.1
+    apl_beta: float = 0.2
+    apl_warmup: int = 5
+    apl_neg_proportion: float = 0.9
+    boostlu_alpha: float = 0.0
+    train_mode: str = "end_to_end"
+    linear_epochs: int = 25
     from_preset: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -100,7 +126,7 @@ def validate(cfg: Config) -> list[str]:
     """Every rule a config must satisfy, as readable problems (empty when valid)."""
     p = []
     choices = {"dataset": DATASETS, "mod_scheme": SCHEMES, "optimizer": OPTIMIZERS, "arch": ARCHS}
-    choices["train_set_variant"] = TRAIN_SET_VARIANTS
+    choices.update(train_set_variant=TRAIN_SET_VARIANTS, loss=BASELINES, train_mode=TRAIN_MODES)
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
@@ -123,11 +149,30 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--num_workers must be >= 0 (got {cfg.num_workers})")
     if cfg.device not in ("auto", "cpu", "cuda"):
         p.append(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
-    if cfg.train_set_variant == "clean" and cfg.mod_scheme != "AN":
+    if cfg.train_set_variant == "clean" and (cfg.mod_scheme != "AN" or cfg.loss != "an"):
         p.append(
-            "--train_set_variant clean trains on full labels, which leave no unobserved entry to reject or correct; "
-            "use --mod_scheme AN (the default with clean)"
+            "--train_set_variant clean trains on full labels with plain BCE: no entry is unobserved, so there is "
+            "nothing to reject, correct or regularise; use --mod_scheme AN --loss an (the defaults with clean)"
         )
+    if cfg.mod_scheme != "AN" and cfg.loss != "an":
+        p.append(f"--mod_scheme {cfg.mod_scheme} modifies the AN loss; combine it with --loss an, not {cfg.loss}")
+    if cfg.dataset == "openimages" and cfg.loss in ("epr", "role", "em_apl"):
+        p.append(f"--loss {cfg.loss} is not available for OpenImages (see README, Baselines)")
+    if cfg.loss in ("epr", "role") and not cfg.expected_num_pos > 0:
+        p.append(f"--loss {cfg.loss} needs --expected_num_pos > 0 (got {cfg.expected_num_pos})")
+    if not 0 <= cfg.ls_coef < 0.5:
+        p.append(f"--ls_coef must lie in [0, 0.5) (got {cfg.ls_coef})")
+    for name in ("em_alpha", "apl_beta", "boostlu_alpha"):
+        if getattr(cfg, name) < 0:
+            p.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    if not 0 < cfg.apl_neg_proportion <= 1:
+        p.append(f"--apl_neg_proportion must lie in (0, 1] (got {cfg.apl_neg_proportion})")
+    if cfg.loss == "em_apl" and not 1 <= cfg.apl_warmup < cfg.num_epochs:
+        p.append(f"--apl_warmup must lie in [1, num_epochs) (got {cfg.apl_warmup} with {cfg.num_epochs} epochs)")
+    if cfg.linear_epochs < 1:
+        p.append(f"--linear_epochs must be a positive integer (got {cfg.linear_epochs})")
+    if cfg.train_mode == "linear_init" and cfg.boostlu_alpha > 0:
+        p.append("--train_mode linear_init trains a linear head on pooled features; BoostLU needs the CAM form")
     if cfg.dataset == "openimages" and cfg.train_set_variant == "clean":
         p.append("OpenImages has no full labels: --train_set_variant clean is not available for it")
     if not cfg.exp_name or "/" in cfg.exp_name or cfg.exp_name in (".", ".."):
@@ -179,6 +224,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exp_name", default=None, help="run folder name (default: dataset_scheme_delta_seed_time)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--gpu_num", type=int, default=0, help="CUDA device index")
+    baselines = parser.add_argument_group("baselines, BoostLU and LinearInit")
+    baselines.add_argument("--loss", default="an", choices=BASELINES, help="an is the loss the LL schemes modify")
+    baselines.add_argument("--expected_num_pos", type=float, default=None, help="EPR/ROLE (default: preset)")
+    baselines.add_argument("--ls_coef", type=float, default=0.1, help="LSAN label smoothing")
+    baselines.add_argument("--em_alpha", type=float, default=None, help="EM entropy weight (default: preset)")
+    baselines.add_argument("--apl_beta", type=float, default=None, help="APL pseudo-label weight (default: preset)")
+    baselines.add_argument("--apl_warmup", type=int, default=None, help="APL's first labelling epoch (default: preset)")
+    baselines.add_argument("--apl_neg_proportion", type=float, default=0.9, help="APL: share of unobserved labelled")
+    baselines.add_argument("--boostlu_alpha", type=float, default=0.0, help="BoostLU's alpha; 0 = off (paper: 5)")
+    baselines.add_argument("--train_mode", default="end_to_end", choices=TRAIN_MODES)
+    baselines.add_argument("--linear_epochs", type=int, default=25, help="LinearInit: epochs of the frozen phase")
     return parser
 
 
@@ -191,17 +247,35 @@ def _default_num_workers(dataset: str) -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def method_name(values: dict) -> str:
+    """A short name of what a run trains, e.g. ``coco_LL-R_d0.4``, ``coco_wan``, ``pascal_LL-Ct_d0.2_boostlu5_li``."""
+    if values["train_set_variant"] == "clean":
+        name = "full"
+    elif values["loss"] != "an":
+        name = values["loss"]
+    elif values["mod_scheme"] == "AN":
+        name = "AN"
+    else:
+        name = f"{values['mod_scheme']}_d{values['delta_rel']:g}"
+    if values["boostlu_alpha"] > 0:
+        name += f"_boostlu{values['boostlu_alpha']:g}"
+    if values["train_mode"] == "linear_init":
+        name += "_li"
+    return f"{values['dataset']}_{name}"
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Resolve presets and defaults, then build (and so validate) the frozen config."""
     values = dict(vars(args))
     preset = PRESETS[values["dataset"]]
     if values["mod_scheme"] is None:
-        values["mod_scheme"] = "AN" if values["train_set_variant"] == "clean" else "LL-R"
+        values["mod_scheme"] = "LL-R" if values["train_set_variant"] == "observed" and values["loss"] == "an" else "AN"
     from_preset = [name for name in PRESET_FIELDS if values[name] is None]
     for name in from_preset:
         values[name] = preset[name]
     if "delta_rel" in from_preset:
-        values["delta_rel"] = values["delta_rel"].get(values["mod_scheme"], 0.0)
+        per_scheme = preset["boostlu_delta_rel"] if values["boostlu_alpha"] > 0 else None
+        values["delta_rel"] = (per_scheme or preset["delta_rel"]).get(values["mod_scheme"], 0.0)
     values["from_preset"] = tuple(from_preset)
     if values["num_workers"] is None:
         values["num_workers"] = _default_num_workers(values["dataset"])
@@ -209,9 +283,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         values["data_root"] = str(REPO_DIR / "data" / values["dataset"])
     if values["exp_name"] is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        values["exp_name"] = (
-            f"{values['dataset']}_{values['mod_scheme']}_d{values['delta_rel']:g}_s{values['seed']}_{stamp}"
-        )
+        values["exp_name"] = f"{method_name(values)}_s{values['seed']}_{stamp}"
     return Config(**values)
 
 

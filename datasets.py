@@ -647,7 +647,7 @@ class SparseLabelStore:
 
     def set_positive(self, idx: torch.Tensor, batch_observed: torch.Tensor, selected: torch.Tensor) -> None:
         rows, cols = selected.nonzero(as_tuple=True)
-        self.pending.append((idx.numpy()[rows.cpu().numpy()], cols.cpu().numpy()))
+        self.pending.append((idx.cpu().numpy()[rows.cpu().numpy()], cols.cpu().numpy()))
 
     def end_epoch(self) -> None:
         if self.pending:
@@ -714,6 +714,37 @@ def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool) -> torch.ut
         pin_memory=pin_memory,
         persistent_workers=cfg.num_workers > 0,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Class names (for figures; the formatted files carry none).
+
+
+def class_names(dataset: str, root: str | os.PathLike) -> list[str]:
+    """The classes' names in column order, from the raw files when they are there, else ``class <i>``."""
+    root = Path(root)
+    num_classes = DATASET_INFO[dataset].num_classes
+    names: list[str] = []
+    if dataset == "synthetic":
+        import synthetic
+
+        names = list(synthetic.CLASS_NAMES)
+    elif dataset == "pascal":
+        names = list(VOC_CLASSES)
+    elif dataset == "coco" and (root / "annotations" / "instances_val2014.json").exists():
+        with open(root / "annotations" / "instances_val2014.json") as f:
+            names = [c["name"] for c in json.load(f)["categories"]]
+    elif dataset == "cub" and (root / "attributes.txt").exists():
+        names = [line.split(maxsplit=1)[1] for line in _read_lines(root / "attributes.txt") if line.strip()]
+    elif dataset == "nuswide" and (root / "Concepts81.txt").exists():
+        names = [line.strip() for line in _read_lines(root / "Concepts81.txt") if line.strip()]
+    elif dataset == "openimages" and (root / "2017_11" / "class-descriptions.csv").exists():
+        described = dict(
+            line.split(",", 1) for line in _read_lines(root / "2017_11" / "class-descriptions.csv") if "," in line
+        )
+        mids = [line.strip() for line in _read_lines(root / "2017_11" / "classes-trainable.txt") if line.strip()]
+        names = [described.get(mid, mid).strip().strip('"') for mid in mids]
+    return names if len(names) == num_classes else [f"class {i}" for i in range(num_classes)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

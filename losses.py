@@ -90,3 +90,105 @@ def large_loss(
         corrected = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
         loss_matrix = torch.where(selected, corrected, loss_matrix)
     return loss_matrix.mean(), selected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Baselines on the same protocol (PAPER_FACTS section 2). Written, as in Cole et al. (CVPR 2021) and Zhou et al.
+# (ECCV 2022), with sigmoid probabilities and -log(p + 1e-5), and averaged over all B*C entries. Observed negatives
+# (-1, OpenImages) are plain negatives in every loss; single-positive data has none.
+
+BASELINES = ("an", "wan", "lsan", "epr", "role", "em", "em_apl")
+LOG_EPSILON = 1e-5
+
+
+def _neg_log(x: torch.Tensor) -> torch.Tensor:
+    return -torch.log(x + LOG_EPSILON)
+
+
+def _positive_and_negative_terms(p: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """-log p on observed positives, -log(1 - p) on observed negatives, 0 elsewhere."""
+    return torch.where(observed == 1, _neg_log(p), torch.where(observed == -1, _neg_log(1 - p), 0.0))
+
+
+def expected_positive_regularizer(p: torch.Tensor, expected_num_pos: float) -> torch.Tensor:
+    """EPR's penalty: (mean over the batch of the predicted number of positives - expected number)^2 / C^2."""
+    return (p.sum(1).mean(0) - expected_num_pos) ** 2 / p.shape[1] ** 2
+
+
+def wan_loss(logits: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """Weak AN: unobserved entries count as negatives with weight 1 / (C - 1)."""
+    p = torch.sigmoid(logits.float())
+    unobserved = _neg_log(1 - p) / (p.shape[1] - 1)
+    return torch.where(observed == 0, unobserved, _positive_and_negative_terms(p, observed)).mean()
+
+
+def lsan_loss(logits: torch.Tensor, observed: torch.Tensor, ls_coef: float = 0.1) -> torch.Tensor:
+    """AN with label smoothing: targets 1 - ls_coef for positives and ls_coef for every other entry."""
+    p = torch.sigmoid(logits.float())
+    as_positive = (1 - ls_coef) * _neg_log(p) + ls_coef * _neg_log(1 - p)
+    as_negative = (1 - ls_coef) * _neg_log(1 - p) + ls_coef * _neg_log(p)
+    return torch.where(observed == 1, as_positive, as_negative).mean()
+
+
+def epr_loss(logits: torch.Tensor, observed: torch.Tensor, expected_num_pos: float) -> torch.Tensor:
+    """Observed labels only, plus the expected-positive regulariser; unobserved entries contribute nothing else."""
+    p = torch.sigmoid(logits.float())
+    return _positive_and_negative_terms(p, observed).mean() + expected_positive_regularizer(p, expected_num_pos)
+
+
+def role_loss(
+    logits: torch.Tensor, observed: torch.Tensor, estimated: torch.Tensor, expected_num_pos: float
+) -> torch.Tensor:
+    """ROLE: the classifier and a per-image label estimator (``estimated``, probabilities with gradient) each fit the
+    observed labels and the other's detached output, each with the EPR regulariser; the four parts are averaged."""
+    p = torch.sigmoid(logits.float())
+    q = estimated.float()
+    q_target, p_target = q.detach(), p.detach()
+    cross_classifier = q_target * _neg_log(p) + (1 - q_target) * _neg_log(1 - p)
+    cross_estimator = p_target * _neg_log(q) + (1 - p_target) * _neg_log(1 - q)
+    observed_terms = _positive_and_negative_terms(p, observed) + _positive_and_negative_terms(q, observed)
+    matrix = 0.5 * observed_terms + 0.5 * (cross_classifier + cross_estimator)
+    regularizer = 0.5 * (
+        expected_positive_regularizer(p, expected_num_pos) + expected_positive_regularizer(q, expected_num_pos)
+    )
+    return matrix.mean() + regularizer
+
+
+def em_loss(
+    logits: torch.Tensor,
+    observed: torch.Tensor,
+    alpha: float,
+    *,
+    pseudo_negative: torch.Tensor | None = None,
+    soft_label: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> torch.Tensor:
+    """Entropy maximisation (Zhou et al.): -log p on positives, -alpha * H(p) on unobserved entries.
+
+    EM+APL also passes ``pseudo_negative`` (the unobserved entries pseudo-labelled as negatives) and their
+    ``soft_label`` s: those entries leave the entropy term and get beta * BCE(p, s) instead.
+    """
+    p = torch.sigmoid(logits.float())
+    entropy = p * _neg_log(p) + (1 - p) * _neg_log(1 - p)
+    matrix = torch.where(observed == 0, -alpha * entropy, _positive_and_negative_terms(p, observed))
+    if pseudo_negative is not None:
+        s = soft_label.float()
+        pseudo = beta * (s * _neg_log(p) + (1 - s) * _neg_log(1 - p))
+        matrix = torch.where(pseudo_negative & (observed == 0), pseudo, matrix)
+    return matrix.mean()
+
+
+def asymmetric_pseudo_negatives(
+    scores: torch.Tensor, observed: torch.Tensor, labelled: torch.Tensor, quota: torch.Tensor
+) -> torch.Tensor:
+    """APL's selection (Zhou et al.): per class, the ``quota[c]`` still-unlabelled unobserved entries with the lowest
+    score become soft negatives whose soft label is that score. Returns an N x C mask of the newly chosen entries.
+
+    ``scores`` (N x C) are the training images' current predictions, ``labelled`` the entries already pseudo-labelled.
+    """
+    candidates = (observed == 0) & ~labelled
+    ranked = scores.float().masked_fill(~candidates, torch.inf)
+    order = ranked.argsort(dim=0)  # per class, lowest first; non-candidates last
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(len(scores), device=scores.device).unsqueeze(1).expand_as(order))
+    return candidates & (rank < quota.to(scores.device).unsqueeze(0))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -35,22 +37,57 @@ class SmallCNN(nn.Module):
 
 
 class MultiLabelClassifier(nn.Module):
-    """``head(pool(backbone(x)))``. ``backbone`` and ``head`` are separate so the head can get ``lr * lr_mult``."""
+    """``head(pool(backbone(x)))``. ``backbone`` and ``head`` are separate so the head can get ``lr * lr_mult``.
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, pool: str = "avg") -> None:
+    With ``boostlu_alpha > 0`` the head is applied in its CAM form (a 1x1 convolution on the feature map), positive
+    CAM values are multiplied by alpha (BoostLU, Kim et al., CVPR 2023), and global average pooling gives the logits.
+    Without BoostLU and with average pooling the CAM form equals pooling then the linear head, so one set of weights
+    serves both.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, feat_dim: int, num_classes: int, pool: str = "avg", boostlu_alpha: float = 0.0
+    ) -> None:
         super().__init__()
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
         self.backbone = backbone
         self.pool = pool
+        self.boostlu_alpha = boostlu_alpha
         self.head = nn.Linear(feat_dim, num_classes, bias=True)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.backbone(x)
+    def pool_features(self, fmap: torch.Tensor) -> torch.Tensor:
         return fmap.mean(dim=(2, 3)) if self.pool == "avg" else fmap.amax(dim=(2, 3))
 
+    def class_activation_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w: the head applied at every position of the feature map."""
+        return F.conv2d(fmap, self.head.weight[:, :, None, None], self.head.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        fmap = self.backbone(x)
+        if self.boostlu_alpha > 0:
+            cam = self.class_activation_map(fmap)
+            return torch.where(cam > 0, cam * self.boostlu_alpha, cam).mean(dim=(2, 3))
+        return self.head(self.pool_features(fmap))
+
+
+class LabelEstimator(nn.Module):
+    """ROLE's per-image label estimator (Cole et al., CVPR 2021): one learnable logit per training image and class.
+
+    Initialised as in the authors' code: observed positives at sigmoid^-1(0.995), observed negatives at
+    sigmoid^-1(0.005), unobserved entries uniform in +-sigmoid^-1(0.6).
+    """
+
+    def __init__(self, observed: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        bound = math.log(0.6 / 0.4)
+        logits = bound * (2 * torch.rand(observed.shape, generator=generator) - 1)
+        logits[observed.cpu() == 1] = math.log(0.995 / 0.005)
+        logits[observed.cpu() == -1] = math.log(0.005 / 0.995)
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits[idx])
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -82,6 +119,7 @@ def build_model(
     use_pretrained: bool,
     weights_name: str = "IMAGENET1K_V1",
     smallcnn_weights: str | Path | None = None,
+    boostlu_alpha: float = 0.0,
 ) -> MultiLabelClassifier:
     """The paper's classifier: torchvision ResNet without its fc, global average pooling, Linear(feat_dim, C).
 
@@ -97,7 +135,7 @@ def build_model(
                     "Pass --use_pretrained false to train from scratch."
                 )
             backbone.load_state_dict(torch.load(smallcnn_weights, map_location="cpu", weights_only=True))
-        return MultiLabelClassifier(backbone, SmallCNN.out_channels, num_classes, pool="max")
+        return MultiLabelClassifier(backbone, SmallCNN.out_channels, num_classes, "max", boostlu_alpha)
     if arch not in RESNETS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
     resnet = getattr(torchvision.models, arch)(weights=None)
@@ -105,4 +143,4 @@ def build_model(
         resnet.load_state_dict(_imagenet_state_dict(arch, weights_name))
     feat_dim = resnet.fc.in_features
     backbone = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool and fc: the feature map
-    return MultiLabelClassifier(backbone, feat_dim, num_classes, pool="avg")
+    return MultiLabelClassifier(backbone, feat_dim, num_classes, "avg", boostlu_alpha)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import datasets
 import losses
+import methods
 import metrics
 import models
 from config import REPO_DIR, Config
@@ -37,13 +38,15 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cuda", cfg.gpu_num)
 
 
-def build_optimizer(cfg: Config, model: models.MultiLabelClassifier) -> torch.optim.Optimizer:
-    """The official optimiser: backbone at ``lr``, head at ``lr * lr_mult``; Adam without weight decay, or SGD with
-    momentum 0.9 and weight decay 1e-3."""
+def build_optimizer(cfg: Config, model: models.MultiLabelClassifier, estimator=None) -> torch.optim.Optimizer:
+    """The official optimiser: backbone at ``lr``, head (and ROLE's label estimator) at ``lr * lr_mult``; Adam without
+    weight decay, or SGD with momentum 0.9 and weight decay 1e-3."""
     groups = [
         {"params": list(model.backbone.parameters()), "lr": cfg.lr},
         {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult},
     ]
+    if estimator is not None:
+        groups.append({"params": list(estimator.parameters()), "lr": cfg.lr * cfg.lr_mult})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=1e-3)
@@ -58,38 +61,49 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
 
 
 def train_one_epoch(
+    cfg: Config,
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
-    observed: datasets.DenseLabelStore | datasets.SparseLabelStore,
+    state: methods.LabelState,
     *,
-    scheme: str,
     rate: float,
     epoch: int,
     device: torch.device,
 ) -> dict:
-    """One pass over the training set. ``observed`` (the training label store) takes LL-Cp's corrections."""
+    """One pass over the training set. The label state takes LL-Cp's corrections; diagnostics are collected from the
+    same forward passes when the full labels are known."""
     model.train()
     sampler: datasets.EpochBatches = loader.batch_sampler
     sampler.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device)
     num_selected = torch.zeros((), dtype=torch.long, device=device)
+    diagnostics = methods.Diagnostics(device) if state.clean is not None else None
     num_batches = len(loader)
     for step, (images, idx) in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr), 1):
         x = datasets.to_model_input(images.to(device, non_blocking=True), sampler.flips[idx].to(device))
-        batch_observed = observed.batch(idx)
-        loss, selected = losses.large_loss(model(x), batch_observed, scheme, rate)
+        batch_observed = state.observed.batch(idx)
+        idx = idx.to(device, non_blocking=True)
+        logits = model(x)
+        loss, selected = methods.compute_loss(cfg, logits, batch_observed, idx, rate, state)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if scheme == "LL-Cp":  # permanent correction: later epochs see these entries as observed positives
-            observed.set_positive(idx, batch_observed, selected)
+        if cfg.mod_scheme == "LL-Cp":  # permanent correction: later epochs see these entries as observed positives
+            state.observed.set_positive(idx, batch_observed, selected)
+        if diagnostics is not None:
+            diagnostics.update(logits, state.initial[idx], state.clean[idx], selected)
         loss_sum += loss.detach()
         num_selected += selected.sum()
         if step % NONFINITE_CHECK_EVERY == 0 or step == num_batches:
             _check_finite(loss_sum, epoch, step)
-    observed.end_epoch()
-    return {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
+    state.observed.end_epoch()
+    stats = {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
+    if diagnostics is not None:
+        stats.update(diagnostics.summary())
+        if cfg.mod_scheme == "LL-Cp":
+            stats.update(methods.corrected_labels_summary(state))
+    return stats
 
 
 @torch.inference_mode()
@@ -175,6 +189,7 @@ def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
         use_pretrained=cfg.use_pretrained,
         weights_name=cfg.pretrained_weights,
         smallcnn_weights=smallcnn_weights,
+        boostlu_alpha=cfg.boostlu_alpha,
     )
 
 
@@ -183,8 +198,22 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _scores_map(scores: torch.Tensor, labels) -> float:
+    return float(100.0 * average_precision(scores, labels).nanmean())
+
+
+def linear_init(cfg: Config, model, data: datasets.Data, state: methods.LabelState, device, log) -> None:
+    """LinearInit's first phase (frozen backbone, cached features); the best head is left in ``model``."""
+    train_feats = methods.cached_features(cfg, model, data.train, device)
+    val_feats = methods.cached_features(cfg, model, data.val, device)
+    best = methods.train_linear_head(
+        cfg, model, state, train_feats, val_feats, eval_labels(data.val, device), _scores_map, log
+    )
+    print(f"LinearInit: best head from linear epoch {best['epoch']} (val mAP {best['val_map']:.2f}); fine-tuning")
+
+
 def run(cfg: Config) -> dict:
-    """Train with the configured scheme, keep the best-val weights, score them on test; returns ``final.json``."""
+    """Train with the configured method, keep the best-val weights, score them on test; returns ``final.json``."""
     started = time.time()
     device = resolve_device(cfg)
     data = datasets.build_data(cfg)  # before the run folder exists: a data error leaves nothing behind
@@ -193,39 +222,55 @@ def run(cfg: Config) -> dict:
     print(f"images: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.num_classes).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
+    state = methods.build_label_state(cfg, data.train, device)
     pin = device.type == "cuda"
     splits = {"train": data.train, "val": data.val, "test": data.test}
     loaders = {name: datasets.make_loader(s, cfg, train=name == "train", pin_memory=pin) for name, s in splits.items()}
-    observed = datasets.label_store(data.train.observed, device)
+    if cfg.loss == "em_apl":
+        loaders["train_rows"] = datasets.make_loader(data.train, cfg, train=False, pin_memory=pin)
     val_labels = eval_labels(data.val, device)
+
+    def log(record: dict) -> None:
+        _append_jsonl(run_dir / "log.jsonl", record)
+        extra = f"  selected {record['num_selected']:6d}" if "num_selected" in record else ""
+        print(f"{record['phase']:10s} epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}{extra}"
+              f"  val mAP {record['val_map']:6.2f}")  # fmt: skip
+
+    if cfg.train_mode == "linear_init":
+        linear_init(cfg, model, data, state, device, log)
+    optimizer = build_optimizer(cfg, model, state.estimator)
     best = {"val_map": -1.0, "epoch": 0}
     early_stopped = False
     for epoch in range(1, cfg.num_epochs + 1):
         epoch_start = time.time()
         rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
-        positives_at_start = observed.num_positive()
-        stats = train_one_epoch(
-            model, loaders["train"], optimizer, observed, scheme=cfg.mod_scheme, rate=rate, epoch=epoch, device=device
-        )
+        positives_at_start = state.observed.num_positive()
+        stats = train_one_epoch(cfg, model, loaders["train"], optimizer, state, rate=rate, epoch=epoch, device=device)
+        if cfg.loss == "em_apl" and epoch >= cfg.apl_warmup:  # scores in row order: the unshuffled train loader
+            train_scores = predict(model, loaders["train_rows"], device, f"epoch {epoch} APL")
+            stats["pseudo_labelled"] = methods.pseudo_label_negatives(train_scores, state)
         val_map = evaluate(model, loaders["val"], val_labels, device, desc=f"epoch {epoch} val")["map"]
-        record = {"epoch": epoch, "rate": rate, **stats, "observed_positives": positives_at_start, "val_map": val_map}
-        record["seconds"] = round(time.time() - epoch_start, 3)
-        _append_jsonl(run_dir / "log.jsonl", record)
-        print(
-            f"epoch {epoch:3d}  rate {rate:.4f}  loss {stats['train_loss']:.4f}  selected {stats['num_selected']:6d}"
-            f"  val mAP {val_map:6.2f}  ({record['seconds']:.1f} s)"
-        )
+        record = {
+            "phase": "end_to_end",
+            "epoch": epoch,
+            "rate": rate,
+            **stats,
+            "observed_positives": positives_at_start,
+        }
+        record.update(val_map=val_map, seconds=round(time.time() - epoch_start, 3))
+        log(record)
         if val_map > best["val_map"]:
             best = {"val_map": val_map, "epoch": epoch}
             checkpoint = {"model": model.state_dict(), "epoch": epoch, "val_map": val_map, "config": cfg.to_dict()}
+            if state.estimator is not None:
+                checkpoint["estimator"] = state.estimator.state_dict()
             torch.save(checkpoint, run_dir / "bestmodel.pt")
         elif best["val_map"] - val_map > EARLY_STOP_DROP:
             print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below {best['val_map']:.2f}")
             early_stopped = True
             break
-    state = torch.load(run_dir / "bestmodel.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
+    state_dict = torch.load(run_dir / "bestmodel.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state_dict["model"])
     test = evaluate(model, loaders["test"], eval_labels(data.test, device), device, "test", data.class_groups)
     final = {
         "best_epoch": best["epoch"],

@@ -1,0 +1,101 @@
+"""Class activation maps of a trained run: each image beside the CAMs of its top-scored classes (the paper's
+qualitative figure).
+
+    python cam.py results/<run> image1.jpg [image2.jpg ...] [--top 3] [--out results/<run>/cam]
+
+The CAM of class c is the head applied at every position of the backbone's last feature map (``Conv1x1`` with the
+head's weights; for BoostLU runs the map before the activation). Each map is upsampled to the image, scaled to
+[0, 1] and drawn in a blue-to-red colour scale over the image. Writes ``<image stem>_cam.png`` per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import config
+import datasets
+import models
+
+PANEL = 256  # pixels per panel in the figure
+
+
+def load_run(run_dir: Path) -> tuple[config.Config, models.MultiLabelClassifier]:
+    """The run's config and its best-val model (no pretrained download: the checkpoint holds every weight)."""
+    values = json.loads((run_dir / "config.json").read_text())
+    values["from_preset"] = tuple(values.get("from_preset", ()))
+    cfg = config.Config(**values)
+    checkpoint = torch.load(run_dir / "bestmodel.pt", map_location="cpu", weights_only=True)
+    num_classes = checkpoint["model"]["head.weight"].shape[0]
+    model = models.build_model(cfg.arch, num_classes, use_pretrained=False, boostlu_alpha=cfg.boostlu_alpha)
+    model.load_state_dict(checkpoint["model"])
+    return cfg, model.eval()
+
+
+def colour_scale(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB uint8 along blue, cyan, yellow, red (a jet-like scale without matplotlib)."""
+    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 128, 0], [200, 0, 0]], float)
+    position = np.clip(values, 0, 1) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return ((1 - frac) * stops[low] + frac * stops[low + 1]).astype(np.uint8)
+
+
+@torch.inference_mode()
+def cam_figure(model: models.MultiLabelClassifier, image_path: str, image_size: int, names: list[str], top: int):
+    """The figure for one image: the image, then one overlay per top class with its name and score."""
+    pixels = datasets.load_image(image_path, image_size)
+    x = datasets.to_model_input(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    fmap = model.backbone(x)
+    scores = torch.sigmoid(model(x))[0]
+    cams = model.class_activation_map(fmap)[0]
+    shown = Image.fromarray(pixels).resize((PANEL, PANEL), Image.BILINEAR)
+    panels = [(shown, "input")]
+    for c in scores.argsort(descending=True)[:top].tolist():
+        cam = F.interpolate(cams[c][None, None], size=(PANEL, PANEL), mode="bilinear", align_corners=False)[0, 0]
+        cam = (cam - cam.min()) / (cam.max() - cam.min()).clamp(min=1e-8)
+        overlay = Image.blend(shown, Image.fromarray(colour_scale(cam.numpy())), 0.5)
+        panels.append((overlay, f"{names[c]} {scores[c]:.2f}"))
+    figure = Image.new("RGB", (PANEL * len(panels), PANEL + 20), "white")
+    draw = ImageDraw.Draw(figure)
+    for i, (panel, caption) in enumerate(panels):
+        figure.paste(panel, (i * PANEL, 20))
+        draw.text((i * PANEL + 4, 4), caption, fill="black")
+    return figure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--top", type=int, default=3, help="how many of the top-scored classes to show")
+    parser.add_argument("--out", type=Path, default=None, help="default: <run_dir>/cam")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "bestmodel.pt").exists():
+        print(f"error: {args.run_dir} holds no bestmodel.pt; point at a run folder of main.py", file=sys.stderr)
+        return 1
+    cfg, model = load_run(args.run_dir)
+    names = datasets.class_names(cfg.dataset, cfg.data_root)
+    out = args.out or args.run_dir / "cam"
+    out.mkdir(parents=True, exist_ok=True)
+    for image in args.images:
+        try:
+            figure = cam_figure(model, image, cfg.image_size, names, args.top)
+        except datasets.DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        path = out / f"{Path(image).stem}_cam.png"
+        figure.save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""What differs between the rows of the paper's table, for the trainer: per-method training state, the batch loss,
+the diagnostics of the memorisation analysis, EM+APL's pseudo-labelling, and LinearInit's frozen-feature phase.
+
+``train.py`` runs the loop; everything here is called from it with explicit arguments (no config object inside the
+loss maths, which stays in ``losses.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import datasets
+import losses
+import models
+
+
+@dataclass
+class LabelState:
+    """The training labels as the trainer owns them, plus the per-image state some methods learn.
+
+    ``observed`` is read per batch and takes LL-Cp's corrections. ``initial`` (the observed labels before any
+    correction) and ``clean`` (the full labels) exist when the full labels are known (not OpenImages): they feed the
+    diagnostics only, never the loss. ``estimator`` is ROLE's label estimator; ``pseudo_negative``, ``soft_label``
+    and ``apl_quota`` are EM+APL's pseudo-labels and per-class quota.
+    """
+
+    observed: datasets.DenseLabelStore | datasets.SparseLabelStore
+    initial: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+    estimator: models.LabelEstimator | None = None
+    pseudo_negative: torch.Tensor | None = None
+    soft_label: torch.Tensor | None = None
+    apl_quota: torch.Tensor | None = None
+
+
+def build_label_state(cfg, split: datasets.Split, device: torch.device) -> LabelState:
+    observed = datasets.label_store(split.observed, device)
+    state = LabelState(observed)
+    if isinstance(split.observed, datasets.SparseLabels):
+        return state
+    state.initial = observed.matrix.clone()
+    state.clean = torch.from_numpy(split.labels > 0).to(device)
+    if cfg.loss == "role":
+        generator = torch.Generator().manual_seed(cfg.seed)
+        state.estimator = models.LabelEstimator(state.initial, generator).to(device)
+    if cfg.loss == "em_apl":
+        state.pseudo_negative = torch.zeros_like(state.initial, dtype=torch.bool)
+        state.soft_label = torch.zeros_like(state.initial, dtype=torch.float32)
+        # Zhou et al.: each labelling round takes neg_proportion * (unobserved entries of the class) / (rounds).
+        unobserved = (state.initial == 0).sum(0).double()
+        rounds = cfg.num_epochs - cfg.apl_warmup
+        state.apl_quota = (cfg.apl_neg_proportion * unobserved / rounds).floor().long()
+    return state
+
+
+def compute_loss(
+    cfg, logits: torch.Tensor, batch_observed: torch.Tensor, idx: torch.Tensor, rate: float, state: LabelState
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The configured method's batch loss and the entries LL selected (none for the baselines)."""
+    if cfg.loss == "an":
+        return losses.large_loss(logits, batch_observed, cfg.mod_scheme, rate)
+    if cfg.loss == "wan":
+        loss = losses.wan_loss(logits, batch_observed)
+    elif cfg.loss == "lsan":
+        loss = losses.lsan_loss(logits, batch_observed, cfg.ls_coef)
+    elif cfg.loss == "epr":
+        loss = losses.epr_loss(logits, batch_observed, cfg.expected_num_pos)
+    elif cfg.loss == "role":
+        loss = losses.role_loss(logits, batch_observed, state.estimator(idx), cfg.expected_num_pos)
+    elif cfg.loss == "em":
+        loss = losses.em_loss(logits, batch_observed, cfg.em_alpha)
+    else:  # em_apl
+        pseudo, soft = state.pseudo_negative[idx], state.soft_label[idx]
+        loss = losses.em_loss(
+            logits, batch_observed, cfg.em_alpha, pseudo_negative=pseudo, soft_label=soft, beta=cfg.apl_beta
+        )
+    return loss, torch.zeros_like(batch_observed, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics (the paper's memorisation analysis), from the training forward passes.
+
+
+class Diagnostics:
+    """Per epoch, on the device: AN loss and predicted probability on false-negative entries (unobserved, truly
+    positive) versus true-negative entries (unobserved, truly negative), and the number and precision (fraction truly
+    positive) of the entries LL selected. "Unobserved" refers to the labels before any correction."""
+
+    _FIELDS = ("fn_count", "fn_loss", "fn_prob", "tn_count", "tn_loss", "tn_prob", "selected", "selected_true")
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(self._FIELDS), dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, initial: torch.Tensor, clean: torch.Tensor, selected: torch.Tensor) -> None:
+        logits = logits.detach().float()
+        prob, an_loss = torch.sigmoid(logits), F.softplus(logits)  # softplus(z) = BCE(z, 0)
+        unobserved = initial == 0
+        false_neg, true_neg = unobserved & clean, unobserved & ~clean
+        self.sums += torch.stack(
+            [
+                false_neg.sum(),
+                an_loss[false_neg].sum(),
+                prob[false_neg].sum(),
+                true_neg.sum(),
+                an_loss[true_neg].sum(),
+                prob[true_neg].sum(),
+                selected.sum(),
+                (selected & clean).sum(),
+            ]  # fmt: skip
+        ).double()
+
+    def summary(self) -> dict:
+        s = dict(zip(self._FIELDS, self.sums.tolist(), strict=True))
+
+        def ratio(a: float, b: float) -> float | None:
+            return a / b if b else None
+
+        return {
+            "fn_loss": ratio(s["fn_loss"], s["fn_count"]),
+            "tn_loss": ratio(s["tn_loss"], s["tn_count"]),
+            "fn_prob": ratio(s["fn_prob"], s["fn_count"]),
+            "tn_prob": ratio(s["tn_prob"], s["tn_count"]),
+            "selected_precision": ratio(s["selected_true"], s["selected"]),
+        }
+
+
+def corrected_labels_summary(state: LabelState) -> dict:
+    """LL-Cp: how many labels have been corrected to positive so far, and the fraction that is truly positive."""
+    corrected = (state.observed.matrix == 1) & (state.initial == 0)
+    count = int(corrected.sum())
+    return {
+        "corrected_total": count,
+        "corrected_precision": int((corrected & state.clean).sum()) / count if count else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EM+APL: asymmetric pseudo-labelling after each epoch from the warm-up on.
+
+
+def pseudo_label_negatives(scores: torch.Tensor, state: LabelState) -> int:
+    """From the scores of every training image (row order, no augmentation), turn each class's lowest-scored
+    still-unlabelled unobserved entries into soft negatives (soft label = the score). Returns how many were labelled."""
+    chosen = losses.asymmetric_pseudo_negatives(scores, state.observed.matrix, state.pseudo_negative, state.apl_quota)
+    state.pseudo_negative |= chosen
+    state.soft_label = torch.where(chosen, scores.float(), state.soft_label)
+    return int(chosen.sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LinearInit: train the head on frozen, cached backbone features, then fine-tune end to end.
+
+
+def feature_cache_path(cfg, split: datasets.Split) -> Path:
+    """One file per (backbone weights, image size, image list): computed once, reused by every run that shares them."""
+    if not cfg.use_pretrained:
+        weights = f"scratch-seed{cfg.seed}"
+    else:
+        weights = "pretrained" if cfg.arch == "smallcnn" else cfg.pretrained_weights
+    names = hashlib.sha1(b"\n".join(str(n).encode() for n in split.image_names)).hexdigest()[:12]
+    return Path(cfg.data_root) / "features" / f"{cfg.arch}_{weights}_{cfg.image_size}px_{names}.npy"
+
+
+@torch.inference_mode()
+def cached_features(
+    cfg, model: models.MultiLabelClassifier, split: datasets.Split, device: torch.device
+) -> torch.Tensor:
+    """Pooled backbone features of every image of ``split`` (no augmentation, BatchNorm in eval mode), on ``device``."""
+    path = feature_cache_path(cfg, split)
+    if path.exists():
+        print(f"LinearInit: cached features {path}")
+        return torch.from_numpy(np.load(path)).to(device)
+    model.eval()
+    loader = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda")
+    feats = [
+        model.pool_features(model.backbone(datasets.to_model_input(images.to(device)))).float().cpu()
+        for images, _ in tqdm(loader, desc=f"features {path.name}", leave=False, file=sys.stderr)
+    ]
+    array = torch.cat(feats).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    print(f"LinearInit: features computed once and cached in {path}")
+    return torch.from_numpy(array).to(device)
+
+
+def train_linear_head(cfg, model, state: LabelState, train_feats, val_feats, val_labels, evaluate_scores, log) -> dict:
+    """Phase 1 of LinearInit: ``cfg.linear_epochs`` epochs of the head alone (and ROLE's estimator) on cached features,
+    with the configured loss and no LL modification. The best-val head is loaded into ``model`` for phase 2."""
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult}]
+    if state.estimator is not None:
+        groups.append({"params": list(state.estimator.parameters()), "lr": cfg.lr * cfg.lr_mult})
+    optimizer = (
+        torch.optim.Adam(groups)
+        if cfg.optimizer == "adam"
+        else torch.optim.SGD(groups, momentum=0.9, weight_decay=1e-3)
+    )
+    batches = datasets.EpochBatches(len(train_feats), cfg.bsize, shuffle=True, seed=cfg.seed + 1)
+    best = {"val_map": -1.0, "epoch": 0}
+    best_states: tuple = ()
+    for epoch in range(1, cfg.linear_epochs + 1):
+        batches.set_epoch(epoch)
+        total = 0.0
+        for batch in batches:
+            idx = torch.tensor(batch, device=train_feats.device)
+            loss, _ = compute_loss(cfg, model.head(train_feats[idx]), state.observed.batch(idx), idx, 0.0, state)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss)
+        with torch.no_grad():
+            val_map = evaluate_scores(torch.sigmoid(model.head(val_feats)), val_labels)
+        log({"phase": "linear", "epoch": epoch, "train_loss": total / len(batches), "val_map": val_map})
+        if val_map > best["val_map"]:
+            best = {"val_map": val_map, "epoch": epoch}
+            best_states = (
+                copy.deepcopy(model.head.state_dict()),
+                copy.deepcopy(state.estimator and state.estimator.state_dict()),
+            )
+    model.head.load_state_dict(best_states[0])
+    if state.estimator is not None:
+        state.estimator.load_state_dict(best_states[1])
+    return best

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sweep delta_rel the way the paper's users do: datasets x LL schemes x delta_rel x seeds, one run folder each.
+#
+#   DATASETS="pascal coco" SCHEMES="LL-R LL-Ct LL-Cp" DELTAS="0.1 0.2 0.3 0.4 0.5" SEEDS="0 1 2" \
+#     SAVE=results/sweep scripts/sweep_delta_rel.sh [extra main.py flags...]
+#
+# Every variable has that default (DATASETS: pascal). Run folders are named <dataset>_<scheme>_d<delta>_s<seed>;
+# a finished one (final.json present) is skipped, so re-running the same command completes an interrupted sweep.
+# Then: python report.py "$SAVE" --out "$SAVE/report"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+SAVE=${SAVE:-results/sweep}
+for dataset in ${DATASETS:-pascal}; do
+  for scheme in ${SCHEMES:-LL-R LL-Ct LL-Cp}; do
+    for delta in ${DELTAS:-0.1 0.2 0.3 0.4 0.5}; do
+      for seed in ${SEEDS:-0 1 2}; do
+        name="${dataset}_${scheme}_d${delta}_s${seed}"
+        if [ -f "$SAVE/$name/final.json" ]; then echo "skip $name (finished)"; continue; fi
+        rm -rf "${SAVE:?}/$name"  # an unfinished run starts again from scratch
+        echo "run  $name"
+        $PY main.py --dataset "$dataset" --mod_scheme "$scheme" --delta_rel "$delta" --seed "$seed" \
+          --save_path "$SAVE" --exp_name "$name" "$@"
+      done
+    done
+  done
+done
