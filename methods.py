@@ -218,7 +218,7 @@ def train_linear_head(cfg, model, state: LabelState, train_feats, val_feats, val
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
         with torch.no_grad():
             val_map = evaluate_scores(torch.sigmoid(model.head(val_feats)), val_labels)
         log({"phase": "linear", "epoch": epoch, "train_loss": total / len(batches), "val_map": val_map})
