@@ -102,6 +102,9 @@ class Config:
     boostlu_alpha: float = 0.0
     train_mode: str = "end_to_end"
     linear_epochs: int = 25
+    precision: str = "auto"
+    compile: bool = False
+    cache: str = "none"
     from_preset: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -147,6 +150,10 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"--{name} must lie in (0, 1] (got {getattr(cfg, name)})")
     if cfg.num_workers < 0:
         p.append(f"--num_workers must be >= 0 (got {cfg.num_workers})")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        p.append(f"--precision must be auto, bf16 or fp32 (got {cfg.precision!r})")
+    if cfg.cache not in ("none", "disk"):
+        p.append(f"--cache must be none or disk (got {cfg.cache!r})")
     if cfg.device not in ("auto", "cpu", "cuda"):
         p.append(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
     if cfg.train_set_variant == "clean" and (cfg.mod_scheme != "AN" or cfg.loss != "an"):
@@ -224,6 +231,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exp_name", default=None, help="run folder name (default: dataset_scheme_delta_seed_time)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--gpu_num", type=int, default=0, help="CUDA device index")
+    speed = parser.add_argument_group("speed (none of these changes what the model sees)")
+    speed.add_argument(
+        "--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    speed.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False, help="torch.compile the model")
+    speed.add_argument(
+        "--cache", default="none", choices=("none", "disk"), help="disk: decode and resize every image once, to disk"
+    )
     baselines = parser.add_argument_group("baselines, BoostLU and LinearInit")
     baselines.add_argument("--loss", default="an", choices=BASELINES, help="an is the loss the LL schemes modify")
     baselines.add_argument("--expected_num_pos", type=float, default=None, help="EPR/ROLE (default: preset)")

@@ -9,8 +9,11 @@ trainer, which flips and normalises them on the device (``to_model_input``).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
+import shutil
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -597,18 +600,119 @@ def load_image(path: str, size: int) -> np.ndarray:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items are ``(uint8 image C x H x W, row index)``; labels stay with the trainer, which owns them."""
+    """Items are ``(uint8 image C x H x W, row index)``; labels stay with the trainer, which owns them.
 
-    def __init__(self, split: Split, image_size: int) -> None:
+    Decodes and resizes each image with PIL (in the DataLoader's workers), or, with ``cache``, reads the already
+    resized pixels from a disk cache (``build_disk_cache``): the same bytes either way.
+    """
+
+    def __init__(self, split: Split, image_size: int, cache: Path | None = None) -> None:
         self.split = split
         self.image_size = image_size
+        self.cache = cache
+        self._pixels: np.ndarray | None = None  # the cache's memory map, opened lazily in each worker process
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.split.image_path(index), self.image_size)
+        if self.cache is None:
+            image = load_image(self.split.image_path(index), self.image_size)
+        else:
+            if self._pixels is None:
+                self._pixels = _open_cache(self.cache, len(self.split), self.image_size, "r")
+            image = np.array(self._pixels[index])
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), index
+
+    def __getstate__(self) -> dict:  # never pickle an open memory map into a worker
+        return {**self.__dict__, "_pixels": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The disk cache (--cache disk): every image decoded and resized once, stored as uint8, memory-mapped.
+
+_CACHE_CHUNK = 256
+
+
+def split_fingerprint(split: Split) -> str:
+    """A short hash of a split's image list: names the files cached per split (pixels, LinearInit's features)."""
+    return hashlib.sha1(b"\n".join(str(n).encode() for n in split.image_names)).hexdigest()[:12]
+
+
+def disk_cache_path(split: Split, image_size: int, root: str | os.PathLike) -> Path:
+    return Path(root) / "cache" / f"{split_fingerprint(split)}_{image_size}px.u8"
+
+
+def _open_cache(path: Path, num_images: int, image_size: int, mode: str) -> np.ndarray:
+    return np.memmap(path, dtype=np.uint8, mode=mode, shape=(num_images, image_size, image_size, 3))
+
+
+def _cache_done_path(path: Path) -> Path:
+    return path.with_name(path.name + ".done.npy")
+
+
+def disk_cache_complete(path: Path, num_images: int) -> bool:
+    done = _cache_done_path(path)
+    return path.exists() and done.exists() and bool(np.load(done).all()) and len(np.load(done)) == num_images
+
+
+_worker_cache: dict = {}
+
+
+def _cache_worker_init(path: Path, split: Split, image_size: int) -> None:
+    _worker_cache.update(pixels=_open_cache(path, len(split), image_size, "r+"), split=split, size=image_size)
+
+
+def _cache_fill(indices: np.ndarray) -> np.ndarray:
+    pixels, split, size = _worker_cache["pixels"], _worker_cache["split"], _worker_cache["size"]
+    for i in indices:
+        pixels[i] = load_image(split.image_path(int(i)), size)
+    pixels.flush()
+    return indices
+
+
+def build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int, on_chunk=None) -> Path:
+    """Decode and resize every image of ``split`` once into ``path`` (N x S x S x 3 uint8, memory-mapped), in
+    ``num_workers`` processes, with a progress bar. Resumable: a bitmap of finished images is saved after every chunk,
+    so an interrupted build continues where it stopped. Announces the size first and refuses when the disk is short.
+    ``on_chunk(done_count)`` is called after each chunk (tests use it to interrupt a build)."""
+    n = len(split)
+    if disk_cache_complete(path, n):
+        return path
+    need = n * image_size * image_size * 3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done_path = _cache_done_path(path)
+    done = np.load(done_path) if done_path.exists() and path.exists() else np.zeros(n, dtype=bool)
+    free = shutil.disk_usage(path.parent).free + (path.stat().st_size if path.exists() else 0)
+    print(f"disk cache: {n} images x {image_size}x{image_size}x3 = {need / 1e9:.2f} GB in {path} "
+          f"({int(done.sum())} already done; {free / 1e9:.1f} GB free)")  # fmt: skip
+    if need > free - 2**30:
+        raise DataError(f"The disk cache needs {need / 1e9:.2f} GB in {path.parent}, but only {free / 1e9:.2f} GB are "
+                        "free (keeping 1 GB spare). Free some space, or train without --cache disk.")  # fmt: skip
+    if not path.exists():
+        _open_cache(path, n, image_size, "w+").flush()
+    todo = np.flatnonzero(~done)
+    chunks = [todo[i : i + _CACHE_CHUNK] for i in range(0, len(todo), _CACHE_CHUNK)]
+    pool = None
+    if num_workers > 0:
+        pool = multiprocessing.get_context("fork").Pool(num_workers, _cache_worker_init, (path, split, image_size))
+        finished = pool.imap_unordered(_cache_fill, chunks)
+    else:
+        _cache_worker_init(path, split, image_size)
+        finished = map(_cache_fill, chunks)
+    try:
+        with tqdm(total=n, initial=int(done.sum()), desc="disk cache", unit="img") as bar:
+            for indices in finished:
+                done[indices] = True
+                _save_atomic(done_path, done)
+                bar.update(len(indices))
+                if on_chunk is not None:
+                    on_chunk(int(done.sum()))
+    finally:
+        if pool is not None:
+            pool.terminate()
+        _save_atomic(done_path, done)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -705,14 +809,22 @@ class EpochBatches(torch.utils.data.Sampler):
         yield from (batch.tolist() for batch in order.split(self.batch_size))
 
 
-def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool) -> torch.utils.data.DataLoader:
-    sampler = EpochBatches(len(split), cfg.bsize, shuffle=train, seed=cfg.seed)
+EVAL_BATCH_FACTOR = 4  # evaluation has no gradients and BatchNorm in eval mode: larger batches, same scores
+
+
+def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None):
+    """Batches of ``(uint8 images, row indices)``: ``EpochBatches`` order, decoding in ``cfg.num_workers`` processes,
+    pinned memory for the copy to the GPU, workers kept across epochs and several batches prefetched."""
+    batch_size = cfg.bsize if train else cfg.bsize * EVAL_BATCH_FACTOR
+    sampler = EpochBatches(len(split), batch_size, shuffle=train, seed=cfg.seed)
+    workers = cfg.num_workers
     return torch.utils.data.DataLoader(
-        ImageDataset(split, cfg.image_size),
+        ImageDataset(split, cfg.image_size, cache),
         batch_sampler=sampler,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
 
 

@@ -8,7 +8,6 @@ loss maths, which stays in ``losses.py``).
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -167,8 +166,8 @@ def feature_cache_path(cfg, split: datasets.Split) -> Path:
         weights = f"scratch-seed{cfg.seed}"
     else:
         weights = "pretrained" if cfg.arch == "smallcnn" else cfg.pretrained_weights
-    names = hashlib.sha1(b"\n".join(str(n).encode() for n in split.image_names)).hexdigest()[:12]
-    return Path(cfg.data_root) / "features" / f"{cfg.arch}_{weights}_{cfg.image_size}px_{names}.npy"
+    name = f"{cfg.arch}_{weights}_{cfg.image_size}px_{datasets.split_fingerprint(split)}.npy"
+    return Path(cfg.data_root) / "features" / name
 
 
 @torch.inference_mode()

@@ -6,6 +6,8 @@ row indices, so LL-Cp's permanent corrections are written where every later batc
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -36,6 +38,13 @@ def resolve_device(cfg: Config) -> torch.device:
     if not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device cpu.")
     return torch.device("cuda", cfg.gpu_num)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """The autocast context, chosen once: bf16 on CUDA unless --precision fp32 (or asked for on CPU), else off. The
+    loss and LL's top-k selection run in fp32 whatever this is (``losses.large_loss`` casts the logits)."""
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def build_optimizer(cfg: Config, model: models.MultiLabelClassifier, estimator=None) -> torch.optim.Optimizer:
@@ -70,6 +79,7 @@ def train_one_epoch(
     rate: float,
     epoch: int,
     device: torch.device,
+    amp=contextlib.nullcontext,
 ) -> dict:
     """One pass over the training set. The label state takes LL-Cp's corrections; diagnostics are collected from the
     same forward passes when the full labels are known."""
@@ -84,7 +94,8 @@ def train_one_epoch(
         x = datasets.to_model_input(images.to(device, non_blocking=True), sampler.flips[idx].to(device))
         batch_observed = state.observed.batch(idx)
         idx = idx.to(device, non_blocking=True)
-        logits = model(x)
+        with amp():
+            logits = model(x)
         loss, selected = methods.compute_loss(cfg, logits, batch_observed, idx, rate, state)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,14 +119,19 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def predict(
-    model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, desc: str
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    desc: str,
+    amp=contextlib.nullcontext,
 ) -> torch.Tensor:
-    """Sigmoid scores of every image in loader order, kept on the device."""
+    """Sigmoid scores of every image in loader order, kept on the device (no host synchronisation per batch)."""
     model.eval()
-    scores = [
-        torch.sigmoid(model(datasets.to_model_input(images.to(device, non_blocking=True))).float())
-        for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr)
-    ]
+    scores = []
+    for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr):
+        with amp():
+            logits = model(datasets.to_model_input(images.to(device, non_blocking=True)))
+        scores.append(torch.sigmoid(logits.float()))
     return torch.cat(scores)
 
 
@@ -127,10 +143,10 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor | datasets.Spar
     return metrics.average_precision(scores, labels)
 
 
-def evaluate(model, loader, labels, device: torch.device, desc: str = "eval", class_groups=None) -> dict:
+def evaluate(model, loader, labels, device, desc="eval", class_groups=None, amp=contextlib.nullcontext) -> dict:
     """mAP and per-class AP in percent (NaN-free: a class without scored entries is left out and listed as None);
-    with ``class_groups``, the mAP of each group (G1 the rarest) too."""
-    ap = 100.0 * average_precision(predict(model, loader, device, desc), labels).cpu().double()
+    with ``class_groups``, the mAP of each group (G1 the rarest) too. mAP is computed on the device."""
+    ap = 100.0 * average_precision(predict(model, loader, device, desc, amp), labels).cpu().double()
     result = {"map": float(ap.nanmean()), "ap_per_class": [None if a != a else a for a in ap.tolist()]}
     if class_groups is not None:
         groups = torch.from_numpy(class_groups)
@@ -202,6 +218,25 @@ def _scores_map(scores: torch.Tensor, labels) -> float:
     return float(100.0 * average_precision(scores, labels).nanmean())
 
 
+def build_loaders(cfg: Config, data: datasets.Data, device: torch.device) -> dict:
+    """train (shuffled, flipped), val and test loaders; with ``--cache disk`` each reads its split's disk cache, built
+    first if needed. EM+APL also gets the training images in row order."""
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    if cfg.loss == "em_apl":
+        splits["train_rows"] = data.train
+    caches = {}
+    if cfg.cache == "disk":
+        builders = cfg.num_workers or 1
+        for name, split in splits.items():
+            path = datasets.disk_cache_path(split, cfg.image_size, cfg.data_root)
+            caches[name] = datasets.build_disk_cache(split, cfg.image_size, path, builders)
+    pin = device.type == "cuda"
+    return {
+        name: datasets.make_loader(split, cfg, train=name == "train", pin_memory=pin, cache=caches.get(name))
+        for name, split in splits.items()
+    }
+
+
 def linear_init(cfg: Config, model, data: datasets.Data, state: methods.LabelState, device, log) -> None:
     """LinearInit's first phase (frozen backbone, cached features); the best head is left in ``model``."""
     train_feats = methods.cached_features(cfg, model, data.train, device)
@@ -216,6 +251,7 @@ def run(cfg: Config) -> dict:
     """Train with the configured method, keep the best-val weights, score them on test; returns ``final.json``."""
     started = time.time()
     device = resolve_device(cfg)
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     data = datasets.build_data(cfg)  # before the run folder exists: a data error leaves nothing behind
     run_dir = prepare_run_dir(cfg)
     print_header(cfg, run_dir, device)
@@ -223,11 +259,9 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.num_classes).to(device, memory_format=torch.channels_last)
     state = methods.build_label_state(cfg, data.train, device)
-    pin = device.type == "cuda"
-    splits = {"train": data.train, "val": data.val, "test": data.test}
-    loaders = {name: datasets.make_loader(s, cfg, train=name == "train", pin_memory=pin) for name, s in splits.items()}
-    if cfg.loss == "em_apl":
-        loaders["train_rows"] = datasets.make_loader(data.train, cfg, train=False, pin_memory=pin)
+    loaders = build_loaders(cfg, data, device)
+    amp = autocast_for(cfg, device)
+    forward = torch.compile(model) if cfg.compile else model  # same parameters; state_dict() stays on ``model``
     val_labels = eval_labels(data.val, device)
 
     def log(record: dict) -> None:
@@ -245,11 +279,13 @@ def run(cfg: Config) -> dict:
         epoch_start = time.time()
         rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
         positives_at_start = state.observed.num_positive()
-        stats = train_one_epoch(cfg, model, loaders["train"], optimizer, state, rate=rate, epoch=epoch, device=device)
+        stats = train_one_epoch(
+            cfg, forward, loaders["train"], optimizer, state, rate=rate, epoch=epoch, device=device, amp=amp
+        )
         if cfg.loss == "em_apl" and epoch >= cfg.apl_warmup:  # scores in row order: the unshuffled train loader
-            train_scores = predict(model, loaders["train_rows"], device, f"epoch {epoch} APL")
+            train_scores = predict(forward, loaders["train_rows"], device, f"epoch {epoch} APL", amp)
             stats["pseudo_labelled"] = methods.pseudo_label_negatives(train_scores, state)
-        val_map = evaluate(model, loaders["val"], val_labels, device, desc=f"epoch {epoch} val")["map"]
+        val_map = evaluate(forward, loaders["val"], val_labels, device, f"epoch {epoch} val", amp=amp)["map"]
         record = {
             "phase": "end_to_end",
             "epoch": epoch,
@@ -271,7 +307,7 @@ def run(cfg: Config) -> dict:
             break
     state_dict = torch.load(run_dir / "bestmodel.pt", map_location=device, weights_only=True)
     model.load_state_dict(state_dict["model"])
-    test = evaluate(model, loaders["test"], eval_labels(data.test, device), device, "test", data.class_groups)
+    test = evaluate(forward, loaders["test"], eval_labels(data.test, device), device, "test", data.class_groups, amp)
     final = {
         "best_epoch": best["epoch"],
         "val_map": best["val_map"],

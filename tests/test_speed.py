@@ -1,0 +1,129 @@
+"""The fast paths change nothing the model sees: decoded or cached pixels equal PIL's, the disk cache resumes after
+an interruption and refuses a short disk, bf16 and fp32 select the same entries; the throughput benchmark runs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+from torchvision import transforms
+
+import datasets
+import losses
+
+
+@pytest.fixture()
+def odd_images(tmp_path):
+    """JPEG, grayscale JPEG, CMYK JPEG, PNG with alpha, palette PNG; odd sizes."""
+    rng = np.random.default_rng(0)
+    specs = [("RGB", (37, 23), "jpg"), ("L", (50, 64), "jpg"), ("CMYK", (31, 45), "jpg"), ("RGBA", (20, 20), "png"),
+             ("P", (41, 17), "png")]  # fmt: skip
+    names = []
+    for i, (mode, size, ext) in enumerate(specs):
+        channels = {"L": 1, "P": 1, "RGB": 3, "CMYK": 4, "RGBA": 4}[mode]
+        array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+        image = Image.fromarray(array[..., 0] if channels == 1 else array, mode="L" if mode == "P" else mode)
+        image = image.convert("P") if mode == "P" else image
+        image.save(tmp_path / f"{i}.{ext}")
+        names.append(f"{i}.{ext}")
+    return datasets.Split(str(tmp_path), np.array(names), None, None)
+
+
+def pil_pixels(path: str, size: int) -> np.ndarray:
+    """The paper's path up to ToTensor: PIL open, convert RGB, torchvision Resize((size, size))."""
+    with Image.open(path) as raw:
+        return np.asarray(transforms.Resize((size, size))(raw.convert("RGB")))
+
+
+@pytest.mark.parametrize("size", [16, 29])
+def test_decoded_and_cached_pixels_equal_the_pil_path(odd_images, tmp_path, size):
+    cache = datasets.build_disk_cache(odd_images, size, tmp_path / "cache" / f"c{size}.u8", num_workers=2)
+    decoded = datasets.ImageDataset(odd_images, size)
+    cached = datasets.ImageDataset(odd_images, size, cache)
+    for i in range(len(odd_images)):
+        reference = pil_pixels(odd_images.image_path(i), size)
+        for dataset in (decoded, cached):
+            image, index = dataset[i]
+            assert index == i and image.dtype == torch.uint8
+            np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), reference)
+
+
+def test_an_interrupted_cache_build_resumes_where_it_stopped(odd_images, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "_CACHE_CHUNK", 2)
+    decoded = []
+    real_load = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda p, s: decoded.append(p) or real_load(p, s))
+    path = tmp_path / "cache.u8"
+
+    def interrupt(done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        datasets.build_disk_cache(odd_images, 12, path, num_workers=0, on_chunk=interrupt)
+    assert len(decoded) == 2 and not datasets.disk_cache_complete(path, len(odd_images))
+    datasets.build_disk_cache(odd_images, 12, path, num_workers=0)
+    assert len(decoded) == len(odd_images)  # the first chunk was not decoded again
+    assert datasets.disk_cache_complete(path, len(odd_images))
+    pixels = np.memmap(path, dtype=np.uint8, mode="r", shape=(len(odd_images), 12, 12, 3))
+    for i in range(len(odd_images)):
+        np.testing.assert_array_equal(pixels[i], pil_pixels(odd_images.image_path(i), 12))
+
+
+def test_the_cache_announces_its_size_and_refuses_a_short_disk(odd_images, tmp_path, monkeypatch, capsys):
+    class Usage:
+        free = 10_000
+
+    monkeypatch.setattr(datasets.shutil, "disk_usage", lambda path: Usage())
+    with pytest.raises(datasets.DataError, match="needs 0.00 GB .* only 0.00 GB are free"):
+        datasets.build_disk_cache(odd_images, 64, tmp_path / "cache.u8", num_workers=0)
+    assert "disk cache: 5 images x 64x64x3" in capsys.readouterr().out
+    assert not (tmp_path / "cache.u8").exists()
+
+
+def test_bf16_and_fp32_select_the_same_entries_when_losses_are_well_separated():
+    # 16 x 20 logits on a grid 0.25 apart: bf16 keeps them distinct, so the ranking is the same
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randperm(320, generator=gen).float() * 0.25 - 40).view(16, 20)
+    observed = torch.zeros(16, 20, dtype=torch.long)
+    observed[torch.arange(16), torch.randint(0, 20, (16,), generator=gen)] = 1
+    for scheme in ("LL-R", "LL-Ct", "LL-Cp"):
+        for rate in (0.01, 0.05, 0.2):
+            fp32 = losses.large_loss(logits, observed, scheme, rate)
+            bf16 = losses.large_loss(logits.bfloat16(), observed, scheme, rate)
+            assert torch.equal(fp32[1], bf16[1]), (scheme, rate)
+            assert bf16[0].dtype == torch.float32
+
+
+def test_bf16_autocast_model_selects_like_fp32_on_a_separated_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 20)
+    x = torch.randn(16, 8) * 4
+    observed = torch.zeros(16, 20, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits = model(x)
+    assert bf16_logits.dtype == torch.bfloat16
+    fp32_logits = model(x)
+    selected_bf16 = losses.large_loss(bf16_logits, observed, "LL-R", 0.02)[1]
+    selected_fp32 = losses.large_loss(fp32_logits, observed, "LL-R", 0.02)[1]
+    # the 7 largest of 320 losses are far apart from the 8th here, so rounding cannot swap them
+    top = torch.nn.functional.softplus(fp32_logits).flatten().sort(descending=True).values
+    assert top[6] - top[7] > 0.1
+    assert torch.equal(selected_bf16, selected_fp32)
+
+
+def test_throughput_benchmark_small_prints_both_pipelines_and_the_ratio():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "throughput.py"), "--small", "--images", "32", "--batches", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for pipeline in ("official", "project", "project_disk_cache"):
+        assert result[pipeline]["train_img_s"] > 0 and result[pipeline]["data_img_s"] > 0
+    assert result["ratio_train"] == pytest.approx(
+        result["project"]["train_img_s"] / result["official"]["train_img_s"], rel=0.02
+    )
