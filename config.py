@@ -105,6 +105,9 @@ class Config:
     precision: str = "auto"
     compile: bool = False
     cache: str = "none"
+    sync_bn: bool = True
+    resume: bool = False
+    debug: bool = False
     from_preset: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -239,6 +242,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument(
         "--cache", default="none", choices=("none", "disk"), help="disk: decode and resize every image once, to disk"
     )
+    speed.add_argument(
+        "--sync_bn", type=str2bool, nargs="?", const=True, default=True, help="SyncBatchNorm under torchrun on CUDA"
+    )
+    parser.add_argument("--resume", action="store_true", help="resume the run in the run folder (also automatic)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     baselines = parser.add_argument_group("baselines, BoostLU and LinearInit")
     baselines.add_argument("--loss", default="an", choices=BASELINES, help="an is the loss the LL schemes modify")
     baselines.add_argument("--expected_num_pos", type=float, default=None, help="EPR/ROLE (default: preset)")
@@ -254,12 +262,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _default_num_workers(dataset: str) -> int:
-    # The synthetic images are 32x32 PNGs: decoding them in the main process is faster than feeding worker processes.
+    """The available cores, shared among the processes torchrun starts on this machine. The synthetic images are
+    32x32 PNGs: decoding them in the main process is faster than feeding worker processes."""
     if dataset == "synthetic":
         return 0
     import os
 
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def method_name(values: dict) -> str:

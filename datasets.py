@@ -478,6 +478,8 @@ class Split:
     image_names: np.ndarray
     labels: np.ndarray | SparseLabels
     observed: np.ndarray | SparseLabels
+    offset: int = 0  # a share of a split: its first row's place in the whole split (whose disk cache it reads)
+    whole_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.image_names)
@@ -485,6 +487,15 @@ class Split:
     def image_path(self, i: int) -> str:
         name = self.image_names[i]
         return os.path.join(self.image_dir, name.decode() if isinstance(name, bytes) else str(name))
+
+    def share(self, rank: int, world: int) -> Split:
+        """The contiguous ``rank``-th of ``world`` shares of the images (for scoring each image exactly once across
+        processes: the shares, in rank order, are the split). Labels stay with the whole split."""
+        if world == 1:
+            return self
+        rows = np.array_split(np.arange(len(self)), world)[rank]
+        first = int(rows[0]) if len(rows) else 0
+        return Split(self.image_dir, self.image_names[rows], None, None, offset=first, whole_size=len(self))
 
 
 @dataclass(frozen=True)
@@ -616,12 +627,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = index if index >= 0 else -1 - index  # -1 - row: a padding copy of ``row`` (distributed.share)
         if self.cache is None:
-            image = load_image(self.split.image_path(index), self.image_size)
+            image = load_image(self.split.image_path(row), self.image_size)
         else:
             if self._pixels is None:
-                self._pixels = _open_cache(self.cache, len(self.split), self.image_size, "r")
-            image = np.array(self._pixels[index])
+                size = self.split.whole_size or len(self.split)
+                self._pixels = _open_cache(self.cache, size, self.image_size, "r")
+            image = np.array(self._pixels[self.split.offset + row])
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), index
 
     def __getstate__(self) -> dict:  # never pickle an open memory map into a worker
@@ -725,17 +738,33 @@ class DenseLabelStore:
     def __init__(self, observed: np.ndarray, device: torch.device) -> None:
         self.matrix = torch.from_numpy(observed).to(device)
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.matrix[idx.to(self.matrix.device)]
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
 
-    def set_positive(self, idx: torch.Tensor, batch_observed: torch.Tensor, selected: torch.Tensor) -> None:
-        self.matrix[idx.to(self.matrix.device)] = batch_observed.masked_fill(selected, 1)
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.matrix[rows.to(self.device)]
+
+    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
+        """Set the ``selected`` entries of ``rows`` to +1 (LL-Cp's permanent correction)."""
+        rows = rows.to(self.device)
+        self.matrix[rows] = self.matrix[rows].masked_fill(selected, 1)
 
     def end_epoch(self) -> None:
         pass
 
     def num_positive(self) -> int:
         return int((self.matrix == 1).sum())
+
+    def state(self) -> dict:
+        return {"matrix": self.matrix.cpu()}
+
+    def load_state(self, state: dict) -> None:
+        self.matrix = state["matrix"].to(self.device)
+
+    def checksum(self) -> float:
+        weights = torch.arange(self.matrix.numel(), device=self.device).remainder(9973).add(1).view_as(self.matrix)
+        return float((self.matrix.double() * weights).sum())
 
 
 class SparseLabelStore:
@@ -746,12 +775,12 @@ class SparseLabelStore:
         self.labels, self.device = observed, device
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.labels.dense(idx.numpy())).to(self.device, non_blocking=True)
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.labels.dense(rows.cpu().numpy())).to(self.device, non_blocking=True)
 
-    def set_positive(self, idx: torch.Tensor, batch_observed: torch.Tensor, selected: torch.Tensor) -> None:
-        rows, cols = selected.nonzero(as_tuple=True)
-        self.pending.append((idx.cpu().numpy()[rows.cpu().numpy()], cols.cpu().numpy()))
+    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
+        r, c = selected.nonzero(as_tuple=True)
+        self.pending.append((rows.cpu().numpy()[r.cpu().numpy()], c.cpu().numpy()))
 
     def end_epoch(self) -> None:
         if self.pending:
@@ -761,6 +790,19 @@ class SparseLabelStore:
 
     def num_positive(self) -> int:
         return int((self.labels.values > 0).sum())
+
+    def state(self) -> dict:
+        return {
+            part: torch.from_numpy(np.ascontiguousarray(getattr(self.labels, part))) for part in SparseLabels._PARTS
+        }
+
+    def load_state(self, state: dict) -> None:
+        parts = [state[part].numpy() for part in SparseLabels._PARTS]
+        self.labels = SparseLabels(*parts, self.labels.num_classes)
+
+    def checksum(self) -> float:
+        return float(sum(np.asarray(getattr(self.labels, p), dtype=np.float64).sum() * (i + 1) for i, p in
+                         enumerate(SparseLabels._PARTS)))  # fmt: skip
 
 
 def label_store(observed: np.ndarray | SparseLabels, device: torch.device) -> DenseLabelStore | SparseLabelStore:
@@ -788,35 +830,49 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 class EpochBatches(torch.utils.data.Sampler):
     """The batches of one epoch, a pure function of (seed, epoch): a seeded permutation (or the natural order) cut
     into batches of ``batch_size``, the last one smaller (``drop_last=False`` as the paper). Also draws each image's
-    horizontal flip for the epoch, so batch order and augmentation never depend on workers or processes."""
+    horizontal flip for the epoch, so batch order and augmentation never depend on workers or processes.
 
-    def __init__(self, num_items: int, batch_size: int, *, shuffle: bool, seed: int = 0) -> None:
+    Under torchrun (``world > 1``) the batches are the same global batches and each process yields its contiguous
+    share of each (``distributed.share``); ``global_sizes`` are the global batches' sizes.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
         self.num_items, self.batch_size, self.shuffle, self.seed = num_items, batch_size, shuffle, seed
+        self.rank, self.world = rank, world
         self.set_epoch(1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.flips = torch.rand(self.num_items, generator=_epoch_generator(self.seed, epoch, 1)) < 0.5
+        self.global_sizes = [len(batch) for batch in self._global_batches()]
+
+    def _global_batches(self) -> list[torch.Tensor]:
+        if self.shuffle:
+            order = torch.randperm(self.num_items, generator=_epoch_generator(self.seed, self.epoch, 0))
+        else:
+            order = torch.arange(self.num_items)
+        return list(order.split(self.batch_size))
 
     def __len__(self) -> int:
         return -(-self.num_items // self.batch_size)
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.num_items, generator=_epoch_generator(self.seed, self.epoch, 0))
-        else:
-            order = torch.arange(self.num_items)
-        yield from (batch.tolist() for batch in order.split(self.batch_size))
+        import distributed
+
+        for batch in self._global_batches():
+            yield batch.tolist() if self.world == 1 else distributed.share(batch.numpy(), self.rank, self.world)
 
 
 EVAL_BATCH_FACTOR = 4  # evaluation has no gradients and BatchNorm in eval mode: larger batches, same scores
 
 
-def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None):
+def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None, ctx=None):
     """Batches of ``(uint8 images, row indices)``: ``EpochBatches`` order, decoding in ``cfg.num_workers`` processes,
-    pinned memory for the copy to the GPU, workers kept across epochs and several batches prefetched."""
+    pinned memory for the copy to the GPU, workers kept across epochs and several batches prefetched. Training
+    batches are shares of the global batches under torchrun (``ctx``)."""
     batch_size = cfg.bsize if train else cfg.bsize * EVAL_BATCH_FACTOR
-    sampler = EpochBatches(len(split), batch_size, shuffle=train, seed=cfg.seed)
+    rank, world = (ctx.rank, ctx.world) if (train and ctx is not None) else (0, 1)
+    sampler = EpochBatches(len(split), batch_size, shuffle=train, seed=cfg.seed, rank=rank, world=world)
     workers = cfg.num_workers
     return torch.utils.data.DataLoader(
         ImageDataset(split, cfg.image_size, cache),

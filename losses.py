@@ -14,6 +14,7 @@ negatives that the model would otherwise memorise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,18 @@ def select_largest(loss_matrix: torch.Tensor, candidates: torch.Tensor, k: int) 
     return picked.view_as(candidates)
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+Select = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def large_loss(
-    logits: torch.Tensor, observed: torch.Tensor, scheme: str, rate: float
+    logits: torch.Tensor,
+    observed: torch.Tensor,
+    scheme: str,
+    rate: float,
+    *,
+    select: Select | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch loss and the B x C mask of the unobserved entries it rejected or corrected.
 
@@ -76,26 +87,39 @@ def large_loss(
     k = ceil(B*C*rate) unobserved entries with the largest l: there l = 0 for LL-R (rejection) and l = BCE(z, 1) for
     LL-Ct and LL-Cp (temporary correction; LL-Cp's permanent update of the label matrix is the caller's job, using the
     returned mask). ``scheme="AN"`` is plain BCE and selects nothing. Computed in fp32 whatever the logits' dtype.
+
+    When a batch is split over several processes, the trainer passes ``select(loss_matrix, candidates)`` (the
+    selection made over the whole batch, gathered across processes) and ``reduce(loss_matrix)`` (this process's
+    share of the batch mean); by default both work on this batch alone.
     """
     _check_scheme(scheme)
     if logits.dim() != 2 or logits.shape != observed.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and observed {tuple(observed.shape)} must be the same B x C")
     logits = logits.float()
     loss_matrix = F.binary_cross_entropy_with_logits(logits, observed.clamp(min=0).float(), reduction="none")
-    k = 0 if scheme == "AN" else num_to_select(logits.shape[0], logits.shape[1], rate)
-    selected = select_largest(loss_matrix, observed == 0, k)
+    if scheme == "AN":
+        selected = torch.zeros_like(observed, dtype=torch.bool)
+    elif select is not None:
+        selected = select(loss_matrix.detach(), observed == 0)
+    else:
+        selected = select_largest(loss_matrix, observed == 0, num_to_select(logits.shape[0], logits.shape[1], rate))
     if scheme == "LL-R":
         loss_matrix = loss_matrix.masked_fill(selected, 0.0)
     elif scheme in ("LL-Ct", "LL-Cp"):
         corrected = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
         loss_matrix = torch.where(selected, corrected, loss_matrix)
-    return loss_matrix.mean(), selected
+    return _reduce(loss_matrix, reduce), selected
+
+
+def _reduce(loss_matrix: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:
+    return loss_matrix.mean() if reduce is None else reduce(loss_matrix)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Baselines on the same protocol (PAPER_FACTS section 2). Written, as in Cole et al. (CVPR 2021) and Zhou et al.
-# (ECCV 2022), with sigmoid probabilities and -log(p + 1e-5), and averaged over all B*C entries. Observed negatives
-# (-1, OpenImages) are plain negatives in every loss; single-positive data has none.
+# (ECCV 2022), with sigmoid probabilities and -log(p + 1e-5), and averaged over all B*C entries (``reduce``: as in
+# ``large_loss``). Observed negatives (-1, OpenImages) are plain negatives in every loss; single-positive data has
+# none. EPR's and ROLE's regularisers use the rows this process holds.
 
 BASELINES = ("an", "wan", "lsan", "epr", "role", "em", "em_apl")
 LOG_EPSILON = 1e-5
@@ -115,29 +139,40 @@ def expected_positive_regularizer(p: torch.Tensor, expected_num_pos: float) -> t
     return (p.sum(1).mean(0) - expected_num_pos) ** 2 / p.shape[1] ** 2
 
 
-def wan_loss(logits: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+def wan_loss(logits: torch.Tensor, observed: torch.Tensor, *, reduce: Reduce | None = None) -> torch.Tensor:
     """Weak AN: unobserved entries count as negatives with weight 1 / (C - 1)."""
     p = torch.sigmoid(logits.float())
     unobserved = _neg_log(1 - p) / (p.shape[1] - 1)
-    return torch.where(observed == 0, unobserved, _positive_and_negative_terms(p, observed)).mean()
+    return _reduce(torch.where(observed == 0, unobserved, _positive_and_negative_terms(p, observed)), reduce)
 
 
-def lsan_loss(logits: torch.Tensor, observed: torch.Tensor, ls_coef: float = 0.1) -> torch.Tensor:
+def lsan_loss(
+    logits: torch.Tensor, observed: torch.Tensor, ls_coef: float = 0.1, *, reduce: Reduce | None = None
+) -> torch.Tensor:
     """AN with label smoothing: targets 1 - ls_coef for positives and ls_coef for every other entry."""
     p = torch.sigmoid(logits.float())
     as_positive = (1 - ls_coef) * _neg_log(p) + ls_coef * _neg_log(1 - p)
     as_negative = (1 - ls_coef) * _neg_log(1 - p) + ls_coef * _neg_log(p)
-    return torch.where(observed == 1, as_positive, as_negative).mean()
+    return _reduce(torch.where(observed == 1, as_positive, as_negative), reduce)
 
 
-def epr_loss(logits: torch.Tensor, observed: torch.Tensor, expected_num_pos: float) -> torch.Tensor:
+def epr_loss(
+    logits: torch.Tensor, observed: torch.Tensor, expected_num_pos: float, *, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Observed labels only, plus the expected-positive regulariser; unobserved entries contribute nothing else."""
     p = torch.sigmoid(logits.float())
-    return _positive_and_negative_terms(p, observed).mean() + expected_positive_regularizer(p, expected_num_pos)
+    return _reduce(_positive_and_negative_terms(p, observed), reduce) + expected_positive_regularizer(
+        p, expected_num_pos
+    )
 
 
 def role_loss(
-    logits: torch.Tensor, observed: torch.Tensor, estimated: torch.Tensor, expected_num_pos: float
+    logits: torch.Tensor,
+    observed: torch.Tensor,
+    estimated: torch.Tensor,
+    expected_num_pos: float,
+    *,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """ROLE: the classifier and a per-image label estimator (``estimated``, probabilities with gradient) each fit the
     observed labels and the other's detached output, each with the EPR regulariser; the four parts are averaged."""
@@ -151,7 +186,7 @@ def role_loss(
     regularizer = 0.5 * (
         expected_positive_regularizer(p, expected_num_pos) + expected_positive_regularizer(q, expected_num_pos)
     )
-    return matrix.mean() + regularizer
+    return _reduce(matrix, reduce) + regularizer
 
 
 def em_loss(
@@ -162,6 +197,7 @@ def em_loss(
     pseudo_negative: torch.Tensor | None = None,
     soft_label: torch.Tensor | None = None,
     beta: float = 0.0,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Entropy maximisation (Zhou et al.): -log p on positives, -alpha * H(p) on unobserved entries.
 
@@ -175,7 +211,7 @@ def em_loss(
         s = soft_label.float()
         pseudo = beta * (s * _neg_log(p) + (1 - s) * _neg_log(1 - p))
         matrix = torch.where(pseudo_negative & (observed == 0), pseudo, matrix)
-    return matrix.mean()
+    return _reduce(matrix, reduce)
 
 
 def asymmetric_pseudo_negatives(

@@ -1,13 +1,23 @@
-"""Entry point: ``python main.py --dataset coco --mod_scheme LL-R`` (no arguments: the embedded synthetic demo)."""
+"""Entry point: ``python main.py --dataset coco --mod_scheme LL-R`` (no arguments: the embedded synthetic demo).
+
+Several GPUs or nodes: ``torchrun --nproc_per_node N main.py ...`` (the same flags; ``--bsize`` stays the global batch).
+"""
 
 import sys
 
+import checkpoint
 import config
 import datasets
 import models
 import train
 
-USER_ERRORS = (datasets.DataError, models.PretrainedWeightsUnavailable, train.TrainingError)
+USER_ERRORS = (
+    datasets.DataError,
+    models.PretrainedWeightsUnavailable,
+    train.TrainingError,
+    checkpoint.RunFolderError,
+    train.Interrupted,
+)
 
 
 def user_message(err: Exception) -> str:
@@ -25,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train.run(cfg)
     except USER_ERRORS as err:
+        if cfg.debug:
+            raise
         print(f"error: {user_message(err)}", file=sys.stderr)
-        return 1
+        return 130 if isinstance(err, train.Interrupted) else 1
     return 0
 
 

@@ -41,6 +41,33 @@ class LabelState:
     soft_label: torch.Tensor | None = None
     apl_quota: torch.Tensor | None = None
 
+    def checkpoint(self) -> dict:
+        """What a checkpoint must hold to resume exactly: the labels as corrected so far and what the methods learnt
+        (``initial``, ``clean`` and the APL quota are rebuilt from the data)."""
+        out = {"observed": self.observed.state()}
+        if self.estimator is not None:
+            out["estimator"] = self.estimator.state_dict()
+        if self.pseudo_negative is not None:
+            out["pseudo_negative"], out["soft_label"] = self.pseudo_negative.cpu(), self.soft_label.cpu()
+        return out
+
+    def restore(self, saved: dict) -> None:
+        self.observed.load_state(saved["observed"])
+        if self.estimator is not None:
+            self.estimator.load_state_dict(saved["estimator"])
+        if self.pseudo_negative is not None:
+            device = self.pseudo_negative.device
+            self.pseudo_negative, self.soft_label = saved["pseudo_negative"].to(device), saved["soft_label"].to(device)
+
+
+def same_on_all_processes(state: LabelState, ctx) -> bool:
+    """Whether every process holds the same training labels (LL-Cp's corrections must be applied identically)."""
+    import distributed
+
+    checksum = torch.tensor([state.observed.checksum()], dtype=torch.float64, device=state.observed.device)
+    gathered = distributed.gather_rows(checksum, ctx)
+    return bool((gathered == gathered[0]).all())
+
 
 def build_label_state(cfg, split: datasets.Split, device: torch.device) -> LabelState:
     observed = datasets.label_store(split.observed, device)
@@ -63,26 +90,34 @@ def build_label_state(cfg, split: datasets.Split, device: torch.device) -> Label
 
 
 def compute_loss(
-    cfg, logits: torch.Tensor, batch_observed: torch.Tensor, idx: torch.Tensor, rate: float, state: LabelState
+    cfg,
+    logits: torch.Tensor,
+    batch_observed: torch.Tensor,
+    idx: torch.Tensor,
+    rate: float,
+    state: LabelState,
+    *,
+    select: losses.Select | None = None,
+    reduce: losses.Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The configured method's batch loss and the entries LL selected (none for the baselines)."""
+    """The configured method's batch loss and the entries LL selected (none for the baselines). ``select`` and
+    ``reduce``: see ``losses.large_loss`` (set by the trainer when the batch spans several processes)."""
     if cfg.loss == "an":
-        return losses.large_loss(logits, batch_observed, cfg.mod_scheme, rate)
+        return losses.large_loss(logits, batch_observed, cfg.mod_scheme, rate, select=select, reduce=reduce)
     if cfg.loss == "wan":
-        loss = losses.wan_loss(logits, batch_observed)
+        loss = losses.wan_loss(logits, batch_observed, reduce=reduce)
     elif cfg.loss == "lsan":
-        loss = losses.lsan_loss(logits, batch_observed, cfg.ls_coef)
+        loss = losses.lsan_loss(logits, batch_observed, cfg.ls_coef, reduce=reduce)
     elif cfg.loss == "epr":
-        loss = losses.epr_loss(logits, batch_observed, cfg.expected_num_pos)
+        loss = losses.epr_loss(logits, batch_observed, cfg.expected_num_pos, reduce=reduce)
     elif cfg.loss == "role":
-        loss = losses.role_loss(logits, batch_observed, state.estimator(idx), cfg.expected_num_pos)
+        loss = losses.role_loss(logits, batch_observed, state.estimator(idx), cfg.expected_num_pos, reduce=reduce)
     elif cfg.loss == "em":
-        loss = losses.em_loss(logits, batch_observed, cfg.em_alpha)
+        loss = losses.em_loss(logits, batch_observed, cfg.em_alpha, reduce=reduce)
     else:  # em_apl
         pseudo, soft = state.pseudo_negative[idx], state.soft_label[idx]
-        loss = losses.em_loss(
-            logits, batch_observed, cfg.em_alpha, pseudo_negative=pseudo, soft_label=soft, beta=cfg.apl_beta
-        )
+        loss = losses.em_loss(logits, batch_observed, cfg.em_alpha, pseudo_negative=pseudo, soft_label=soft,
+                              beta=cfg.apl_beta, reduce=reduce)  # fmt: skip
     return loss, torch.zeros_like(batch_observed, dtype=torch.bool)
 
 

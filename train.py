@@ -2,6 +2,7 @@
 
 The trainer owns the training label matrix (observed labels, -1/0/1, on the device): the loader only yields images and
 row indices, so LL-Cp's permanent corrections are written where every later batch reads them, whatever the workers.
+Under torchrun every process runs this same code on its share of each global batch (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import datasets
+import distributed
 import losses
 import methods
 import metrics
@@ -25,19 +30,40 @@ import models
 from config import REPO_DIR, Config
 
 EARLY_STOP_DROP = 3.0  # stop when val mAP falls more than this many points below the best so far (official rule)
-NONFINITE_CHECK_EVERY = 25  # steps between host-side checks of the running loss
+CHECK_EVERY = 25  # steps between host-side checks of the running loss (and, under torchrun, of a stop request)
+SINGLE = distributed.Context()  # one process
 
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss became NaN); the message says why and what to try."""
 
 
-def resolve_device(cfg: Config) -> torch.device:
+class Interrupted(Exception):
+    """SIGINT: training stopped at a safe point; the last checkpoint is consistent."""
+
+
+class StopRequest:
+    """Turns the first SIGINT into a request the loop honours at its next safe point; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\ninterrupt: stopping at the next safe point (press Ctrl-C again to stop at once)", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, handler)
+
+
+def resolve_device(cfg: Config, ctx: distributed.Context) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device cpu.")
-    return torch.device("cuda", cfg.gpu_num)
+    return torch.device("cuda", ctx.local_rank if ctx.enabled else cfg.gpu_num)
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -61,12 +87,21 @@ def build_optimizer(cfg: Config, model: models.MultiLabelClassifier, estimator=N
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=1e-3)
 
 
-def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss_sum):
+def _checkpoint_step(loss_sum, epoch, step, ctx, stop: StopRequest | None) -> None:
+    """The periodic host check: a non-finite loss stops the run; a stop request stops it at this safe point (agreed
+    by every process, so none waits for another in a collective)."""
+    requested = float(bool(stop and stop.requested))
+    flags = torch.stack(
+        [loss_sum.detach().double(), torch.tensor(requested, dtype=torch.float64, device=loss_sum.device)]
+    )
+    flags = distributed.all_sum(flags, ctx)
+    if not torch.isfinite(flags[0]):
         raise TrainingError(
             f"The training loss became NaN or infinite at epoch {epoch}, by step {step}. "
-            "Lower --lr (or check the data for corrupt labels) and start a new run."
+            "Lower --lr (or check the data for corrupt labels) and start again under another --exp_name."
         )
+    if flags[1] > 0:
+        raise Interrupted
 
 
 def train_one_epoch(
@@ -80,6 +115,8 @@ def train_one_epoch(
     epoch: int,
     device: torch.device,
     amp=contextlib.nullcontext,
+    ctx: distributed.Context = SINGLE,
+    stop: StopRequest | None = None,
 ) -> dict:
     """One pass over the training set. The label state takes LL-Cp's corrections; diagnostics are collected from the
     same forward passes when the full labels are known."""
@@ -90,27 +127,48 @@ def train_one_epoch(
     num_selected = torch.zeros((), dtype=torch.long, device=device)
     diagnostics = methods.Diagnostics(device) if state.clean is not None else None
     num_batches = len(loader)
-    for step, (images, idx) in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr), 1):
-        x = datasets.to_model_input(images.to(device, non_blocking=True), sampler.flips[idx].to(device))
-        batch_observed = state.observed.batch(idx)
-        idx = idx.to(device, non_blocking=True)
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr, disable=not ctx.is_main)
+    for step, (images, idx) in enumerate(bar, 1):
+        real = idx >= 0  # padding rows (a share of a tiny last batch) carry -1 - row
+        rows = torch.where(real, idx, -1 - idx)
+        x = datasets.to_model_input(images.to(device, non_blocking=True), sampler.flips[rows].to(device))
+        batch_observed = state.observed.batch(rows)
+        rows = rows.to(device, non_blocking=True)
+        select = reduce = None
+        if ctx.enabled:
+            real = real.to(device, non_blocking=True)
+            batch_observed = batch_observed.masked_fill(~real[:, None], 1)  # padding is never a candidate
+            select = distributed.GlobalSelection(ctx, sampler.global_sizes[step - 1], rate, torch.where(real, rows, -1))
+            # DDP averages gradients over processes: this share of the global batch mean, times the world size
+            weight = real.float()[:, None] * ctx.world / (sampler.global_sizes[step - 1] * batch_observed.shape[1])
+            reduce = lambda matrix, w=weight: (matrix * w).sum()  # noqa: E731
         with amp():
             logits = model(x)
-        loss, selected = methods.compute_loss(cfg, logits, batch_observed, idx, rate, state)
+        loss, selected = methods.compute_loss(
+            cfg, logits, batch_observed, rows, rate, state, select=select, reduce=reduce
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if select is not None and select.global_selected is not None:  # the whole global batch, on every process
+            keep = select.global_rows >= 0
+            corrected_rows, corrected = select.global_rows[keep], select.global_selected[keep]
+        else:
+            corrected_rows, corrected = rows, selected
         if cfg.mod_scheme == "LL-Cp":  # permanent correction: later epochs see these entries as observed positives
-            state.observed.set_positive(idx, batch_observed, selected)
+            state.observed.correct(corrected_rows, corrected)
         if diagnostics is not None:
-            diagnostics.update(logits, state.initial[idx], state.clean[idx], selected)
-        loss_sum += loss.detach()
-        num_selected += selected.sum()
-        if step % NONFINITE_CHECK_EVERY == 0 or step == num_batches:
-            _check_finite(loss_sum, epoch, step)
+            mine = real if ctx.enabled else slice(None)
+            diagnostics.update(logits[mine], state.initial[rows[mine]], state.clean[rows[mine]], selected[mine])
+        loss_sum += loss.detach() / ctx.world
+        num_selected += corrected.sum()
+        if step % CHECK_EVERY == 0 or step == num_batches:
+            _checkpoint_step(loss_sum, epoch, step, ctx, stop)
     state.observed.end_epoch()
+    loss_sum = distributed.all_sum(loss_sum, ctx)
     stats = {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
     if diagnostics is not None:
+        distributed.all_sum(diagnostics.sums, ctx)
         stats.update(diagnostics.summary())
         if cfg.mod_scheme == "LL-Cp":
             stats.update(methods.corrected_labels_summary(state))
@@ -118,21 +176,23 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def predict(
-    model: torch.nn.Module,
-    loader: torch.utils.data.DataLoader,
-    device: torch.device,
-    desc: str,
-    amp=contextlib.nullcontext,
-) -> torch.Tensor:
-    """Sigmoid scores of every image in loader order, kept on the device (no host synchronisation per batch)."""
+def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None) -> torch.Tensor:
+    """Sigmoid scores of every image in row order, on the device, without host synchronisation per batch. Under
+    torchrun each process scores its contiguous share and the shares are gathered: every image exactly once."""
+    ctx = ctx or SINGLE
     model.eval()
     scores = []
-    for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr):
+    for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main):
         with amp():
             logits = model(datasets.to_model_input(images.to(device, non_blocking=True)))
         scores.append(torch.sigmoid(logits.float()))
-    return torch.cat(scores)
+    local = torch.cat(scores) if scores else torch.zeros((0, _num_outputs(model)), device=device)
+    return distributed.gather_rows(local, ctx)
+
+
+def _num_outputs(model: torch.nn.Module) -> int:
+    inner = model.module if hasattr(model, "module") else model
+    return getattr(inner, "_orig_mod", inner).head.out_features
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> torch.Tensor:
@@ -143,11 +203,14 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor | datasets.Spar
     return metrics.average_precision(scores, labels)
 
 
-def evaluate(model, loader, labels, device, desc="eval", class_groups=None, amp=contextlib.nullcontext) -> dict:
+def evaluate(model, loader, labels, device, desc="eval", class_groups=None, amp=contextlib.nullcontext, ctx=None):
     """mAP and per-class AP in percent (NaN-free: a class without scored entries is left out and listed as None);
-    with ``class_groups``, the mAP of each group (G1 the rarest) too. mAP is computed on the device."""
-    ap = 100.0 * average_precision(predict(model, loader, device, desc, amp), labels).cpu().double()
+    with ``class_groups``, the mAP of each group (G1 the rarest) too; ``images``: how many images were scored.
+    mAP is computed on the device."""
+    scores = predict(model, loader, device, desc, amp, ctx)
+    ap = 100.0 * average_precision(scores, labels).cpu().double()
     result = {"map": float(ap.nanmean()), "ap_per_class": [None if a != a else a for a in ap.tolist()]}
+    result["images"] = scores.shape[0]
     if class_groups is not None:
         groups = torch.from_numpy(class_groups)
         result["group_map"] = {f"G{g + 1}": float(ap[groups == g].nanmean()) for g in range(int(groups.max()) + 1)}
@@ -162,20 +225,7 @@ def eval_labels(split: datasets.Split, device: torch.device) -> torch.Tensor | d
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A whole run.
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run folder and write ``config.json``; never reuse a folder that already holds anything."""
-    run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise TrainingError(
-            f"The run folder {run_dir} already exists and is not empty; nothing was overwritten. "
-            "Choose another --exp_name (or --save_path), or move the old run away."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-    return run_dir
+# Building a run.
 
 
 def git_sha() -> str:
@@ -186,8 +236,9 @@ def git_sha() -> str:
         return "unknown"
 
 
-def print_header(cfg: Config, run_dir: Path, device: torch.device) -> None:
-    print(f"git {git_sha()}  torch {torch.__version__}  device {device}  run folder {run_dir}")
+def print_header(cfg: Config, run_dir: Path, device: torch.device, ctx: distributed.Context) -> None:
+    processes = f"  processes {ctx.world}" if ctx.enabled else ""
+    print(f"git {git_sha()}  torch {torch.__version__}  device {device}{processes}  run folder {run_dir}")
     for key, value in sorted(cfg.to_dict().items()):
         if key != "from_preset":
             print(f"  {key:18s} {value}{'   (preset)' if key in cfg.from_preset else ''}")
@@ -209,118 +260,259 @@ def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
     )
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _scores_map(scores: torch.Tensor, labels) -> float:
     return float(100.0 * average_precision(scores, labels).nanmean())
 
 
-def build_loaders(cfg: Config, data: datasets.Data, device: torch.device) -> dict:
-    """train (shuffled, flipped), val and test loaders; with ``--cache disk`` each reads its split's disk cache, built
-    first if needed. EM+APL also gets the training images in row order."""
+def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: distributed.Context) -> dict:
+    """train (shuffled, flipped; each process its share of every global batch), and val and test (each process a
+    contiguous share of the rows). With ``--cache disk`` each reads its split's disk cache (built by the first
+    process). EM+APL also gets the training images in row order."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
     if cfg.loss == "em_apl":
         splits["train_rows"] = data.train
-    caches = {}
-    if cfg.cache == "disk":
-        builders = cfg.num_workers or 1
-        for name, split in splits.items():
-            path = datasets.disk_cache_path(split, cfg.image_size, cfg.data_root)
-            caches[name] = datasets.build_disk_cache(split, cfg.image_size, path, builders)
     pin = device.type == "cuda"
-    return {
-        name: datasets.make_loader(split, cfg, train=name == "train", pin_memory=pin, cache=caches.get(name))
-        for name, split in splits.items()
-    }
+    loaders = {}
+    for name, split in splits.items():
+        cache = None
+        if cfg.cache == "disk":
+            cache = datasets.disk_cache_path(split, cfg.image_size, cfg.data_root)
+            if ctx.is_main:
+                datasets.build_disk_cache(split, cfg.image_size, cache, cfg.num_workers or 1)
+        if name != "train":
+            split = split.share(ctx.rank, ctx.world)
+        loaders[name] = datasets.make_loader(split, cfg, train=name == "train", pin_memory=pin, cache=cache, ctx=ctx)
+    distributed.barrier(ctx)
+    return loaders
 
 
-def linear_init(cfg: Config, model, data: datasets.Data, state: methods.LabelState, device, log) -> None:
-    """LinearInit's first phase (frozen backbone, cached features); the best head is left in ``model``."""
+def linear_init(cfg: Config, model, data: datasets.Data, state: methods.LabelState, device, log, ctx) -> None:
+    """LinearInit's first phase (frozen backbone, cached features); the best head is left in ``model``. The first
+    process computes the features; every process then trains the same head on all of them (same seed, same result)."""
+    if ctx.is_main:
+        methods.cached_features(cfg, model, data.train, device)
+        methods.cached_features(cfg, model, data.val, device)
+    distributed.barrier(ctx)
     train_feats = methods.cached_features(cfg, model, data.train, device)
     val_feats = methods.cached_features(cfg, model, data.val, device)
-    best = methods.train_linear_head(
-        cfg, model, state, train_feats, val_feats, eval_labels(data.val, device), _scores_map, log
-    )
-    print(f"LinearInit: best head from linear epoch {best['epoch']} (val mAP {best['val_map']:.2f}); fine-tuning")
+    val_labels = eval_labels(data.val, device)
+    best = methods.train_linear_head(cfg, model, state, train_feats, val_feats, val_labels, _scores_map, log)
+    if ctx.is_main:
+        print(f"LinearInit: best head from linear epoch {best['epoch']} (val mAP {best['val_map']:.2f}); fine-tuning")
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the last finished end-to-end epoch
+    best_val_map: float = -1.0
+    best_epoch: int = 0
+    early_stopped: bool = False
+    log_lines: int = 0  # lines of log.jsonl written up to this point
+
+
+def checkpoint_payload(cfg, model, optimizer, state: methods.LabelState, progress: Progress) -> dict:
+    payload = {
+        "progress": asdict(progress),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "labels": state.checkpoint(),
+        "rng": {"torch": torch.get_rng_state()},
+        "config": cfg.to_dict(),
+    }
+    if torch.cuda.is_available():
+        payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    return payload
+
+
+def restore(payload: dict, model, optimizer, state: methods.LabelState) -> Progress:
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    state.restore(payload["labels"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    if "cuda" in payload["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+    return Progress(**payload["progress"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A whole run.
 
 
 def run(cfg: Config) -> dict:
-    """Train with the configured method, keep the best-val weights, score them on test; returns ``final.json``."""
+    """Train with the configured method, keep the best-val weights, score them on test; returns ``final.json``.
+
+    Resumes an unfinished run of the same config from its last checkpoint (``--resume`` insists that there is one);
+    a finished run is not run again.
+    """
+    ctx = distributed.setup(use_cuda=cfg.device != "cpu" and torch.cuda.is_available())
+    try:
+        return _run(cfg, ctx)
+    finally:
+        distributed.teardown()
+
+
+def _run(cfg: Config, ctx: distributed.Context) -> dict:
     started = time.time()
-    device = resolve_device(cfg)
+    device = resolve_device(cfg, ctx)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ctx.enabled and cfg.loss == "role":
+        raise TrainingError("ROLE learns a label estimator per training image: run it in a single process.")
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-    data = datasets.build_data(cfg)  # before the run folder exists: a data error leaves nothing behind
-    run_dir = prepare_run_dir(cfg)
-    print_header(cfg, run_dir, device)
-    print(f"images: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
+    data = _main_first(ctx, device, lambda: datasets.build_data(cfg))  # a data error leaves no run folder behind
+    folder = _main_first(ctx, device, lambda: checkpoint.open_run_folder(cfg, resume=cfg.resume))
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if folder.finished is not None:
+        say(f"{folder.path} holds a finished run (test mAP {folder.finished['test_map']:.2f}); nothing to do.")
+        return folder.finished
+    if ctx.is_main:
+        print_header(cfg, folder.path, device, ctx)
+    say(f"images: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.num_classes).to(device, memory_format=torch.channels_last)
+    model = _main_first(ctx, device, lambda: build_model(cfg, data.num_classes))
+    model = model.to(device, memory_format=torch.channels_last)
     state = methods.build_label_state(cfg, data.train, device)
-    loaders = build_loaders(cfg, data, device)
+    loaders = build_loaders(cfg, data, device, ctx)
     amp = autocast_for(cfg, device)
-    forward = torch.compile(model) if cfg.compile else model  # same parameters; state_dict() stays on ``model``
     val_labels = eval_labels(data.val, device)
+    progress = Progress()
 
     def log(record: dict) -> None:
-        _append_jsonl(run_dir / "log.jsonl", record)
+        progress.log_lines += 1
+        if not ctx.is_main:
+            return
+        with open(folder.log, "a") as f:
+            f.write(json.dumps(record) + "\n")
         extra = f"  selected {record['num_selected']:6d}" if "num_selected" in record else ""
         print(f"{record['phase']:10s} epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}{extra}"
               f"  val mAP {record['val_map']:6.2f}")  # fmt: skip
 
-    if cfg.train_mode == "linear_init":
-        linear_init(cfg, model, data, state, device, log)
+    if folder.resume_from is None and cfg.train_mode == "linear_init":
+        if ctx.is_main:
+            checkpoint.truncate_log(folder.log, 0)  # an unfinished first phase runs again from its start
+        linear_init(cfg, model, data, state, device, log, ctx)
     optimizer = build_optimizer(cfg, model, state.estimator)
-    best = {"val_map": -1.0, "epoch": 0}
-    early_stopped = False
-    for epoch in range(1, cfg.num_epochs + 1):
-        epoch_start = time.time()
-        rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
-        positives_at_start = state.observed.num_positive()
-        stats = train_one_epoch(
-            cfg, forward, loaders["train"], optimizer, state, rate=rate, epoch=epoch, device=device, amp=amp
-        )
-        if cfg.loss == "em_apl" and epoch >= cfg.apl_warmup:  # scores in row order: the unshuffled train loader
-            train_scores = predict(forward, loaders["train_rows"], device, f"epoch {epoch} APL", amp)
-            stats["pseudo_labelled"] = methods.pseudo_label_negatives(train_scores, state)
-        val_map = evaluate(forward, loaders["val"], val_labels, device, f"epoch {epoch} val", amp=amp)["map"]
-        record = {
-            "phase": "end_to_end",
-            "epoch": epoch,
-            "rate": rate,
-            **stats,
-            "observed_positives": positives_at_start,
-        }
-        record.update(val_map=val_map, seconds=round(time.time() - epoch_start, 3))
-        log(record)
-        if val_map > best["val_map"]:
-            best = {"val_map": val_map, "epoch": epoch}
-            checkpoint = {"model": model.state_dict(), "epoch": epoch, "val_map": val_map, "config": cfg.to_dict()}
-            if state.estimator is not None:
-                checkpoint["estimator"] = state.estimator.state_dict()
-            torch.save(checkpoint, run_dir / "bestmodel.pt")
-        elif best["val_map"] - val_map > EARLY_STOP_DROP:
-            print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below {best['val_map']:.2f}")
-            early_stopped = True
-            break
-    state_dict = torch.load(run_dir / "bestmodel.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state_dict["model"])
-    test = evaluate(forward, loaders["test"], eval_labels(data.test, device), device, "test", data.class_groups, amp)
+    if folder.resume_from is not None:
+        progress = restore(folder.resume_from, model, optimizer, state)
+        say(f"resuming after epoch {progress.epoch} from {folder.path / 'checkpoint.pt'}")
+    if ctx.is_main:
+        checkpoint.truncate_log(folder.log, progress.log_lines)  # lines of epochs that will run again
+    forward = wrap_model(cfg, model, device, ctx)
+    stop = StopRequest()
+    stop.install()
+    try:
+        _train_epochs(cfg, forward, model, optimizer, state, loaders, val_labels, progress, folder, amp, ctx, stop, log)
+    except Interrupted:
+        raise Interrupted(
+            f"Interrupted. The checkpoint of epoch {progress.epoch} in {folder.path} is consistent: run the same "
+            "command again to resume from it."
+        ) from None
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    best = torch.load(folder.path / "bestmodel.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    test = evaluate(
+        forward, loaders["test"], eval_labels(data.test, device), device, "test", data.class_groups, amp, ctx
+    )
     final = {
-        "best_epoch": best["epoch"],
-        "val_map": best["val_map"],
+        "best_epoch": progress.best_epoch,
+        "val_map": progress.best_val_map,
         "test_map": test["map"],
         "test_ap_per_class": test["ap_per_class"],
         **({"test_group_map": test["group_map"]} if "group_map" in test else {}),
-        "epochs_run": epoch,
-        "early_stopped": early_stopped,
+        "test_images": test["images"],
+        "epochs_run": progress.epoch,
+        "early_stopped": progress.early_stopped,
+        "processes": ctx.world,
         "seconds": round(time.time() - started, 1),
     }
-    (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
-    groups = "".join(f", {g} {m:.2f}" for g, m in test.get("group_map", {}).items())
-    print(
-        f"test mAP {test['map']:.2f}{groups} (best val mAP {best['val_map']:.2f} at epoch {best['epoch']}); {run_dir}"
-    )
+    if ctx.enabled:
+        final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(state, ctx)
+    if ctx.is_main:
+        checkpoint.write_text_atomic(folder.path / "final.json", json.dumps(final, indent=2) + "\n")
+        groups = "".join(f", {g} {m:.2f}" for g, m in test.get("group_map", {}).items())
+        print(f"test mAP {test['map']:.2f}{groups} (best val mAP {progress.best_val_map:.2f} at epoch "
+              f"{progress.best_epoch}); {folder.path}")  # fmt: skip
     return final
+
+
+def _main_first(ctx: distributed.Context, device: torch.device, make):
+    """Run ``make`` on the first process, then on the others: shared files (formatted data, caches, downloaded
+    weights, the run folder) are created once, and the others find them. If it fails on the first process, every
+    process stops (with the first process's message there) instead of waiting for it."""
+    if not ctx.enabled:
+        return make()
+    error = None
+    if ctx.is_main:
+        try:
+            result = make()
+        except Exception as err:  # re-raised below, after telling the others
+            error = err
+    if distributed.broadcast(1.0 if error else 0.0, ctx, device):
+        raise error if error is not None else TrainingError("The first process stopped with an error (see above).")
+    return result if ctx.is_main else make()
+
+
+def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
+    """What the loop calls: the model, as DistributedDataParallel under torchrun (SyncBatchNorm on CUDA with
+    --sync_bn), optionally compiled. Parameters stay shared with ``model``, whose state_dict is what gets saved."""
+    forward = model
+    if ctx.enabled:
+        if device.type == "cuda" and cfg.sync_bn:
+            forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return torch.compile(forward) if cfg.compile else forward
+
+
+def _train_epochs(cfg, forward, model, optimizer, state, loaders, val_labels, progress, folder, amp, ctx, stop, log):
+    """The end-to-end epochs from ``progress.epoch + 1``: train, (APL), validate, log, keep the best, checkpoint."""
+    while progress.epoch < cfg.num_epochs and not progress.early_stopped:
+        epoch = progress.epoch + 1
+        epoch_start = time.time()
+        rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
+        positives_at_start = state.observed.num_positive()
+        stats = train_one_epoch(cfg, forward, loaders["train"], optimizer, state, rate=rate, epoch=epoch,
+                                device=state.observed.device, amp=amp, ctx=ctx, stop=stop)  # fmt: skip
+        if cfg.loss == "em_apl" and epoch >= cfg.apl_warmup:  # scores in row order: the unshuffled train loader
+            scores = predict(forward, loaders["train_rows"], state.observed.device, f"epoch {epoch} APL", amp, ctx)
+            stats["pseudo_labelled"] = methods.pseudo_label_negatives(scores, state)
+        val_map = evaluate(forward, loaders["val"], val_labels, state.observed.device, f"epoch {epoch} val", amp=amp,
+                           ctx=ctx)["map"]  # fmt: skip
+        record = {"phase": "end_to_end", "epoch": epoch, "rate": rate, **stats}
+        record.update(observed_positives=positives_at_start, val_map=val_map)
+        record["seconds"] = round(time.time() - epoch_start, 3)
+        log(record)
+        progress.epoch = epoch
+        # Order matters for resume: the best weights are on disk before a checkpoint that points at them.
+        if val_map > progress.best_val_map:
+            progress.best_val_map, progress.best_epoch = val_map, epoch
+            if ctx.is_main:
+                best = {"model": model.state_dict(), "epoch": epoch, "val_map": val_map, "config": cfg.to_dict()}
+                if state.estimator is not None:
+                    best["estimator"] = state.estimator.state_dict()
+                _save(checkpoint.save_torch_atomic, best, folder.path / "bestmodel.pt")
+        elif progress.best_val_map - val_map > EARLY_STOP_DROP:
+            if ctx.is_main:
+                print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below "
+                      f"{progress.best_val_map:.2f}")  # fmt: skip
+            progress.early_stopped = True
+        if ctx.is_main:
+            payload = checkpoint_payload(cfg, model, optimizer, state, progress)
+            _save(checkpoint.save_checkpoint, payload, folder.path)
+        distributed.barrier(ctx)
+        if stop.requested:
+            raise Interrupted
+
+
+def _save(write, *args) -> None:
+    try:
+        write(*args)
+    except OSError as err:
+        raise TrainingError(
+            f"{err.strerror}. The checkpoints already in the run folder are intact: free some space and run the same "
+            "command again to resume from the last one."
+        ) from None

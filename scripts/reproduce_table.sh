@@ -6,7 +6,8 @@
 #   TRAIN_MODE=linear_init scripts/reproduce_table.sh DATASET  the LinearInit table (no BoostLU rows)
 #   SAVE=... METHODS="AN LL-R" ...                            another folder, or a subset of the rows
 #
-# Extra main.py flags go in EXTRA (e.g. EXTRA="--num_workers 8"). Finished runs are skipped. Then:
+# Extra main.py flags go in EXTRA (e.g. EXTRA="--num_workers 8"). Finished runs are skipped, unfinished ones resume.
+# Then:
 #   python report.py "$SAVE" --out "$SAVE/report"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,7 @@ for seed in "${seeds[@]}"; do
   for method in ${METHODS:-$default_methods}; do
     name="${dataset}_${method}_${mode}_s${seed}"
     if [ -f "$SAVE/$name/final.json" ]; then echo "skip $name (finished)"; continue; fi
-    rm -rf "${SAVE:?}/$name"
-    echo "run  $name"
+    echo "run  $name"  # an unfinished run resumes from its last checkpoint
     # shellcheck disable=SC2086
     $PY main.py --dataset "$dataset" --train_mode "$mode" --seed "$seed" --save_path "$SAVE" --exp_name "$name" \
       ${flags[$method]} ${EXTRA:-}

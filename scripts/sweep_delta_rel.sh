@@ -5,7 +5,8 @@
 #     SAVE=results/sweep scripts/sweep_delta_rel.sh [extra main.py flags...]
 #
 # Every variable has that default (DATASETS: pascal). Run folders are named <dataset>_<scheme>_d<delta>_s<seed>;
-# a finished one (final.json present) is skipped, so re-running the same command completes an interrupted sweep.
+# a finished one (final.json present) is skipped and an unfinished one resumes from its last checkpoint, so
+# re-running the same command completes an interrupted sweep.
 # Then: python report.py "$SAVE" --out "$SAVE/report"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,7 @@ for dataset in ${DATASETS:-pascal}; do
       for seed in ${SEEDS:-0 1 2}; do
         name="${dataset}_${scheme}_d${delta}_s${seed}"
         if [ -f "$SAVE/$name/final.json" ]; then echo "skip $name (finished)"; continue; fi
-        rm -rf "${SAVE:?}/$name"  # an unfinished run starts again from scratch
-        echo "run  $name"
+        echo "run  $name"  # an unfinished run resumes from its last checkpoint
         $PY main.py --dataset "$dataset" --mod_scheme "$scheme" --delta_rel "$delta" --seed "$seed" \
           --save_path "$SAVE" --exp_name "$name" "$@"
       done

@@ -102,7 +102,7 @@ def test_sweep_skips_finished_runs(tmp_path):
     save = tmp_path / "sweep"
     (save / "pascal_LL-R_d0.1_s0").mkdir(parents=True)
     (save / "pascal_LL-R_d0.1_s0" / "final.json").write_text("{}")
-    (save / "pascal_LL-R_d0.2_s0").mkdir()  # unfinished: run again
+    (save / "pascal_LL-R_d0.2_s0").mkdir()  # unfinished: run (main.py resumes it)
     calls = tmp_path / "calls.txt"
     stub = tmp_path / "stub.py"
     stub.write_text(

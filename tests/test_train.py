@@ -6,8 +6,10 @@ import torch
 
 import datasets
 import losses
+import methods
 import models
 import train
+from config import parse_config
 
 
 def tiny_loader(synthetic_root, n=24, bsize=8):
@@ -30,8 +32,8 @@ def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entri
     selections = []
     real_large_loss = losses.large_loss
 
-    def recording_large_loss(logits, batch_observed, scheme, rate):
-        loss, selected = real_large_loss(logits, batch_observed, scheme, rate)
+    def recording_large_loss(logits, batch_observed, scheme, rate, **kwargs):
+        loss, selected = real_large_loss(logits, batch_observed, scheme, rate, **kwargs)
         selections.append((batch_observed.clone(), selected.clone()))
         return loss, selected
 
@@ -39,9 +41,9 @@ def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entri
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = tiny_loader(synthetic_root)
-    stats = train.train_one_epoch(
-        model, loader, optimizer, observed, scheme="LL-Cp", rate=0.05, epoch=2, device=torch.device("cpu")
-    )
+    cfg = parse_config(["--mod_scheme", "LL-Cp", "--exp_name", "x"])
+    state = methods.LabelState(observed)
+    stats = train.train_one_epoch(cfg, model, loader, optimizer, state, rate=0.05, epoch=2, device=torch.device("cpu"))
     # ceil(8 * 16 * 0.05) = 7 per batch, 3 batches
     assert stats["num_selected"] == 21 and observed.num_positive() == 24 + 21
     loader.batch_sampler.set_epoch(2)
@@ -55,23 +57,14 @@ def test_non_finite_loss_stops_with_a_clear_message(synthetic_root):
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    observed = datasets.DenseLabelStore(np.zeros((24, 16), dtype=np.int8), torch.device("cpu"))
+    state = methods.LabelState(datasets.DenseLabelStore(np.zeros((24, 16), dtype=np.int8), torch.device("cpu")))
+    cfg = parse_config(["--mod_scheme", "AN", "--exp_name", "x"])
     with pytest.raises(train.TrainingError, match="NaN or infinite"):
-        train.train_one_epoch(
-            model,
-            tiny_loader(synthetic_root),
-            optimizer,
-            observed,
-            scheme="AN",
-            rate=0.0,
-            epoch=1,
-            device=torch.device("cpu"),
-        )
+        train.train_one_epoch(cfg, model, tiny_loader(synthetic_root), optimizer, state, rate=0.0, epoch=1,
+                              device=torch.device("cpu"))  # fmt: skip
 
 
 def test_optimizer_gives_the_head_lr_times_lr_mult():
-    from config import parse_config
-
     cfg = parse_config(["--lr", "0.002", "--lr_mult", "10", "--optimizer", "sgd", "--exp_name", "x"])
     optimizer = train.build_optimizer(cfg, tiny_model())
     assert [g["lr"] for g in optimizer.param_groups] == [0.002, 0.02]

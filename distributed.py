@@ -1,0 +1,123 @@
+"""Several processes through torchrun, without changing the algorithm.
+
+Every process sees the same global batches (the single-process order) and takes a contiguous share of each; LL's
+selection is made over the whole global batch (the candidate losses are gathered), LL-Cp's corrections are applied
+identically on every process, and evaluation gathers each image's scores exactly once. With one process all of this
+reduces to the plain single-process code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import losses
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(use_cuda: bool) -> Context:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); a plain single-process context otherwise."""
+    if not launched_by_torchrun():
+        return Context()
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(rows: list[int] | np.ndarray, rank: int, world: int) -> list[int]:
+    """This process's contiguous share of a global batch (sizes differ by at most one, in rank order).
+
+    A process whose share would be empty (a last batch smaller than the number of processes) gets a copy of the batch's
+    first image marked as padding (index ``-1 - i``): it runs the forward and backward pass the others wait for, but
+    its loss weight is 0, it is never selected and it is never scored.
+    """
+    part = np.array_split(np.asarray(rows), world)[rank].tolist()
+    return part if part else [-1 - int(rows[0])]
+
+
+def gather_rows(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Concatenate every process's rows in rank order (the shares may differ in length)."""
+    if not ctx.enabled:
+        return tensor
+    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(ctx.world)]
+    dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+
+def all_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast(value: float, ctx: Context, device: torch.device) -> float:
+    """Rank 0's value on every process (decisions such as early stopping must agree everywhere)."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t)
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+class GlobalSelection:
+    """LL's selection over the whole global batch, for one step.
+
+    ``__call__`` gathers every process's loss matrix and candidate mask, selects the k = ceil(B*C*rate) largest
+    candidate losses of the global batch (B = the global batch size) exactly as one process would, keeps the global
+    mask and row indices (``global_selected``, ``global_rows``: LL-Cp applies them identically on every process) and
+    returns this process's slice.
+    """
+
+    def __init__(self, ctx: Context, global_batch_size: int, rate: float, rows: torch.Tensor) -> None:
+        self.ctx, self.global_batch_size, self.rate, self.rows = ctx, global_batch_size, rate, rows
+        self.global_selected: torch.Tensor | None = None
+        self.global_rows: torch.Tensor | None = None
+
+    def __call__(self, loss_matrix: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        all_losses = gather_rows(loss_matrix.float(), self.ctx)
+        all_candidates = gather_rows(candidates, self.ctx)
+        k = losses.num_to_select(self.global_batch_size, loss_matrix.shape[1], self.rate)
+        self.global_selected = losses.select_largest(all_losses, all_candidates, k)
+        self.global_rows = gather_rows(self.rows, self.ctx)
+        counts = gather_rows(torch.tensor([loss_matrix.shape[0]], device=loss_matrix.device), self.ctx)
+        start = int(counts[: self.ctx.rank].sum())
+        return self.global_selected[start : start + loss_matrix.shape[0]]
