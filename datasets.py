@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import distributed
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OBSERVED_SEED = 1200  # the official generator's seed, fresh for each split file
@@ -857,8 +859,6 @@ class EpochBatches(torch.utils.data.Sampler):
         return -(-self.num_items // self.batch_size)
 
     def __iter__(self):
-        import distributed
-
         for batch in self._global_batches():
             yield batch.tolist() if self.world == 1 else distributed.share(batch.numpy(), self.rank, self.world)
 

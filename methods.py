@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import datasets
+import distributed
 import losses
 import models
 
@@ -62,8 +63,6 @@ class LabelState:
 
 def same_on_all_processes(state: LabelState, ctx) -> bool:
     """Whether every process holds the same training labels (LL-Cp's corrections must be applied identically)."""
-    import distributed
-
     checksum = torch.tensor([state.observed.checksum()], dtype=torch.float64, device=state.observed.device)
     gathered = distributed.gather_rows(checksum, ctx)
     return bool((gathered == gathered[0]).all())

@@ -186,6 +186,8 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     for mode, dataset in sorted({(r["train_mode"], r["dataset"]) for r in rows}):
         group = [r for r in rows if (r["train_mode"], r["dataset"]) == (mode, dataset)]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax in axes:  # up to 20 distinguishable lines (14 methods in the full table)
+            ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for row in group:
             epochs, values = _epoch_mean(row["runs"], "val_map")
             axes[0].plot(epochs, values, marker=".", label=method_title(row["method"]))

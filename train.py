@@ -87,7 +87,7 @@ def build_optimizer(cfg: Config, model: models.MultiLabelClassifier, estimator=N
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=1e-3)
 
 
-def _checkpoint_step(loss_sum, epoch, step, ctx, stop: StopRequest | None) -> None:
+def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None) -> None:
     """The periodic host check: a non-finite loss stops the run; a stop request stops it at this safe point (agreed
     by every process, so none waits for another in a collective)."""
     requested = float(bool(stop and stop.requested))
@@ -163,7 +163,7 @@ def train_one_epoch(
         loss_sum += loss.detach() / ctx.world
         num_selected += corrected.sum()
         if step % CHECK_EVERY == 0 or step == num_batches:
-            _checkpoint_step(loss_sum, epoch, step, ctx, stop)
+            _periodic_check(loss_sum, epoch, step, ctx, stop)
     state.observed.end_epoch()
     loss_sum = distributed.all_sum(loss_sum, ctx)
     stats = {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
