@@ -8,7 +8,8 @@ from config import PRESETS, parse_config
 def test_defaults_are_the_synthetic_demo_with_presets_recorded():
     cfg = parse_config(["--exp_name", "x"])
     assert (cfg.dataset, cfg.mod_scheme, cfg.arch, cfg.delta_rel) == ("synthetic", "LL-R", "smallcnn", 1.0)
-    assert set(cfg.from_preset) == {"arch", "image_size", "num_epochs", "optimizer", "lr", "delta_rel"}
+    assert set(cfg.from_preset) == {"arch", "image_size", "num_epochs", "optimizer", "lr", "delta_rel",
+                                    "expected_num_pos", "em_alpha", "apl_beta", "apl_warmup"}  # fmt: skip
 
 
 @pytest.mark.parametrize("dataset", ["pascal", "coco", "nuswide", "cub"])
