@@ -411,11 +411,19 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
         ) from None
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    test = test_best_model(model, forward, loaders["test"], data, folder, device, amp, ctx)
+    return write_final(test, progress, state, folder, ctx, time.time() - started)
+
+
+def test_best_model(model, forward, loader, data: datasets.Data, folder, device, amp, ctx) -> dict:
+    """Load the best-val weights into ``model`` and score them on the test split."""
     best = torch.load(folder.path / "bestmodel.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
-    test = evaluate(
-        forward, loaders["test"], eval_labels(data.test, device), device, "test", data.class_groups, amp, ctx
-    )
+    return evaluate(forward, loader, eval_labels(data.test, device), device, "test", data.class_groups, amp, ctx)
+
+
+def write_final(test: dict, progress: Progress, state, folder, ctx, seconds: float) -> dict:
+    """``final.json`` (the first process writes it), and the closing line."""
     final = {
         "best_epoch": progress.best_epoch,
         "val_map": progress.best_val_map,
@@ -426,7 +434,7 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
         "epochs_run": progress.epoch,
         "early_stopped": progress.early_stopped,
         "processes": ctx.world,
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(seconds, 1),
     }
     if ctx.enabled:
         final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(state, ctx)

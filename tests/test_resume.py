@@ -119,8 +119,9 @@ def test_a_run_folder_with_another_config_is_refused(synthetic_root, reference):
     assert "Traceback" not in proc.stderr
 
 
-def test_resume_without_a_run_says_so(tmp_path):
-    proc = run_cli("--save_path", str(tmp_path), "--exp_name", "nothing", "--resume", check=False)
+def test_resume_without_a_run_says_so(synthetic_root, tmp_path):
+    proc = run_cli("--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "nothing",
+                   "--resume", check=False)  # fmt: skip
     assert proc.returncode == 1 and "no run to resume" in proc.stderr
 
 
