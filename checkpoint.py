@@ -1,10 +1,11 @@
-"""The run folder and exact resume: config check, atomic checkpoints, and the files of a run.
+"""The run folder and exact resume: config check, atomic checkpoints, and the atomic writes every cache uses.
 
-A run folder holds ``config.json`` (written at start), ``log.jsonl`` (a line per epoch), ``checkpoint.pt`` (after every
-epoch) and ``checkpoint_prev.pt`` (the one before), ``bestmodel.pt`` and, at the end, ``final.json``. Running the same
-command again resumes an unfinished run from its last checkpoint and does nothing for a finished one; a folder with a
-different config is refused. Every file is written atomically (temporary file, flush, fsync, rename), so a crash or a
-full disk never leaves a half-written checkpoint in place of a good one, and every load uses ``weights_only=True``.
+A run folder holds ``config.json`` (written at start), ``log.jsonl`` (a line per epoch), ``checkpoint.pt`` (after
+every epoch) and ``checkpoint_prev.pt`` (the one before), ``bestmodel.pt`` and, at the end, ``final.json``. Running
+the same command (the same ``--exp_name``) again resumes an unfinished run from its last checkpoint and does nothing
+for a finished one; a folder with a different config is refused. Every file is written atomically (temporary file,
+flush, fsync, rename), so a crash or a full disk never leaves a half-written file in place of a good one, and every
+load uses ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-# Config keys that may change between a run and its resumption: where things are and how fast they go, not what is
-# trained.
-RESUMABLE_DIFFERENCES = {
-    "num_workers", "cache", "data_root", "save_path", "exp_name", "device", "gpu_num", "compile", "debug", "resume",
-}  # fmt: skip
+from config import NOT_TRAINING_SETTINGS
 
 
 class RunFolderError(Exception):
@@ -40,7 +38,7 @@ class RunFolder:
 
 
 def _config_differences(saved: dict, current: dict) -> list[str]:
-    keys = (set(saved) | set(current)) - RESUMABLE_DIFFERENCES - {"from_preset"}
+    keys = (set(saved) | set(current)) - NOT_TRAINING_SETTINGS
     return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
@@ -67,7 +65,10 @@ def open_run_folder(cfg, *, resume: bool) -> RunFolder:
         )
     if (path / "final.json").exists():
         return RunFolder(path, finished=json.loads((path / "final.json").read_text()))
-    return RunFolder(path, resume_from=load_checkpoint(path))
+    saved = load_checkpoint(path)
+    if resume and saved is None:
+        raise RunFolderError(f"--resume: {path} holds no readable checkpoint yet. Drop --resume to start the run over.")
+    return RunFolder(path, resume_from=saved)
 
 
 def load_checkpoint(folder: Path) -> dict | None:
@@ -95,6 +96,10 @@ def _write_atomic(path: Path, write) -> None:
         reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
         raise OSError(err.errno, f"could not write {path}: {reason}") from err
     os.replace(tmp, path)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    _write_atomic(path, lambda f: np.save(f, array))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -59,6 +59,12 @@ PRESETS: dict[str, dict] = {
         "adam", 1e-3, 1.0, 0.5, 0.5, 2.5, 0.1, 0.2, 5, arch="smallcnn", image_size=32, boostlu_delta_rel=None
     ),
 }
+# Config keys that say where things are and how fast they run, not what is trained: a run may be resumed with them
+# changed, and runs differing only in them (and the seed) are seeds of one setting in a report.
+NOT_TRAINING_SETTINGS = frozenset(
+    {"num_workers", "cache", "data_root", "save_path", "exp_name", "device", "gpu_num", "compile", "debug", "resume",
+     "from_preset"}
+)  # fmt: skip
 PRESET_FIELDS = (
     "arch", "image_size", "num_epochs", "optimizer", "lr", "delta_rel", "expected_num_pos", "em_alpha", "apl_beta",
     "apl_warmup",
@@ -227,7 +233,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ss_seed", type=int, default=999, help="seed of the optional subsampling")
     parser.add_argument("--ss_frac_train", type=float, default=1.0, help="fraction of train images kept")
     parser.add_argument("--ss_frac_val", type=float, default=1.0, help="fraction of val images kept")
-    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: preset)")
+    parser.add_argument(
+        "--num_workers", type=int, default=None, help="DataLoader workers (default: the cores; 0 for synthetic)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and flips")
     parser.add_argument("--data_root", default=None, help="dataset folder (default: data/<dataset> in the repo)")
     parser.add_argument("--save_path", default="results", help="parent folder of run folders")

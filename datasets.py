@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import distributed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,7 +186,7 @@ class SparseLabels:
 
     def save(self, root: Path, phase: str) -> None:
         for name, part in zip(self.files(phase), self._PARTS, strict=True):
-            _save_atomic(root / name, getattr(self, part))
+            checkpoint.save_npy_atomic(root / name, getattr(self, part))
 
     @classmethod
     def load(cls, root: Path, phase: str, num_classes: int) -> SparseLabels:
@@ -394,23 +395,17 @@ def format_dataset(name: str, root: str | os.PathLike) -> None:
     print(f"[{name}] formatting the raw annotations in {root} (once) ...")
     for phase, (names, labels) in FORMATTERS[name](root).items():
         if not (root / f"formatted_{phase}_images.npy").exists():
-            _save_atomic(root / f"formatted_{phase}_images.npy", names)
+            checkpoint.save_npy_atomic(root / f"formatted_{phase}_images.npy", names)
         if isinstance(labels, SparseLabels):
             if not any((root / f).exists() for f in SparseLabels.files(phase)):
                 labels.save(root, phase)
         elif not (root / f"formatted_{phase}_labels.npy").exists():
-            _save_atomic(root / f"formatted_{phase}_labels.npy", labels)
+            checkpoint.save_npy_atomic(root / f"formatted_{phase}_labels.npy", labels)
     print(f"[{name}] wrote {', '.join(missing)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Formatted files -> splits.
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def _missing_data_message(dataset: str, root: Path, missing: list[str]) -> str:
@@ -463,7 +458,7 @@ def load_formatted(dataset: str, root: str | os.PathLike) -> dict[str, dict]:
             _check_labels(obs_path, observed, len(images), info.num_classes, (-1, 0, 1))
         else:
             observed = observe_labels(labels)
-            _save_atomic(obs_path, observed)
+            checkpoint.save_npy_atomic(obs_path, observed)
         data[phase] = {"images": images, "labels": labels, "labels_obs": observed}
     return data
 
@@ -719,98 +714,15 @@ def build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int
         with tqdm(total=n, initial=int(done.sum()), desc="disk cache", unit="img") as bar:
             for indices in finished:
                 done[indices] = True
-                _save_atomic(done_path, done)
+                checkpoint.save_npy_atomic(done_path, done)
                 bar.update(len(indices))
                 if on_chunk is not None:
                     on_chunk(int(done.sum()))
     finally:
         if pool is not None:
             pool.terminate()
-        _save_atomic(done_path, done)
+        checkpoint.save_npy_atomic(done_path, done)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The trainer's label stores: observed labels by row, LL-Cp's permanent corrections.
-
-
-class DenseLabelStore:
-    """The observed label matrix on the device; corrections are written in place."""
-
-    def __init__(self, observed: np.ndarray, device: torch.device) -> None:
-        self.matrix = torch.from_numpy(observed).to(device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
-
-    def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.matrix[rows.to(self.device)]
-
-    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
-        """Set the ``selected`` entries of ``rows`` to +1 (LL-Cp's permanent correction)."""
-        rows = rows.to(self.device)
-        self.matrix[rows] = self.matrix[rows].masked_fill(selected, 1)
-
-    def end_epoch(self) -> None:
-        pass
-
-    def num_positive(self) -> int:
-        return int((self.matrix == 1).sum())
-
-    def state(self) -> dict:
-        return {"matrix": self.matrix.cpu()}
-
-    def load_state(self, state: dict) -> None:
-        self.matrix = state["matrix"].to(self.device)
-
-    def checksum(self) -> float:
-        weights = torch.arange(self.matrix.numel(), device=self.device).remainder(9973).add(1).view_as(self.matrix)
-        return float((self.matrix.double() * weights).sum())
-
-
-class SparseLabelStore:
-    """Sparse observed labels (OpenImages), densified per batch. Corrections are buffered and merged at the end of the
-    epoch: every row is seen once per epoch, so no batch of the same epoch could have read them anyway."""
-
-    def __init__(self, observed: SparseLabels, device: torch.device) -> None:
-        self.labels, self.device = observed, device
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.labels.dense(rows.cpu().numpy())).to(self.device, non_blocking=True)
-
-    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
-        r, c = selected.nonzero(as_tuple=True)
-        self.pending.append((rows.cpu().numpy()[r.cpu().numpy()], c.cpu().numpy()))
-
-    def end_epoch(self) -> None:
-        if self.pending:
-            rows, cols = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
-            self.labels = self.labels.with_positives(rows, cols)
-            self.pending = []
-
-    def num_positive(self) -> int:
-        return int((self.labels.values > 0).sum())
-
-    def state(self) -> dict:
-        return {
-            part: torch.from_numpy(np.ascontiguousarray(getattr(self.labels, part))) for part in SparseLabels._PARTS
-        }
-
-    def load_state(self, state: dict) -> None:
-        parts = [state[part].numpy() for part in SparseLabels._PARTS]
-        self.labels = SparseLabels(*parts, self.labels.num_classes)
-
-    def checksum(self) -> float:
-        return float(sum(np.asarray(getattr(self.labels, p), dtype=np.float64).sum() * (i + 1) for i, p in
-                         enumerate(SparseLabels._PARTS)))  # fmt: skip
-
-
-def label_store(observed: np.ndarray | SparseLabels, device: torch.device) -> DenseLabelStore | SparseLabelStore:
-    return (
-        SparseLabelStore(observed, device) if isinstance(observed, SparseLabels) else DenseLabelStore(observed, device)
-    )
 
 
 def to_model_input(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:

@@ -93,6 +93,16 @@ def broadcast(value: float, ctx: Context, device: torch.device) -> float:
     return float(t)
 
 
+def broadcast_object(value, ctx: Context):
+    """Rank 0's Python object on every process (e.g. a default run name made from the clock, which the processes
+    would otherwise each make for themselves)."""
+    if not ctx.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier(ctx: Context) -> None:
     if ctx.enabled:
         dist.barrier()

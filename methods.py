@@ -8,7 +8,6 @@ loss maths, which stays in ``losses.py``).
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,95 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import datasets
 import distributed
 import losses
 import models
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer's label stores: observed labels by row, LL-Cp's permanent corrections.
+
+
+class DenseLabelStore:
+    """The observed label matrix on the device; corrections are written in place."""
+
+    def __init__(self, observed: np.ndarray, device: torch.device) -> None:
+        self.matrix = torch.from_numpy(observed).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.matrix[rows.to(self.device)]
+
+    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
+        """Set the ``selected`` entries of ``rows`` to +1 (LL-Cp's permanent correction)."""
+        rows = rows.to(self.device)
+        self.matrix[rows] = self.matrix[rows].masked_fill(selected, 1)
+
+    def end_epoch(self) -> None:
+        pass
+
+    def num_positive(self) -> int:
+        return int((self.matrix == 1).sum())
+
+    def state(self) -> dict:
+        return {"matrix": self.matrix.cpu()}
+
+    def load_state(self, state: dict) -> None:
+        self.matrix = state["matrix"].to(self.device)
+
+    def checksum(self) -> float:
+        weights = torch.arange(self.matrix.numel(), device=self.device).remainder(9973).add(1).view_as(self.matrix)
+        return float((self.matrix.double() * weights).sum())
+
+
+class SparseLabelStore:
+    """Sparse observed labels (OpenImages), densified per batch. Corrections are buffered and merged at the end of the
+    epoch: every row is seen once per epoch, so no batch of the same epoch could have read them anyway."""
+
+    def __init__(self, observed: datasets.SparseLabels, device: torch.device) -> None:
+        self.labels, self.device = observed, device
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.labels.dense(rows.cpu().numpy())).to(self.device, non_blocking=True)
+
+    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
+        r, c = selected.nonzero(as_tuple=True)
+        self.pending.append((rows.cpu().numpy()[r.cpu().numpy()], c.cpu().numpy()))
+
+    def end_epoch(self) -> None:
+        if self.pending:
+            rows, cols = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
+            self.labels = self.labels.with_positives(rows, cols)
+            self.pending = []
+
+    def num_positive(self) -> int:
+        return int((self.labels.values > 0).sum())
+
+    def state(self) -> dict:
+        return {
+            part: torch.from_numpy(np.ascontiguousarray(getattr(self.labels, part)))
+            for part in datasets.SparseLabels._PARTS
+        }
+
+    def load_state(self, state: dict) -> None:
+        parts = [state[part].numpy() for part in datasets.SparseLabels._PARTS]
+        self.labels = datasets.SparseLabels(*parts, self.labels.num_classes)
+
+    def checksum(self) -> float:
+        return float(sum(np.asarray(getattr(self.labels, p), dtype=np.float64).sum() * (i + 1) for i, p in
+                         enumerate(datasets.SparseLabels._PARTS)))  # fmt: skip
+
+
+def label_store(observed, device: torch.device) -> DenseLabelStore | SparseLabelStore:
+    """A dense store for a label matrix, a sparse one for ``datasets.SparseLabels`` (OpenImages)."""
+    if isinstance(observed, datasets.SparseLabels):
+        return SparseLabelStore(observed, device)
+    return DenseLabelStore(observed, device)
 
 
 @dataclass
@@ -34,7 +118,7 @@ class LabelState:
     and ``apl_quota`` are EM+APL's pseudo-labels and per-class quota.
     """
 
-    observed: datasets.DenseLabelStore | datasets.SparseLabelStore
+    observed: DenseLabelStore | SparseLabelStore
     initial: torch.Tensor | None = None
     clean: torch.Tensor | None = None
     estimator: models.LabelEstimator | None = None
@@ -69,7 +153,7 @@ def same_on_all_processes(state: LabelState, ctx) -> bool:
 
 
 def build_label_state(cfg, split: datasets.Split, device: torch.device) -> LabelState:
-    observed = datasets.label_store(split.observed, device)
+    observed = label_store(split.observed, device)
     state = LabelState(observed)
     if isinstance(split.observed, datasets.SparseLabels):
         return state
@@ -221,24 +305,29 @@ def cached_features(
     ]
     array = torch.cat(feats).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    checkpoint.save_npy_atomic(path, array)
     print(f"LinearInit: features computed once and cached in {path}")
     return torch.from_numpy(array).to(device)
 
 
-def train_linear_head(cfg, model, state: LabelState, train_feats, val_feats, val_labels, evaluate_scores, log) -> dict:
+def make_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+    """The official optimiser over parameter groups that carry their own lr: Adam without weight decay, or SGD with
+    momentum 0.9 and weight decay 1e-3."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=1e-3)
+
+
+def train_linear_head(
+    cfg, model, state: LabelState, train_feats, val_feats, val_labels, evaluate_scores, log, after_epoch=None
+) -> dict:
     """Phase 1 of LinearInit: ``cfg.linear_epochs`` epochs of the head alone (and ROLE's estimator) on cached features,
-    with the configured loss and no LL modification. The best-val head is loaded into ``model`` for phase 2."""
+    with the configured loss and no LL modification. The best-val head is loaded into ``model`` for phase 2.
+    ``after_epoch()`` runs after each epoch (the trainer stops there on a SIGINT)."""
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult}]
     if state.estimator is not None:
         groups.append({"params": list(state.estimator.parameters()), "lr": cfg.lr * cfg.lr_mult})
-    optimizer = (
-        torch.optim.Adam(groups)
-        if cfg.optimizer == "adam"
-        else torch.optim.SGD(groups, momentum=0.9, weight_decay=1e-3)
-    )
+    optimizer = make_optimizer(cfg, groups)
     batches = datasets.EpochBatches(len(train_feats), cfg.bsize, shuffle=True, seed=cfg.seed + 1)
     best = {"val_map": -1.0, "epoch": 0}
     best_states: tuple = ()
@@ -261,6 +350,8 @@ def train_linear_head(cfg, model, state: LabelState, train_feats, val_feats, val
                 copy.deepcopy(model.head.state_dict()),
                 copy.deepcopy(state.estimator and state.estimator.state_dict()),
             )
+        if after_epoch is not None:
+            after_epoch()
     model.head.load_state_dict(best_states[0])
     if state.estimator is not None:
         state.estimator.load_state_dict(best_states[1])

@@ -65,10 +65,13 @@ class MultiLabelClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.backbone(x)
-        if self.boostlu_alpha > 0:
-            cam = self.class_activation_map(fmap)
-            return torch.where(cam > 0, cam * self.boostlu_alpha, cam).mean(dim=(2, 3))
-        return self.head(self.pool_features(fmap))
+        # The head runs in fp32 even under bf16 autocast: logits rounded to bf16 would tie many scores (and losses).
+        with torch.autocast(fmap.device.type, enabled=False):
+            fmap = fmap.float()
+            if self.boostlu_alpha > 0:
+                cam = self.class_activation_map(fmap)
+                return torch.where(cam > 0, cam * self.boostlu_alpha, cam).mean(dim=(2, 3))
+            return self.head(self.pool_features(fmap))
 
 
 class LabelEstimator(nn.Module):

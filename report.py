@@ -17,6 +17,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from config import NOT_TRAINING_SETTINGS
+
 DATASET_COLUMNS = ("pascal", "coco", "nuswide", "cub", "openimages", "synthetic")
 DATASET_TITLES = {"pascal": "VOC12", "coco": "COCO14", "nuswide": "NUS-WIDE", "cub": "CUB", "openimages": "OpenImages"}
 METHOD_ORDER = ("full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "LL-R", "LL-Ct", "LL-Cp")
@@ -86,8 +88,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-# Config keys that do not change what is trained: runs differing only in these are seeds of one setting.
-_NOT_A_SETTING = {"seed", "exp_name", "save_path", "data_root", "num_workers", "device", "gpu_num", "from_preset"}
+_NOT_A_SETTING = NOT_TRAINING_SETTINGS | {"seed"}  # runs differing only in these are seeds of one setting
 
 
 def summarize(runs: list[dict]) -> list[dict]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import checkpoint
 
 # Bump when the drawing code changes, so a stale cache is rebuilt instead of silently reused.
 GENERATOR_VERSION = 2
@@ -234,14 +237,8 @@ def _write_split(root: Path, split: str, phase: str, count: int, rng: np.random.
         Image.fromarray(image).save(root / "images" / name)
         names.append(name)
         labels.append(label)
-    _save_npy(root / f"formatted_{phase}_images.npy", np.array(names))
-    _save_npy(root / f"formatted_{phase}_labels.npy", np.stack(labels))
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    checkpoint.save_npy_atomic(root / f"formatted_{phase}_images.npy", np.array(names))
+    checkpoint.save_npy_atomic(root / f"formatted_{phase}_labels.npy", np.stack(labels))
 
 
 def ensure_dataset(root: str | os.PathLike) -> Path:
@@ -259,6 +256,8 @@ def ensure_dataset(root: str | os.PathLike) -> Path:
         for stale in root.glob("formatted_*.npy"):
             stale.unlink()
         (root / _PRETRAINED_FILE).unlink(missing_ok=True)
+        for derived in ("cache", "features"):  # pixels and features of the old images: never reuse them
+            shutil.rmtree(root / derived, ignore_errors=True)
     print(f"[synthetic] generating {NUM_TRAIN} + {NUM_TEST} images into {root} (once)...")
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(DATA_SEED)

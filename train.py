@@ -8,13 +8,14 @@ Under torchrun every process runs this same code on its share of each global bat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +48,11 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a stop was requested (called at safe points)."""
+        if self.requested:
+            raise Interrupted
 
     def install(self) -> None:
         def handler(signum, frame):
@@ -82,9 +88,7 @@ def build_optimizer(cfg: Config, model: models.MultiLabelClassifier, estimator=N
     ]
     if estimator is not None:
         groups.append({"params": list(estimator.parameters()), "lr": cfg.lr * cfg.lr_mult})
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=1e-3)
+    return methods.make_optimizer(cfg, groups)
 
 
 def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None) -> None:
@@ -195,7 +199,7 @@ def _num_outputs(model: torch.nn.Module) -> int:
     return getattr(inner, "_orig_mod", inner).head.out_features
 
 
-def average_precision(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> torch.Tensor:
+def ap_against(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> torch.Tensor:
     """Per-class AP: against full labels, or, for partial labels (OpenImages), over the annotated entries only."""
     if isinstance(labels, datasets.SparseLabels):
         rows, cols, values = (torch.from_numpy(a).to(scores.device) for a in labels.entries())
@@ -208,7 +212,7 @@ def evaluate(model, loader, labels, device, desc="eval", class_groups=None, amp=
     with ``class_groups``, the mAP of each group (G1 the rarest) too; ``images``: how many images were scored.
     mAP is computed on the device."""
     scores = predict(model, loader, device, desc, amp, ctx)
-    ap = 100.0 * average_precision(scores, labels).cpu().double()
+    ap = 100.0 * ap_against(scores, labels).cpu().double()
     result = {"map": float(ap.nanmean()), "ap_per_class": [None if a != a else a for a in ap.tolist()]}
     result["images"] = scores.shape[0]
     if class_groups is not None:
@@ -261,7 +265,7 @@ def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
 
 
 def _scores_map(scores: torch.Tensor, labels) -> float:
-    return float(100.0 * average_precision(scores, labels).nanmean())
+    return float(100.0 * ap_against(scores, labels).nanmean())
 
 
 def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: distributed.Context) -> dict:
@@ -284,21 +288,6 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
         loaders[name] = datasets.make_loader(split, cfg, train=name == "train", pin_memory=pin, cache=cache, ctx=ctx)
     distributed.barrier(ctx)
     return loaders
-
-
-def linear_init(cfg: Config, model, data: datasets.Data, state: methods.LabelState, device, log, ctx) -> None:
-    """LinearInit's first phase (frozen backbone, cached features); the best head is left in ``model``. The first
-    process computes the features; every process then trains the same head on all of them (same seed, same result)."""
-    if ctx.is_main:
-        methods.cached_features(cfg, model, data.train, device)
-        methods.cached_features(cfg, model, data.val, device)
-    distributed.barrier(ctx)
-    train_feats = methods.cached_features(cfg, model, data.train, device)
-    val_feats = methods.cached_features(cfg, model, data.val, device)
-    val_labels = eval_labels(data.val, device)
-    best = methods.train_linear_head(cfg, model, state, train_feats, val_feats, val_labels, _scores_map, log)
-    if ctx.is_main:
-        print(f"LinearInit: best head from linear epoch {best['epoch']} (val mAP {best['val_map']:.2f}); fine-tuning")
 
 
 @dataclass
@@ -353,77 +342,125 @@ def run(cfg: Config) -> dict:
         distributed.teardown()
 
 
-def _run(cfg: Config, ctx: distributed.Context) -> dict:
-    started = time.time()
-    device = resolve_device(cfg, ctx)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if ctx.enabled and cfg.loss == "role":
-        raise TrainingError("ROLE learns a label estimator per training image: run it in a single process.")
-    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-    data = _main_first(ctx, device, lambda: datasets.build_data(cfg))  # a data error leaves no run folder behind
-    folder = _main_first(ctx, device, lambda: checkpoint.open_run_folder(cfg, resume=cfg.resume))
-    say = print if ctx.is_main else (lambda *a, **k: None)
-    if folder.finished is not None:
-        say(f"{folder.path} holds a finished run (test mAP {folder.finished['test_map']:.2f}); nothing to do.")
-        return folder.finished
-    if ctx.is_main:
-        print_header(cfg, folder.path, device, ctx)
-    say(f"images: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
-    torch.manual_seed(cfg.seed)
-    model = _main_first(ctx, device, lambda: build_model(cfg, data.num_classes))
-    model = model.to(device, memory_format=torch.channels_last)
-    state = methods.build_label_state(cfg, data.train, device)
-    loaders = build_loaders(cfg, data, device, ctx)
-    amp = autocast_for(cfg, device)
-    val_labels = eval_labels(data.val, device)
-    progress = Progress()
+@dataclass
+class Session:
+    """What one run works with, built once by ``_run``: the loop, LinearInit and the checkpoints read it from here."""
 
-    def log(record: dict) -> None:
-        progress.log_lines += 1
-        if not ctx.is_main:
+    cfg: Config
+    ctx: distributed.Context
+    device: torch.device
+    data: datasets.Data
+    folder: checkpoint.RunFolder
+    model: models.MultiLabelClassifier  # its state_dict is what gets saved
+    state: methods.LabelState
+    loaders: dict
+    amp: object
+    progress: Progress = field(default_factory=Progress)
+    stop: StopRequest = field(default_factory=StopRequest)
+    forward: torch.nn.Module | None = None  # what the loop calls: the model, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer | None = None
+
+    def log(self, record: dict) -> None:
+        """Append an epoch's line to log.jsonl (first process) and print it."""
+        self.progress.log_lines += 1
+        if not self.ctx.is_main:
             return
-        with open(folder.log, "a") as f:
+        with open(self.folder.log, "a") as f:
             f.write(json.dumps(record) + "\n")
         extra = f"  selected {record['num_selected']:6d}" if "num_selected" in record else ""
         print(f"{record['phase']:10s} epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}{extra}"
               f"  val mAP {record['val_map']:6.2f}")  # fmt: skip
 
-    if folder.resume_from is None and cfg.train_mode == "linear_init":
+
+def _run(cfg: Config, ctx: distributed.Context) -> dict:
+    started = time.time()
+    device = resolve_device(cfg, ctx)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ctx.enabled and cfg.loss in ("role", "epr"):
+        raise TrainingError(
+            f"--loss {cfg.loss} runs in a single process: its regulariser (and ROLE's per-image estimator) needs the "
+            "whole batch in one place. Start it without torchrun."
+        )
+    if ctx.enabled:  # one run folder for all processes, whatever second each one built its default name in
+        cfg = dataclasses.replace(cfg, exp_name=distributed.broadcast_object(cfg.exp_name, ctx))
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    data = _main_first(ctx, device, lambda: datasets.build_data(cfg))  # a data error leaves no run folder behind
+    folder = _main_first(ctx, device, lambda: checkpoint.open_run_folder(cfg, resume=cfg.resume))
+    if folder.finished is not None:
         if ctx.is_main:
-            checkpoint.truncate_log(folder.log, 0)  # an unfinished first phase runs again from its start
-        linear_init(cfg, model, data, state, device, log, ctx)
-    optimizer = build_optimizer(cfg, model, state.estimator)
-    if folder.resume_from is not None:
-        progress = restore(folder.resume_from, model, optimizer, state)
-        say(f"resuming after epoch {progress.epoch} from {folder.path / 'checkpoint.pt'}")
+            print(f"{folder.path} holds a finished run (test mAP {folder.finished['test_map']:.2f}); nothing to do.")
+        return folder.finished
     if ctx.is_main:
-        checkpoint.truncate_log(folder.log, progress.log_lines)  # lines of epochs that will run again
-    forward = wrap_model(cfg, model, device, ctx)
-    stop = StopRequest()
-    stop.install()
+        print_header(cfg, folder.path, device, ctx)
+        print(f"images: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
+    torch.manual_seed(cfg.seed)
+    model = _main_first(ctx, device, lambda: build_model(cfg, data.num_classes))
+    model = model.to(device, memory_format=torch.channels_last)
+    state = methods.build_label_state(cfg, data.train, device)
+    s = Session(
+        cfg, ctx, device, data, folder, model, state, build_loaders(cfg, data, device, ctx), autocast_for(cfg, device)
+    )
+    s.stop.install()
     try:
-        _train_epochs(cfg, forward, model, optimizer, state, loaders, val_labels, progress, folder, amp, ctx, stop, log)
+        _prepare_and_train(s)
     except Interrupted:
+        where = f"the checkpoint of epoch {s.progress.epoch}" if s.progress.epoch else "no checkpoint yet"
         raise Interrupted(
-            f"Interrupted. The checkpoint of epoch {progress.epoch} in {folder.path} is consistent: run the same "
-            "command again to resume from it."
+            f"Interrupted. {folder.path} holds {where}, which is consistent: run the same command (with --exp_name "
+            f"{cfg.exp_name}) again to resume{' from it' if s.progress.epoch else ' (it starts over)'}."
         ) from None
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    test = test_best_model(model, forward, loaders["test"], data, folder, device, amp, ctx)
-    return write_final(test, progress, state, folder, ctx, time.time() - started)
+    test = test_best_model(s)
+    return write_final(test, s, time.time() - started)
 
 
-def test_best_model(model, forward, loader, data: datasets.Data, folder, device, amp, ctx) -> dict:
-    """Load the best-val weights into ``model`` and score them on the test split."""
-    best = torch.load(folder.path / "bestmodel.pt", map_location=device, weights_only=True)
-    model.load_state_dict(best["model"])
-    return evaluate(forward, loader, eval_labels(data.test, device), device, "test", data.class_groups, amp, ctx)
+def _prepare_and_train(s: Session) -> None:
+    """LinearInit's first phase or the resumed state, then the end-to-end epochs."""
+    if s.folder.resume_from is None and s.cfg.train_mode == "linear_init":
+        if s.ctx.is_main:
+            checkpoint.truncate_log(s.folder.log, 0)  # an unfinished first phase runs again from its start
+        linear_init(s)
+    s.optimizer = build_optimizer(s.cfg, s.model, s.state.estimator)
+    if s.folder.resume_from is not None:
+        s.progress = restore(s.folder.resume_from, s.model, s.optimizer, s.state)
+        if s.ctx.is_main:
+            print(f"resuming after epoch {s.progress.epoch} from {s.folder.path / 'checkpoint.pt'}")
+    if s.ctx.is_main:
+        checkpoint.truncate_log(s.folder.log, s.progress.log_lines)  # lines of epochs that will run again
+    s.forward = wrap_model(s.cfg, s.model, s.device, s.ctx)
+    _train_epochs(s)
 
 
-def write_final(test: dict, progress: Progress, state, folder, ctx, seconds: float) -> dict:
+def linear_init(s: Session) -> None:
+    """LinearInit's first phase (frozen backbone, cached features); the best head is left in the model. The first
+    process computes the features; every process then trains the same head on all of them (same seed, same result)."""
+    cfg, model, data, device = s.cfg, s.model, s.data, s.device
+    if s.ctx.is_main:
+        methods.cached_features(cfg, model, data.train, device)
+        methods.cached_features(cfg, model, data.val, device)
+    distributed.barrier(s.ctx)
+    train_feats = methods.cached_features(cfg, model, data.train, device)
+    val_feats = methods.cached_features(cfg, model, data.val, device)
+    best = methods.train_linear_head(
+        cfg, model, s.state, train_feats, val_feats, eval_labels(data.val, device), _scores_map, s.log, s.stop.check
+    )
+    if s.ctx.is_main:
+        print(f"LinearInit: best head from linear epoch {best['epoch']} (val mAP {best['val_map']:.2f}); fine-tuning")
+
+
+def test_best_model(s: Session) -> dict:
+    """Load the best-val weights into the model and score them on the test split."""
+    best = torch.load(s.folder.path / "bestmodel.pt", map_location=s.device, weights_only=True)
+    s.model.load_state_dict(best["model"])
+    labels = eval_labels(s.data.test, s.device)
+    return evaluate(s.forward, s.loaders["test"], labels, s.device, "test", s.data.class_groups, s.amp, s.ctx)
+
+
+def write_final(test: dict, s: Session, seconds: float) -> dict:
     """``final.json`` (the first process writes it), and the closing line."""
+    progress = s.progress
     final = {
         "best_epoch": progress.best_epoch,
         "val_map": progress.best_val_map,
@@ -433,16 +470,16 @@ def write_final(test: dict, progress: Progress, state, folder, ctx, seconds: flo
         "test_images": test["images"],
         "epochs_run": progress.epoch,
         "early_stopped": progress.early_stopped,
-        "processes": ctx.world,
+        "processes": s.ctx.world,
         "seconds": round(seconds, 1),
     }
-    if ctx.enabled:
-        final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(state, ctx)
-    if ctx.is_main:
-        checkpoint.write_text_atomic(folder.path / "final.json", json.dumps(final, indent=2) + "\n")
+    if s.ctx.enabled:
+        final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(s.state, s.ctx)
+    if s.ctx.is_main:
+        checkpoint.write_text_atomic(s.folder.path / "final.json", json.dumps(final, indent=2) + "\n")
         groups = "".join(f", {g} {m:.2f}" for g, m in test.get("group_map", {}).items())
         print(f"test mAP {test['map']:.2f}{groups} (best val mAP {progress.best_val_map:.2f} at epoch "
-              f"{progress.best_epoch}); {folder.path}")  # fmt: skip
+              f"{progress.best_epoch}); {s.folder.path}")  # fmt: skip
     return final
 
 
@@ -476,44 +513,52 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
     return torch.compile(forward) if cfg.compile else forward
 
 
-def _train_epochs(cfg, forward, model, optimizer, state, loaders, val_labels, progress, folder, amp, ctx, stop, log):
+def _train_epochs(s: Session) -> None:
     """The end-to-end epochs from ``progress.epoch + 1``: train, (APL), validate, log, keep the best, checkpoint."""
+    cfg, progress, device = s.cfg, s.progress, s.device
     while progress.epoch < cfg.num_epochs and not progress.early_stopped:
         epoch = progress.epoch + 1
         epoch_start = time.time()
         rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
-        positives_at_start = state.observed.num_positive()
-        stats = train_one_epoch(cfg, forward, loaders["train"], optimizer, state, rate=rate, epoch=epoch,
-                                device=state.observed.device, amp=amp, ctx=ctx, stop=stop)  # fmt: skip
-        if cfg.loss == "em_apl" and epoch >= cfg.apl_warmup:  # scores in row order: the unshuffled train loader
-            scores = predict(forward, loaders["train_rows"], state.observed.device, f"epoch {epoch} APL", amp, ctx)
-            stats["pseudo_labelled"] = methods.pseudo_label_negatives(scores, state)
-        val_map = evaluate(forward, loaders["val"], val_labels, state.observed.device, f"epoch {epoch} val", amp=amp,
-                           ctx=ctx)["map"]  # fmt: skip
+        positives_at_start = s.state.observed.num_positive()
+        stats = train_one_epoch(cfg, s.forward, s.loaders["train"], s.optimizer, s.state, rate=rate, epoch=epoch,
+                                device=device, amp=s.amp, ctx=s.ctx, stop=s.stop)  # fmt: skip
+        # APL labels after each epoch from the warm-up on; after the last one the labels would never be used.
+        if cfg.loss == "em_apl" and cfg.apl_warmup <= epoch < cfg.num_epochs:
+            scores = predict(s.forward, s.loaders["train_rows"], device, f"epoch {epoch} APL", s.amp, s.ctx)
+            stats["pseudo_labelled"] = methods.pseudo_label_negatives(scores, s.state)
+        val_labels = eval_labels(s.data.val, device)
+        val_map = evaluate(s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp,
+                           ctx=s.ctx)["map"]  # fmt: skip
         record = {"phase": "end_to_end", "epoch": epoch, "rate": rate, **stats}
         record.update(observed_positives=positives_at_start, val_map=val_map)
         record["seconds"] = round(time.time() - epoch_start, 3)
-        log(record)
+        s.log(record)
         progress.epoch = epoch
         # Order matters for resume: the best weights are on disk before a checkpoint that points at them.
         if val_map > progress.best_val_map:
             progress.best_val_map, progress.best_epoch = val_map, epoch
-            if ctx.is_main:
-                best = {"model": model.state_dict(), "epoch": epoch, "val_map": val_map, "config": cfg.to_dict()}
-                if state.estimator is not None:
-                    best["estimator"] = state.estimator.state_dict()
-                _save(checkpoint.save_torch_atomic, best, folder.path / "bestmodel.pt")
+            if s.ctx.is_main:
+                _save(
+                    checkpoint.save_torch_atomic, best_model_payload(s, epoch, val_map), s.folder.path / "bestmodel.pt"
+                )
         elif progress.best_val_map - val_map > EARLY_STOP_DROP:
-            if ctx.is_main:
+            if s.ctx.is_main:
                 print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below "
                       f"{progress.best_val_map:.2f}")  # fmt: skip
             progress.early_stopped = True
-        if ctx.is_main:
-            payload = checkpoint_payload(cfg, model, optimizer, state, progress)
-            _save(checkpoint.save_checkpoint, payload, folder.path)
-        distributed.barrier(ctx)
-        if stop.requested:
-            raise Interrupted
+        if s.ctx.is_main:
+            payload = checkpoint_payload(cfg, s.model, s.optimizer, s.state, progress)
+            _save(checkpoint.save_checkpoint, payload, s.folder.path)
+        distributed.barrier(s.ctx)
+        s.stop.check()
+
+
+def best_model_payload(s: Session, epoch: int, val_map: float) -> dict:
+    best = {"model": s.model.state_dict(), "epoch": epoch, "val_map": val_map, "config": s.cfg.to_dict()}
+    if s.state.estimator is not None:
+        best["estimator"] = s.state.estimator.state_dict()
+    return best
 
 
 def _save(write, *args) -> None:

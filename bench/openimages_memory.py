@@ -53,6 +53,7 @@ def child(step: str, root: str) -> None:
     import torch
 
     import datasets
+    import methods
 
     start = time.time()
     out = {}
@@ -65,7 +66,7 @@ def child(step: str, root: str) -> None:
         cfg = config.parse_config(["--dataset", "openimages", "--data_root", root, "--exp_name", "bench"])
         data = datasets.build_data(cfg)  # exactly what main.py does before training
         train = data.train.observed
-        store = datasets.label_store(train, torch.device("cpu"))
+        store = methods.label_store(train, torch.device("cpu"))
         out["train_rows"], out["train_entries"] = len(train), int(train.indptr[-1])
         out["val_rows"], out["test_rows"], out["groups"] = (
             len(data.val),

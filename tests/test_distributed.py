@@ -114,3 +114,24 @@ def test_an_empty_share_gets_zero_weight(rate):
     single, single_selected = losses.large_loss(logits[:1], observed[:1], "LL-R", rate)
     assert loss.item() == pytest.approx(single.item()) and not selected[1].any()
     assert torch.equal(selected[:1], single_selected)
+
+
+def test_torchrun_with_the_default_run_name_makes_one_run_folder(synthetic_root, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--ss_frac_train", "0.02",
+            "--ss_frac_val", "0.05", "--num_epochs", "1", "--device", "cpu", "--num_workers", "0"]  # fmt: skip
+    proc = subprocess.run([*torchrun, str(REPO / "main.py"), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "final.json").exists()  # the processes agreed on rank 0's name
+
+
+@pytest.mark.parametrize("loss", ["epr", "role"])
+def test_epr_and_role_refuse_several_processes(synthetic_root, tmp_path, monkeypatch, loss):
+    import config
+    import train
+
+    monkeypatch.setattr(distributed, "setup", lambda use_cuda: distributed.Context(0, 2, 0))
+    cfg = config.parse_config(["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--loss", loss])
+    with pytest.raises(train.TrainingError, match="runs in a single process"):
+        train.run(cfg)

@@ -397,7 +397,7 @@ def test_masked_ap_leaves_unknown_entries_out(tmp_path):
     rows, cols, values = labels.entries()
     got = metrics.average_precision_entries(scores[rows, cols], values > 0, cols, 5)
     np.testing.assert_allclose(got.numpy(), MASK_AP, equal_nan=True)
-    np.testing.assert_allclose(train.average_precision(scores, labels).numpy(), MASK_AP, equal_nan=True)
+    np.testing.assert_allclose(train.ap_against(scores, labels).numpy(), MASK_AP, equal_nan=True)
     dense = labels.dense(np.arange(4))
     ap = metrics.average_precision(np.array(MASK_SCORES), dense > 0, valid=dense != 0)
     np.testing.assert_allclose(ap, MASK_AP, equal_nan=True)

@@ -2,6 +2,7 @@
 
 import math
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -99,7 +100,17 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
     model = train.build_model(cfg, 16)
     state = methods.build_label_state(cfg, data.train, torch.device("cpu"))
     records = []
-    train.linear_init(cfg, model, data, state, torch.device("cpu"), records.append, train.SINGLE)
+    session = types.SimpleNamespace(
+        cfg=cfg,
+        model=model,
+        data=data,
+        state=state,
+        device=torch.device("cpu"),
+        ctx=train.SINGLE,
+        log=records.append,
+        stop=train.StopRequest(),
+    )
+    train.linear_init(session)
     cache = list((synthetic_root / "features").glob("*.npy"))
     assert len(cache) == 2  # train and val features
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and all(r["phase"] == "linear" for r in records)

@@ -84,7 +84,8 @@ def test_sigint_stops_with_a_consistent_checkpoint_and_resumes(synthetic_root, t
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
-    assert "consistent" in err and "run the same command again" in err and "Traceback" not in err
+    assert "consistent" in err and "run the same command (with --exp_name int) again to resume" in err
+    assert "Traceback" not in err
     saved = torch.load(tmp_path / "int" / "checkpoint.pt", weights_only=True)
     assert saved["progress"]["epoch"] >= 1
     assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
@@ -123,6 +124,14 @@ def test_resume_without_a_run_says_so(synthetic_root, tmp_path):
     proc = run_cli("--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "nothing",
                    "--resume", check=False)  # fmt: skip
     assert proc.returncode == 1 and "no run to resume" in proc.stderr
+    # a run folder whose run died before its first checkpoint: --resume says so (without it, the run starts over)
+    args = ["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "early", "--num_epochs",
+            "1", "--ss_frac_train", "0.05"]  # fmt: skip
+    run_cli(*args)
+    for name in ("final.json", "checkpoint.pt", "checkpoint_prev.pt"):
+        (tmp_path / "early" / name).unlink(missing_ok=True)
+    proc = run_cli(*args, "--resume", check=False)
+    assert proc.returncode == 1 and "holds no readable checkpoint yet" in proc.stderr
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(synthetic_root, tmp_path, monkeypatch, capsys):

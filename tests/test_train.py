@@ -28,7 +28,7 @@ def tiny_model():
 def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entries(synthetic_root, monkeypatch):
     initial = np.zeros((24, 16), dtype=np.int8)
     initial[:, 0] = 1
-    observed = datasets.DenseLabelStore(initial, torch.device("cpu"))
+    observed = methods.DenseLabelStore(initial, torch.device("cpu"))
     selections = []
     real_large_loss = losses.large_loss
 
@@ -57,7 +57,7 @@ def test_non_finite_loss_stops_with_a_clear_message(synthetic_root):
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    state = methods.LabelState(datasets.DenseLabelStore(np.zeros((24, 16), dtype=np.int8), torch.device("cpu")))
+    state = methods.LabelState(methods.DenseLabelStore(np.zeros((24, 16), dtype=np.int8), torch.device("cpu")))
     cfg = parse_config(["--mod_scheme", "AN", "--exp_name", "x"])
     with pytest.raises(train.TrainingError, match="NaN or infinite"):
         train.train_one_epoch(cfg, model, tiny_loader(synthetic_root), optimizer, state, rate=0.0, epoch=1,
