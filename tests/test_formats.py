@@ -41,6 +41,17 @@ def positives(labels: np.ndarray) -> list[list[int]]:
     return [np.flatnonzero(row == 1).tolist() for row in labels]
 
 
+def check_formatted(root, expected: dict, dtype, num_classes: int) -> None:
+    """The formatted files of each phase hold exactly the expected names and positive columns, in 0/1 of ``dtype``."""
+    for phase, (names, pos) in expected.items():
+        images = load(root, f"formatted_{phase}_images.npy")
+        labels = load(root, f"formatted_{phase}_labels.npy")
+        assert images.dtype.kind == "U" and images.tolist() == names
+        assert labels.dtype == dtype and labels.shape == (len(names), num_classes)
+        assert set(np.unique(labels)) <= {0, 1}
+        assert positives(labels) == pos
+
+
 # ------------------------------------------------------------------------------------------------------------ pascal
 # VOC_CLASSES columns: aeroplane 0, bicycle 1, bird 2, bottle 4, car 6, chair 8, diningtable 10, dog 11, horse 12,
 # person 14, sheep 16, sofa 17, tvmonitor 19.
@@ -69,16 +80,8 @@ def test_pascal_fixture_uses_the_real_line_format(tmp_path):
 def test_pascal_formatted_files(tmp_path):
     make_pascal(tmp_path)
     format_dataset("pascal", tmp_path)
-    for phase, names, pos in (
-        ("train", PASCAL_TRAIN_NAMES, PASCAL_TRAIN_POS),
-        ("val", PASCAL_VAL_NAMES, PASCAL_VAL_POS),
-    ):
-        images = load(tmp_path, f"formatted_{phase}_images.npy")
-        labels = load(tmp_path, f"formatted_{phase}_labels.npy")
-        assert images.dtype.kind == "U" and images.tolist() == names
-        assert labels.dtype == np.float64 and labels.shape == (len(names), 20)
-        assert set(np.unique(labels)) <= {0.0, 1.0}
-        assert positives(labels) == pos
+    expected = {"train": (PASCAL_TRAIN_NAMES, PASCAL_TRAIN_POS), "val": (PASCAL_VAL_NAMES, PASCAL_VAL_POS)}
+    check_formatted(tmp_path, expected, np.float64, 20)
     data = load_formatted("pascal", tmp_path)  # loads what was written, generating the observed labels
     assert data["train"]["images"].tolist() == PASCAL_TRAIN_NAMES
     assert data["val"]["labels"].shape == (3, 20)
@@ -116,16 +119,8 @@ COCO_80_VAL_POS = [[0], [2], [6, 79]]
 def test_coco_formatted_files_with_unordered_gapped_categories(tmp_path):
     make_coco(tmp_path)
     format_dataset("coco", tmp_path)
-    for phase, names, pos in (
-        ("train", COCO_TRAIN_NAMES, COCO_SMALL_TRAIN_POS),
-        ("val", COCO_VAL_NAMES, COCO_SMALL_VAL_POS),
-    ):
-        images = load(tmp_path, f"formatted_{phase}_images.npy")
-        labels = load(tmp_path, f"formatted_{phase}_labels.npy")
-        assert images.dtype.kind == "U" and images.tolist() == names
-        assert labels.dtype == np.float64 and labels.shape == (len(names), 4)
-        assert set(np.unique(labels)) <= {0.0, 1.0}
-        assert positives(labels) == pos
+    expected = {"train": (COCO_TRAIN_NAMES, COCO_SMALL_TRAIN_POS), "val": (COCO_VAL_NAMES, COCO_SMALL_VAL_POS)}
+    check_formatted(tmp_path, expected, np.float64, 4)
 
 
 def test_coco_formatted_files_with_the_80_real_category_ids(tmp_path):
@@ -178,13 +173,8 @@ def test_cub_formatted_files(tmp_path):
     lines = labels_file.read_text().splitlines()
     assert len(lines) == 7 * 312 and "2 5 1 3 0 12.5" in lines  # 312 lines per image, one with extra fields
     format_dataset("cub", tmp_path)
-    for phase, names, pos in (("train", CUB_TRAIN_NAMES, CUB_TRAIN_POS), ("val", CUB_VAL_NAMES, CUB_VAL_POS)):
-        images = load(tmp_path, f"formatted_{phase}_images.npy")
-        labels = load(tmp_path, f"formatted_{phase}_labels.npy")
-        assert images.dtype.kind == "U" and images.tolist() == names
-        assert labels.dtype == np.int64 and labels.shape == (len(names), 312)
-        assert set(np.unique(labels)) <= {0, 1}
-        assert positives(labels) == pos
+    expected = {"train": (CUB_TRAIN_NAMES, CUB_TRAIN_POS), "val": (CUB_VAL_NAMES, CUB_VAL_POS)}
+    check_formatted(tmp_path, expected, np.int64, 312)
     assert load_formatted("cub", tmp_path)["val"]["labels"].shape == (2, 312)
 
 
