@@ -64,13 +64,20 @@ def share(rows: list[int] | np.ndarray, rank: int, world: int) -> list[int]:
     return part if part else [-1 - int(rows[0])]
 
 
-def gather_rows(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """Concatenate every process's rows in rank order (the shares may differ in length)."""
+def row_counts(num_rows: int, ctx: Context, device: torch.device) -> list[int]:
+    """Every process's number of rows, in rank order."""
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(ctx.world)]
+    dist.all_gather(counts, torch.tensor([num_rows], device=device))
+    return [int(c) for c in counts]
+
+
+def gather_rows(tensor: torch.Tensor, ctx: Context, counts: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every process's rows in rank order (the shares may differ in length). ``counts``: the shares'
+    lengths (``row_counts``), when the caller already knows them."""
     if not ctx.enabled:
         return tensor
-    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(ctx.world)]
-    dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
-    counts = [int(c) for c in counts]
+    if counts is None:
+        counts = row_counts(tensor.shape[0], ctx, tensor.device)
     padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(ctx.world)]
@@ -123,11 +130,11 @@ class GlobalSelection:
         self.global_rows: torch.Tensor | None = None
 
     def __call__(self, loss_matrix: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        all_losses = gather_rows(loss_matrix.float(), self.ctx)
-        all_candidates = gather_rows(candidates, self.ctx)
+        counts = row_counts(loss_matrix.shape[0], self.ctx, loss_matrix.device)  # once for the three gathers
+        all_losses = gather_rows(loss_matrix.float(), self.ctx, counts)
+        all_candidates = gather_rows(candidates, self.ctx, counts)
         k = losses.num_to_select(self.global_batch_size, loss_matrix.shape[1], self.rate)
         self.global_selected = losses.select_largest(all_losses, all_candidates, k)
-        self.global_rows = gather_rows(self.rows, self.ctx)
-        counts = gather_rows(torch.tensor([loss_matrix.shape[0]], device=loss_matrix.device), self.ctx)
-        start = int(counts[: self.ctx.rank].sum())
+        self.global_rows = gather_rows(self.rows, self.ctx, counts)
+        start = sum(counts[: self.ctx.rank])
         return self.global_selected[start : start + loss_matrix.shape[0]]
