@@ -662,8 +662,11 @@ def _cache_done_path(path: Path) -> Path:
 
 
 def disk_cache_complete(path: Path, num_images: int) -> bool:
-    done = _cache_done_path(path)
-    return path.exists() and done.exists() and bool(np.load(done).all()) and len(np.load(done)) == num_images
+    done_path = _cache_done_path(path)
+    if not (path.exists() and done_path.exists()):
+        return False
+    done = np.load(done_path)
+    return len(done) == num_images and bool(done.all())
 
 
 _worker_cache: dict = {}

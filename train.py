@@ -516,6 +516,7 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
 def _train_epochs(s: Session) -> None:
     """The end-to-end epochs from ``progress.epoch + 1``: train, (APL), validate, log, keep the best, checkpoint."""
     cfg, progress, device = s.cfg, s.progress, s.device
+    val_labels = eval_labels(s.data.val, device)
     while progress.epoch < cfg.num_epochs and not progress.early_stopped:
         epoch = progress.epoch + 1
         epoch_start = time.time()
@@ -527,7 +528,6 @@ def _train_epochs(s: Session) -> None:
         if cfg.loss == "em_apl" and cfg.apl_warmup <= epoch < cfg.num_epochs:
             scores = predict(s.forward, s.loaders["train_rows"], device, f"epoch {epoch} APL", s.amp, s.ctx)
             stats["pseudo_labelled"] = methods.pseudo_label_negatives(scores, s.state)
-        val_labels = eval_labels(s.data.val, device)
         val_map = evaluate(s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp,
                            ctx=s.ctx)["map"]  # fmt: skip
         record = {"phase": "end_to_end", "epoch": epoch, "rate": rate, **stats}
