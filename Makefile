@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean-data
+.PHONY: demo test test-fast lint clean-data
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.test  # the unit tests only: no training run, no subprocess (under a minute)
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
