@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,9 @@ def modification_rate(scheme: str, epoch: int, delta_rel: float) -> float:
     ``delta_rel`` is in percent per epoch, as on the official command line. LL-R and LL-Ct grow the rate linearly,
     (epoch - 1) * delta_rel / 100 (the paper's Delta_rel schedule); LL-Cp corrects a constant delta_rel / 100 per
     epoch because its corrections accumulate in the label matrix. Epoch 1 is never modified: the model first has to
-    learn the clean patterns before large losses mean anything.
+    learn the clean patterns before large losses mean anything. The rate is a fraction of the batch, so it never
+    exceeds 1.0: a schedule that would pass 1 (a large ``delta_rel``, or many epochs) stays at 1.0, i.e. every
+    unobserved entry is modified; below 1 the values are exactly the formula's.
     """
     _check_scheme(scheme)
     if epoch < 1:
@@ -43,8 +46,8 @@ def modification_rate(scheme: str, epoch: int, delta_rel: float) -> float:
     if scheme == "AN" or epoch == 1:
         return 0.0
     if scheme == "LL-Cp":
-        return delta_rel / 100
-    return (epoch - 1) * delta_rel / 100
+        return min(1.0, delta_rel / 100)
+    return min(1.0, (epoch - 1) * delta_rel / 100)
 
 
 def num_to_select(batch_size: int, num_classes: int, rate: float) -> int:
@@ -228,3 +231,175 @@ def asymmetric_pseudo_negatives(
     rank = torch.empty_like(order)
     rank.scatter_(0, order, torch.arange(len(scores), device=scores.device).unsqueeze(1).expand_as(order))
     return candidates & (rank < quota.to(scores.device).unsqueeze(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GR Loss: "Boosting Single Positive Multi-label Classification with Generalized Robust Loss", Chen et al., IJCAI 2024
+# (arXiv 2405.03501; authors' code: github.com/yan4xi1/GRLoss). The maths and the schedule follow the authors' released
+# code (losses.py GR_loss, models.py KFunction / VFunction, train.py run_train); docs/gr_loss.md gives the sources and
+# the few places where this implementation differs.
+
+GR_LOG_EPSILON = 1e-7  # the authors' -log(p + 1e-7) on positives (the other baselines here use 1e-5, as Cole et al.)
+
+
+class GRSchedule(NamedTuple):
+    """GR Loss's hyper-parameters at one epoch: the soft pseudo-label k(p) = sigmoid(w * p + b) and the weight
+    v(p) = exp(-(p - mu)^2 / (2 sigma^2))."""
+
+    w: float
+    b: float
+    mu: float
+    sigma: float
+
+
+# The authors' released defaults (config.py of yan4xi1/GRLoss: --beta [0, 2, -2, -2] = (w start, w end, b start, b end),
+# --alpha [0.5, 2, 0.8, 0.5] = (mu start, sigma start, mu end, sigma end), --q2q3 [0.01, 1]; the same values are the
+# README's example; their --linear_init defaults to 0, as ``gr_loss``'s does). The repository publishes no per-dataset
+# values, and the paper's per-dataset table could not be checked for this implementation, so every dataset starts
+# from these; docs/gr_loss.md says so. Pairs are (value at the start of the schedule, value at its end).
+_GR_RELEASED = {
+    "w": (0.0, 2.0),
+    "b": (-2.0, -2.0),
+    "mu": (0.5, 0.8),
+    "sigma": (2.0, 0.5),
+    "q2": 0.01,
+    "q3": 1.0,
+}
+GR_HYPERPARAMETERS = tuple(_GR_RELEASED)
+GR_DEFAULTS: dict[str, dict] = {
+    "pascal": dict(_GR_RELEASED),
+    "coco": dict(_GR_RELEASED),
+    "nuswide": dict(_GR_RELEASED),
+    "cub": dict(_GR_RELEASED),
+    # No published setting (the paper has no OpenImages experiment): the released defaults, as a starting point.
+    "openimages": dict(_GR_RELEASED),
+    # Chosen, not tuned: the released defaults.
+    "synthetic": dict(_GR_RELEASED),
+}
+# Test mAP (%) published for GR Loss, ResNet-50 at 448 x 448, end-to-end (paper's main results table). None: not
+# available to this implementation (see docs/gr_loss.md); never filled with a guess.
+GR_PAPER_MAP: dict[str, float | None] = {"pascal": 89.83, "coco": 73.17, "nuswide": None, "cub": None}
+
+
+def gr_problems(*, w, b, mu, sigma, q2, q3, linear_init, num_epochs: int) -> list[str]:
+    """What is wrong with a GR Loss setting, one sentence per problem (empty when it is usable)."""
+    problems = []
+    pairs_ok = True
+    for name, pair in (("w", w), ("b", b), ("mu", mu), ("sigma", sigma)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            problems.append(f"GR {name} takes two numbers, its start and end values (got {pair!r})")
+            pairs_ok = False
+    if pairs_ok and min(sigma) <= 0:
+        problems.append(f"GR sigma is the width of the weight v(p) and must be > 0 at both ends (got {tuple(sigma)})")
+    for name, q in (("q2", q2), ("q3", q3)):
+        if not q > 0:
+            problems.append(f"GR {name} is the exponent of a robust loss (1 - x^q) / q and must be > 0 (got {q})")
+    if not 0 <= linear_init < num_epochs:
+        problems.append(f"GR linear_init must lie in [0, num_epochs) (got {linear_init} with {num_epochs} epochs)")
+    return problems
+
+
+def gr_schedule(
+    epoch: int,
+    num_epochs: int,
+    *,
+    w: tuple[float, float],
+    b: tuple[float, float],
+    mu: tuple[float, float],
+    sigma: tuple[float, float],
+    linear_init: int = 0,
+    q2: float | None = None,
+    q3: float | None = None,
+) -> GRSchedule:
+    """GR Loss's (w, b, mu, sigma) at ``epoch`` (1-indexed): each moves linearly from its start to its end value over
+    the ``num_epochs - linear_init`` epochs after the ``linear_init`` ones, as in the authors' train.py:
+
+        w, b:      start + (end - start) * max(epoch - linear_init - 1, 0) / (num_epochs - linear_init)
+        mu, sigma: start + (end - start) * max(epoch - linear_init, 0) / (num_epochs - linear_init)
+
+    So k(p)'s (w, b) are at their start in the first epoch and one step short of their end in the last, while v(p)'s
+    (mu, sigma) are one step in during the first epoch and at their end in the last (the released code's offsets,
+    kept). Computed on the host from ints. ``q2`` and ``q3`` do not change over epochs; they are accepted (and ignored)
+    so that a whole setting can be passed with ``**``.
+    """
+    problems = gr_problems(w=w, b=b, mu=mu, sigma=sigma, q2=1.0, q3=1.0, linear_init=linear_init,
+                           num_epochs=num_epochs)  # fmt: skip
+    if problems:
+        raise ValueError("; ".join(problems))
+    if not 1 <= epoch <= num_epochs:
+        raise ValueError(f"epoch is 1-indexed and at most num_epochs={num_epochs}, got {epoch}")
+    span = num_epochs - linear_init
+    k_step = max(epoch - linear_init - 1, 0) / span
+    v_step = max(epoch - linear_init, 0) / span
+
+    def at(pair, step):
+        start, end = pair
+        return start + (end - start) * step
+
+    return GRSchedule(at(w, k_step), at(b, k_step), at(mu, v_step), at(sigma, v_step))
+
+
+def gr_soft_label(p: torch.Tensor, w: float, b: float) -> torch.Tensor:
+    """k(p) = sigmoid(w * p + b): the estimated probability that an unobserved label is a positive."""
+    return torch.sigmoid(w * p + b)
+
+
+def gr_weight(p: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
+    """v(p) = exp(-(p - mu)^2 / (2 sigma^2)): the weight of an unobserved entry, largest for predictions near mu."""
+    return torch.exp(-0.5 * ((p - mu) / sigma) ** 2)
+
+
+def gr_loss_matrix(
+    logits: torch.Tensor, observed: torch.Tensor, *, w: float, b: float, mu: float, sigma: float, q2: float, q3: float
+) -> torch.Tensor:
+    """GR Loss per entry (B x C, fp32) for one epoch's (w, b, mu, sigma):
+
+    - observed positive (1):  -log(p + 1e-7)
+    - unobserved (0):         v(p) * [k(p) * (1 - p^q2) / q2 + (1 - k(p)) * (1 - (1 - p)^q3) / q3]
+    - observed negative (-1): -log(1 - p + 1e-7) (a plain negative, as in every loss of this file)
+
+    with p = sigmoid(logits); k and v are computed from p detached (no gradient flows through them), as the authors
+    do. p^q and (1 - p)^q are evaluated as exp(q * logsigmoid(+-z)): the same values, with a finite gradient even
+    where p rounds to 0 or 1.
+    """
+    if logits.dim() != 2 or logits.shape != observed.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and observed {tuple(observed.shape)} must be the same B x C")
+    z = logits.float()
+    p = torch.sigmoid(z)
+    p_fixed = p.detach()
+    k = gr_soft_label(p_fixed, w, b)
+    v = gr_weight(p_fixed, mu, sigma)
+    towards_positive = (1 - torch.exp(q2 * F.logsigmoid(z))) / q2  # (1 - p^q2) / q2
+    towards_negative = (1 - torch.exp(q3 * F.logsigmoid(-z))) / q3  # (1 - (1 - p)^q3) / q3
+    unobserved = v * (k * towards_positive + (1 - k) * towards_negative)
+    positive = -torch.log(p + GR_LOG_EPSILON)
+    negative = -torch.log(1 - p + GR_LOG_EPSILON)
+    return torch.where(observed == 1, positive, torch.where(observed == -1, negative, unobserved))
+
+
+def gr_loss(
+    logits: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    epoch: int,
+    num_epochs: int,
+    w: tuple[float, float],
+    b: tuple[float, float],
+    mu: tuple[float, float],
+    sigma: tuple[float, float],
+    q2: float,
+    q3: float,
+    linear_init: int = 0,
+    reduce: Reduce | None = None,
+) -> torch.Tensor:
+    """GR Loss of a batch at ``epoch`` of ``num_epochs``: ``gr_loss_matrix`` with ``gr_schedule``'s values, averaged
+    over all B*C entries as the authors do (``reduce``: as in ``large_loss``). ``w``, ``b``, ``mu``, ``sigma`` are
+    (start, end) pairs; ``GR_DEFAULTS[dataset]`` holds a whole setting: ``gr_loss(z, y, epoch=e, num_epochs=T,
+    **GR_DEFAULTS["coco"])``. ``linear_init`` only delays the schedule, as the authors' --linear_init does; freezing the
+    backbone during those epochs (what their flag also does) is the trainer's business. No host synchronisation."""
+    problems = gr_problems(w=w, b=b, mu=mu, sigma=sigma, q2=q2, q3=q3, linear_init=linear_init, num_epochs=num_epochs)
+    if problems:
+        raise ValueError("; ".join(problems))
+    now = gr_schedule(epoch, num_epochs, w=w, b=b, mu=mu, sigma=sigma, linear_init=linear_init)
+    matrix = gr_loss_matrix(logits, observed, w=now.w, b=now.b, mu=now.mu, sigma=now.sigma, q2=q2, q3=q3)
+    return _reduce(matrix, reduce)

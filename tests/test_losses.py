@@ -40,6 +40,18 @@ def test_modification_rate_rejects_bad_input():
         modification_rate("LL-R", 2, -0.1)
 
 
+def test_modification_rate_never_exceeds_one():
+    # A large --delta_rel used to log rates above 1 (the share of a batch cannot pass 100 %).
+    assert modification_rate("LL-R", 3, delta_rel=100) == 1.0  # 2.0 before the cap
+    assert modification_rate("LL-Ct", 5, delta_rel=30) == 1.0  # 1.2
+    assert modification_rate("LL-Cp", 2, delta_rel=150) == 1.0  # 1.5
+    assert modification_rate("LL-R", 2, delta_rel=100) == 1.0  # exactly 1 stays 1
+    # Below 1, exactly the formula's value.
+    assert modification_rate("LL-R", 3, delta_rel=40) == (3 - 1) * 40 / 100
+    assert modification_rate("LL-Ct", 10, delta_rel=11) == (10 - 1) * 11 / 100
+    assert modification_rate("LL-Cp", 7, delta_rel=99) == 99 / 100
+
+
 def test_num_to_select_is_ceil_and_ignores_float_noise():
     assert num_to_select(16, 20, 0.002) == 1  # 0.64 -> 1
     assert num_to_select(16, 80, 0.004) == 6  # 5.12 -> 6
