@@ -1,55 +1,82 @@
 """Raw official annotations -> formatted files -> observed (single positive) labels -> splits -> image loaders.
 
-The rules that decide the numbers follow the official tools exactly (PAPER_FACTS section 3): each dataset's rows,
-row order, columns and file names; the observed-label generator; the 80/20 split of the official train split and the
-optional subsampling. They are pure functions of the annotations or of a label matrix, tested without any image.
+The rules that decide the numbers follow the official tools exactly (Cole et al.'s formatting scripts, which the
+LL authors' release uses): each dataset's rows, row order, columns and file names; the observed-label generator;
+the 80/20 split of the official train split and the optional subsampling. They are pure functions of the
+annotations or of a label matrix, tested without any image.
 Images are decoded and resized with PIL exactly as the paper's transforms do; the loader hands uint8 batches to the
 trainer, which flips and normalises them on the device (``to_model_input``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import sys
+import time
 from array import array
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-import checkpoint
 import distributed
+import files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OBSERVED_SEED = 1200  # the official generator's seed, fresh for each split file
 NUM_GROUPS = 5  # OpenImages: classes in five groups by number of annotated training positives
+COCO_NUM_CLASSES = 80
+CUB_NUM_ATTRIBUTES = 312
+OPENIMAGES_NUM_CLASSES = 5000
 
 
-@dataclass(frozen=True)
+OFFICIAL_DEFAULTS = {"arch": "resnet50", "image_size": 448, "num_epochs": 10}  # the paper's, for every real dataset
+
+
+@dataclass(frozen=True, eq=False)
 class DatasetInfo:
+    """Everything the tool knows about one dataset, in one place (``DATASET_INFO``): adding a dataset is one entry.
+
+    ``defaults``: the dataset-level training presets (optimiser, learning rate, architecture, image size, epochs), the
+    LL authors' published settings for the real datasets. ``formatter(root)`` turns the raw official annotations into
+    ``{phase: (names, labels)}``; ``raw_marker`` is a file (relative to the data root) whose presence says they are
+    there. ``read_class_names(root)`` gives the column names from the raw files (``[]`` when they are absent).
+    ``prepare(root)`` generates the dataset itself (the synthetic one: registered by ``synthetic.py``, which this
+    module does not import). ``sparse``: partially annotated labels stored as CSR whose annotated entries are the
+    observed labels (OpenImages): no observed-label generator, no full labels, unknown entries not scored.
+    """
+
     num_classes: int
     image_dir: str  # what the names in formatted_*_images.npy are relative to, inside the data root
+    title: str  # the dataset's column heading in reports
+    defaults: Mapping[str, object]
     # The formatted phases: the official train split and the official validation split (our test set). OpenImages
     # keeps its own validation split for model selection, so it has three.
     phases: tuple[str, ...] = ("train", "val")
     sparse: bool = False  # labels stored as CSR: OpenImages' 3.4M x 5,000 matrix would take 17 GB dense
+    formatter: Callable[[Path], dict] | None = None
+    raw_marker: str | None = None
+    read_class_names: Callable[[Path], list[str]] | None = None
+    prepare: Callable[[Path], object] | None = None
 
 
-DATASET_INFO = {
-    "synthetic": DatasetInfo(16, "images"),
-    "pascal": DatasetInfo(20, "VOCdevkit/VOC2012/JPEGImages"),
-    "coco": DatasetInfo(80, ""),
-    "nuswide": DatasetInfo(81, "Flickr"),
-    "cub": DatasetInfo(312, "CUB_200_2011/images"),
-    "openimages": DatasetInfo(5000, "", ("train", "val", "test"), sparse=True),
-}
+def _defaults(optimizer: str, lr: float, **overrides) -> Mapping[str, object]:
+    return MappingProxyType({**OFFICIAL_DEFAULTS, "optimizer": optimizer, "lr": lr, **overrides})
+
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -64,19 +91,25 @@ class DataError(Exception):
 # The official rules (pure functions).
 
 
+def _signed_dtype(dtype: np.dtype) -> np.dtype:
+    """The input's dtype when it can hold -1 (float, signed int), else int8: bool or unsigned labels must never turn
+    -1 into True or overflow."""
+    return dtype if dtype.kind in "fi" else np.dtype(np.int8)
+
+
 def observe_labels(
     label_matrix: np.ndarray, num_pos: int = 1, num_neg: int = 0, seed: int = OBSERVED_SEED
 ) -> np.ndarray:
-    """The official single-positive generator, element for element.
+    """The official observed-label generator, element for element.
 
     0 is mapped to -1; one ``RandomState(seed)`` serves every row in order: shuffle the row's positive indices and keep
     the first ``num_pos`` as +1, then shuffle its negative indices (always, even when ``num_neg`` is 0, because that
     consumes random state) and keep the first ``num_neg`` as -1. Everything else is 0 (unobserved). The output keeps
-    the input's dtype, like the official files.
+    the input's dtype, like the official files (int8 for bool or unsigned input, which cannot hold -1).
     """
     if num_pos < 0 or num_neg < 0:
         raise ValueError("num_pos and num_neg must be >= 0")
-    signed = np.where(label_matrix > 0, 1, -1).astype(label_matrix.dtype)
+    signed = np.where(label_matrix > 0, 1, -1).astype(_signed_dtype(label_matrix.dtype))
     observed = np.zeros_like(signed)
     rng = np.random.RandomState(seed)
     for i in range(signed.shape[0]):
@@ -87,11 +120,85 @@ def observe_labels(
     return observed
 
 
+def observe_label_proportion(label_matrix: np.ndarray, proportion: float, seed: int = OBSERVED_SEED) -> np.ndarray:
+    """Each label of each image known with probability ``proportion`` (the partial-label regime of Durand et al.,
+    CVPR 2019): known positives +1, known negatives -1, the rest 0.
+
+    Draw order: one ``RandomState(seed)`` per label file, one ``random_sample(N * C)`` call, the uniforms assigned in
+    row-major order (row 0's classes 0..C-1, then row 1, ...); entry (i, c) is known when its uniform is
+    ``< proportion``. The output dtype follows ``observe_labels``.
+    """
+    if not 0 < proportion <= 1:
+        raise ValueError("proportion must lie in (0, 1]")
+    signed = np.where(label_matrix > 0, 1, -1).astype(_signed_dtype(label_matrix.dtype))
+    known = np.random.RandomState(seed).random_sample(signed.size).reshape(signed.shape) < proportion
+    return np.where(known, signed, 0).astype(signed.dtype)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How the observed training labels are drawn from the full labels. The default, one positive per image and no
+    negative, is the paper's (single positive) and the only regime it reports."""
+
+    num_pos: int = 1
+    num_neg: int = 0
+    proportion: float | None = None  # when set: each label known with this probability (num_pos/num_neg unused)
+
+    @property
+    def tag(self) -> str:
+        """Empty for the paper's regime; ``p2n1`` (2 positives, 1 negative) or ``prop0.3`` otherwise."""
+        if self.proportion is not None:
+            return f"prop{self.proportion:g}"
+        return "" if (self.num_pos, self.num_neg) == (1, 0) else f"p{self.num_pos}n{self.num_neg}"
+
+    def file(self, phase: str) -> str:
+        """The observed-label file: the official name for the paper's regime (files from the official tools are used
+        unchanged), its own name for any other, so regimes never mix."""
+        return f"formatted_{phase}_labels_obs{'_' + self.tag if self.tag else ''}.npy"
+
+    def describe(self) -> str:
+        if self.proportion is not None:
+            return f"each label known with probability {self.proportion:g}"
+        if (self.num_pos, self.num_neg) == (1, 0):
+            return "single positive (the paper's regime)"
+        return f"{self.num_pos} positive(s) and {self.num_neg} negative(s) per image"
+
+    def observe(self, labels: np.ndarray) -> np.ndarray:
+        if self.proportion is not None:
+            return observe_label_proportion(labels, self.proportion)
+        return observe_labels(labels, self.num_pos, self.num_neg)
+
+
+def regime_of(cfg) -> Regime:
+    """The regime a config asks for: ``cfg.num_pos`` (default 1), ``cfg.num_neg`` (0), ``cfg.label_proportion``
+    (None: off). Raises DataError naming the flag for an impossible combination."""
+    num_pos, num_neg = getattr(cfg, "num_pos", 1), getattr(cfg, "num_neg", 0)
+    proportion = getattr(cfg, "label_proportion", None)
+    if proportion is not None:
+        if (num_pos, num_neg) != (1, 0):
+            raise DataError("--label_proportion draws every label with one probability; it cannot be combined with "
+                            "--num_pos or --num_neg. Give one or the other.")  # fmt: skip
+        if not 0 < proportion <= 1:
+            raise DataError(f"--label_proportion must lie in (0, 1] (got {proportion}).")
+        return Regime(proportion=float(proportion))
+    if num_pos < 0 or num_neg < 0 or num_pos + num_neg == 0:
+        raise DataError(f"--num_pos {num_pos} --num_neg {num_neg} observes no label: both must be >= 0 and at least "
+                        "one positive (the paper: --num_pos 1 --num_neg 0).")  # fmt: skip
+    return Regime(int(num_pos), int(num_neg))
+
+
 def split_indices(num_images: int, val_frac: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The official train/val split of the official train split: sorted index arrays (train, val)."""
     n_val = int(np.round(val_frac * num_images))
     if not 0 < n_val < num_images:
-        raise DataError(f"--val_frac {val_frac} leaves an empty train or val split of {num_images} images")
+        if num_images < 2:
+            raise DataError(f"The official train split has {num_images} image(s): too few to hold out a validation "
+                            "split. Check the formatted train files.")  # fmt: skip
+        part = "validation" if n_val <= 0 else "training"
+        raise DataError(
+            f"--val_frac {val_frac} leaves an empty {part} split (round({val_frac} x {num_images} images) = {n_val} "
+            f"held out). Use a --val_frac between {1 / num_images:.3g} and {1 - 1 / num_images:.3g} (the paper: 0.2)."
+        )
     perm = np.random.RandomState(split_seed).permutation(num_images)
     return np.sort(perm[: num_images - n_val]), np.sort(perm[-n_val:])
 
@@ -102,8 +209,13 @@ def subsample_indices(
     """The official optional subsampling: one RandomState for train then val, applied even when a fraction is 1."""
     rng = np.random.RandomState(ss_seed)
     out = []
-    for idx, frac in ((train_idx, frac_train), (val_idx, frac_val)):
+    for idx, frac, flag in ((train_idx, frac_train, "--ss_frac_train"), (val_idx, frac_val, "--ss_frac_val")):
         keep = int(np.round(frac * len(idx)))
+        if keep == 0:
+            raise DataError(
+                f"{flag} {frac} keeps no image: round({frac} x {len(idx)} images) = 0. Use {flag} of at least "
+                f"{1 / len(idx):.3g} (1 keeps them all)."
+            )
         out.append(idx[np.sort(rng.permutation(len(idx))[:keep])])
     return out[0], out[1]
 
@@ -186,22 +298,24 @@ class SparseLabels:
 
     def save(self, root: Path, phase: str) -> None:
         for name, part in zip(self.files(phase), self._PARTS, strict=True):
-            checkpoint.save_npy_atomic(root / name, getattr(self, part))
+            files.save_npy_atomic(root / name, getattr(self, part))
 
     @classmethod
     def load(cls, root: Path, phase: str, num_classes: int) -> SparseLabels:
-        parts = [np.load(root / name, allow_pickle=False) for name in cls.files(phase)]
-        labels = cls(*parts, num_classes)
+        paths = [root / name for name in cls.files(phase)]
+        fix = (f"Delete {', '.join(str(p) for p in paths)} and format again from the raw annotations "
+               "(data/openimages/README.md).")  # fmt: skip
+        parts = [load_npy(path, fix) for path in paths]
         indptr, indices, values = parts
         ok = (
-            indptr.ndim == 1 and indptr[0] == 0 and len(indices) == len(values) == indptr[-1]
+            indptr.ndim == indices.ndim == values.ndim == 1 and len(indptr) > 0 and indptr[0] == 0
+            and all(p.dtype.kind in "iu" for p in parts) and len(indices) == len(values) == indptr[-1]
             and (np.diff(indptr) >= 0).all() and np.isin(values, (-1, 1)).all()
             and (len(indices) == 0 or (indices.min() >= 0 and indices.max() < num_classes))
         )  # fmt: skip
         if not ok:
-            raise DataError(f"The sparse label files formatted_{phase}_labels_*.npy in {root} are inconsistent. "
-                            "Delete them and format again (data/openimages/README.md).")  # fmt: skip
-        return labels
+            raise DataError(f"The sparse label files formatted_{phase}_labels_*.npy in {root} are inconsistent. {fix}")
+        return cls(*parts, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,10 +335,9 @@ def format_pascal(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for phase in ("train", "val"):
         names = []
         for index, name in enumerate(VOC_CLASSES):
-            for line in _read_lines(main / f"{name}_{phase}.txt"):
-                fields = line.split()
-                if len(fields) >= 2 and int(fields[-1]) == 1:
-                    file_name = fields[0] + ".jpg"
+            for image_id, flag in _parsed(main / f"{name}_{phase}.txt", 2, lambda f: (f[0], int(f[-1]))):
+                if flag == 1:
+                    file_name = image_id + ".jpg"
                     if file_name not in classes_of:
                         classes_of[file_name] = []
                         names.append(file_name)
@@ -247,11 +360,11 @@ def format_coco(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for phase in ("train", "val"):
         path = root / "annotations" / f"instances_{phase}2014.json"
         print(f"[coco] reading {path} ...")
-        with open(_existing(path)) as f:
-            data = json.load(f)
+        data = _read_coco_json(path)
+        ids_here = [c["id"] for c in data["categories"]]
         if categories is None:
-            categories = [c["id"] for c in data["categories"]]
-        elif categories != [c["id"] for c in data["categories"]]:
+            categories = ids_here
+        elif categories != ids_here:
             raise DataError(f"{path} lists other categories than the train annotations; use the official 2014 files.")
         column = {cat_id: i for i, cat_id in enumerate(categories)}
         ids = sorted({str(a["image_id"]) for a in data["annotations"]})
@@ -264,25 +377,61 @@ def format_coco(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def _read_coco_json(path: Path) -> dict:
+    """A COCO 2014 instances file, checked for what ``format_coco`` reads: a half-downloaded file or another JSON is a
+    DataError naming the file, before anything is written."""
+    fix = f"Download the COCO 2014 annotations again and extract {path.name} in place (data/coco/README.md)."
+    try:
+        with open(_existing(path), "rb") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{path} is not valid JSON ({err}): it is incomplete or damaged (an interrupted download?). "
+                        f"{fix}") from None  # fmt: skip
+    problem = None
+    if not isinstance(data, dict) or not {"annotations", "categories"} <= data.keys():
+        problem = "it has no 'annotations' and 'categories' lists"
+    elif not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in data["categories"]):
+        problem = "its categories are not objects with an integer 'id'"
+    elif not len(data["categories"]) == len({c["id"] for c in data["categories"]}) == COCO_NUM_CLASSES:
+        problem = f"it lists {len(data['categories'])} categories, not the 80 distinct ones of COCO 2014"
+    else:
+        known = {c["id"] for c in data["categories"]}
+        for a in data["annotations"]:
+            if not (isinstance(a, dict) and isinstance(a.get("image_id"), int)):
+                problem = f"an annotation has no integer image_id: {str(a)[:120]}"
+            elif a.get("category_id") not in known:
+                problem = f"an annotation has category_id {a.get('category_id')!r}, which its categories do not list"
+            if problem:
+                break
+    if problem:
+        raise DataError(f"{path} is not a COCO 2014 instances file: {problem}. Nothing was written. {fix}")
+    return data
+
+
 def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """CUB-200-2011: the 312 attributes' ``is_present`` from ``attributes/image_attribute_labels.txt``, images in
     ``images.txt`` order, split by ``train_test_split.txt`` (1 = train, else test). Some lines of the real label file
     carry extra fields; only the first three (image id, attribute id, is_present) are read."""
     cub = root / "CUB_200_2011"
-    images = [line.split(maxsplit=1) for line in _read_lines(cub / "images.txt")]
-    image_row = {int(image_id): i for i, (image_id, _) in enumerate(images)}
-    is_train = {
-        int(a): int(b) == 1 for a, b in (line.split()[:2] for line in _read_lines(cub / "train_test_split.txt"))
-    }
-    num_attributes = DATASET_INFO["cub"].num_classes
-    labels = np.full((len(images), num_attributes), -1, dtype=np.int64)
-    for line in _read_lines(cub / "attributes" / "image_attribute_labels.txt"):
-        image_id, attribute_id, is_present = (int(x) for x in line.split()[:3])
+    images = list(_parsed(cub / "images.txt", 2, lambda f: (int(f[0]), " ".join(f[1:]))))
+    image_row = {image_id: i for i, (image_id, _) in enumerate(images)}
+    is_train = dict(_parsed(cub / "train_test_split.txt", 2, lambda f: (int(f[0]), int(f[1]) == 1)))
+    labels = np.full((len(images), CUB_NUM_ATTRIBUTES), -1, dtype=np.int64)
+    path = cub / "attributes" / "image_attribute_labels.txt"
+    for image_id, attribute_id, is_present in _parsed(path, 3, lambda f: (int(f[0]), int(f[1]), int(f[2]))):
+        if image_id not in image_row or not 1 <= attribute_id <= CUB_NUM_ATTRIBUTES or is_present not in (0, 1):
+            raise DataError(f"{path}: the line '{image_id} {attribute_id} {is_present} ...' names an image not in "
+                            f"images.txt, an attribute outside 1..{CUB_NUM_ATTRIBUTES} or a value other than 0/1. Use "
+                            "the official CUB_200_2011 files (data/cub/README.md).")  # fmt: skip
         labels[image_row[image_id], attribute_id - 1] = is_present
     if (labels < 0).any():
         row, col = np.argwhere(labels < 0)[0]
         raise DataError(f"image_attribute_labels.txt has no line for image {images[row][0]}, attribute {col + 1}.")
-    train = np.array([is_train[int(image_id)] for image_id, _ in images])
+    unsplit = [image_id for image_id, _ in images if image_id not in is_train]
+    if unsplit:
+        raise DataError(f"{cub / 'train_test_split.txt'} has no line for image {unsplit[0]} ({len(unsplit)} images "
+                        "missing). Use the official CUB_200_2011 files (data/cub/README.md).")  # fmt: skip
+    train = np.array([is_train[image_id] for image_id, _ in images])
     names = np.array([name.strip() for _, name in images])
     return {"train": (names[train], labels[train]), "val": (names[~train], labels[~train])}
 
@@ -300,9 +449,9 @@ def format_openimages(root: Path) -> dict[str, tuple[np.ndarray, SparseLabels]]:
     """
     base = root / "2017_11"
     classes = [line.strip() for line in _read_lines(base / "classes-trainable.txt") if line.strip()]
-    if len(classes) != DATASET_INFO["openimages"].num_classes:
+    if len(classes) != OPENIMAGES_NUM_CLASSES:
         raise DataError(f"{base / 'classes-trainable.txt'} lists {len(classes)} classes; the 2017_11 release (V3) has "
-                        f"{DATASET_INFO['openimages'].num_classes}. Use that release's file.")  # fmt: skip
+                        f"{OPENIMAGES_NUM_CLASSES}. Use that release's file.")  # fmt: skip
     column = {mid: i for i, mid in enumerate(classes)}
     out = {}
     for phase, folder in OPENIMAGES_SPLITS.items():
@@ -321,23 +470,34 @@ def _read_openimages_csv(path: Path, column: dict[str, int]) -> tuple[np.ndarray
     with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=path.name) as bar:
         header = f.readline()
         bar.update(len(header))
-        fields = header.decode().strip().split(",")
+        fields = header.decode(errors="replace").strip().split(",")
         try:
             i_id, i_label, i_conf = fields.index("ImageID"), fields.index("LabelName"), fields.index("Confidence")
         except ValueError:
             raise DataError(f"{path} does not start with the header ImageID,Source,LabelName,Confidence.") from None
-        for line in f:
+        for number, line in enumerate(f, start=2):
             bar.update(len(line))
             parts = line.split(b",")
-            col = column.get(parts[i_label].decode())
-            if col is None:
-                continue
+            try:
+                if len(parts) != len(fields):
+                    raise ValueError
+                col = column.get(parts[i_label].decode())
+                if col is None:
+                    continue
+                conf = float(parts[i_conf])
+            except (ValueError, UnicodeDecodeError):
+                if not line.strip():
+                    continue
+                raise DataError(
+                    f"{path}, line {number}: {line[:100]!r} is not a complete {','.join(fields)} line: the file is cut "
+                    "short or damaged (an interrupted download?). Download it again (data/openimages/README.md)."
+                ) from None
             try:
                 ids.append(int(parts[i_id], 16))
             except ValueError:
-                raise DataError(f"{path}: ImageID {parts[i_id]!r} is not a 16-digit hex id.") from None
+                raise DataError(f"{path}, line {number}: ImageID {parts[i_id]!r} is not a 16-digit hex id.") from None
             cols.append(col)
-            values.append(1 if float(parts[i_conf]) > 0.5 else -1)
+            values.append(1 if conf > 0.5 else -1)
     return np.frombuffer(ids, np.uint64), np.frombuffer(cols, np.int32), np.frombuffer(values, np.int8)
 
 
@@ -347,6 +507,25 @@ def _hex_ids(ids: np.ndarray) -> np.ndarray:
     shifts = np.arange(60, -4, -4, dtype=np.uint64)
     nibbles = (ids[:, None] >> shifts) & np.uint64(15)
     return digits[nibbles.astype(np.int64)].view("S16").ravel()
+
+
+def _parsed(path: Path, count: int, parse: Callable[[list[str]], object]) -> Iterator:
+    """``parse(fields)`` of each non-blank line's whitespace-separated fields; a line with fewer than ``count`` fields,
+    or one ``parse`` fails on (ValueError), is a DataError naming the file and the line."""
+    number, line = 0, ""
+    try:
+        for number, line in enumerate(_read_lines(path), start=1):  # noqa: B007 (the message names the line)
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < count:
+                raise ValueError
+            yield parse(fields)
+    except ValueError:
+        raise DataError(
+            f"{path}, line {number}: {line[:100]!r} cannot be read: the file is cut short or damaged, or "
+            "not the official one. Extract it again from the official archive (data/README.md)."
+        ) from None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -359,13 +538,89 @@ def _existing(path: Path) -> Path:
     return path
 
 
-FORMATTERS = {"pascal": format_pascal, "coco": format_coco, "cub": format_cub, "openimages": format_openimages}
-RAW_MARKERS = {  # a file whose presence says the raw annotations are there
-    "pascal": "VOCdevkit/VOC2012/ImageSets/Main/aeroplane_train.txt",
-    "coco": "annotations/instances_train2014.json",
-    "cub": "CUB_200_2011/attributes/image_attribute_labels.txt",
-    "openimages": "2017_11/classes-trainable.txt",
-}
+# ---------------------------------------------------------------------------------------------------------------------
+# Class names from the raw files (for figures and predictions; the formatted files carry none).
+
+
+def _coco_class_names(root: Path) -> list[str]:
+    path = root / "annotations" / "instances_val2014.json"
+    if not path.exists():
+        return []
+    try:
+        with open(path) as f:
+            return [c["name"] for c in json.load(f)["categories"]]
+    except (ValueError, KeyError, TypeError):  # not the COCO file: the names stay "class <i>"
+        return []
+
+
+def _listed_names(file: str, part: int | None = None) -> Callable[[Path], list[str]]:
+    def read(root: Path) -> list[str]:
+        path = root / file
+        if not path.exists():
+            return []
+        lines = [line.strip() for line in _read_lines(path) if line.strip()]
+        return [line.split(maxsplit=1)[part] if part is not None else line for line in lines]
+
+    return read
+
+
+def _openimages_class_names(root: Path) -> list[str]:
+    descriptions = root / "2017_11" / "class-descriptions.csv"
+    if not descriptions.exists():
+        return []
+    described = dict(line.split(",", 1) for line in _read_lines(descriptions) if "," in line)
+    mids = [line.strip() for line in _read_lines(root / "2017_11" / "classes-trainable.txt") if line.strip()]
+    return [described.get(mid, mid).strip().strip('"') for mid in mids]
+
+
+def _synthetic_class_names(root: Path) -> list[str]:
+    """The generator writes its class names into ``synthetic.json`` beside the images."""
+    try:
+        return list(json.loads((root / "synthetic.json").read_text())["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The datasets: one entry each.
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "pascal": DatasetInfo(
+        20, "VOCdevkit/VOC2012/JPEGImages", "VOC12", _defaults("sgd", 5e-3),
+        formatter=format_pascal, raw_marker="VOCdevkit/VOC2012/ImageSets/Main/aeroplane_train.txt",
+        read_class_names=lambda root: list(VOC_CLASSES),
+    ),
+    "coco": DatasetInfo(
+        COCO_NUM_CLASSES, "", "COCO14", _defaults("adam", 1e-5),
+        formatter=format_coco, raw_marker="annotations/instances_train2014.json", read_class_names=_coco_class_names,
+    ),
+    # NUS-WIDE comes as formatted files (Cole et al.'s re-crawled subset): no raw form here.
+    "nuswide": DatasetInfo(81, "Flickr", "NUS-WIDE", _defaults("adam", 1e-5), read_class_names=_listed_names(
+        "Concepts81.txt")),
+    "cub": DatasetInfo(
+        CUB_NUM_ATTRIBUTES, "CUB_200_2011/images", "CUB", _defaults("adam", 7.5e-5),
+        formatter=format_cub, raw_marker="CUB_200_2011/attributes/image_attribute_labels.txt",
+        read_class_names=_listed_names("attributes.txt", part=1),
+    ),
+    # The paper publishes no OpenImages settings: COCO's, the closest large-scale setting, as a starting point.
+    "openimages": DatasetInfo(
+        OPENIMAGES_NUM_CLASSES, "", "OpenImages", _defaults("adam", 1e-5), ("train", "val", "test"), sparse=True,
+        formatter=format_openimages, raw_marker="2017_11/classes-trainable.txt",
+        read_class_names=_openimages_class_names,
+    ),
+    # Generated by synthetic.py, which registers its generator as ``prepare`` (register_prepare). Its defaults were
+    # tuned for the embedded demo (docs/synthetic.md).
+    "synthetic": DatasetInfo(
+        16, "images", "synthetic", _defaults("adam", 1e-3, arch="smallcnn", image_size=32),
+        read_class_names=_synthetic_class_names,
+    ),
+}  # fmt: skip
+
+
+def register_prepare(dataset: str, prepare: Callable[[Path], object]) -> None:
+    """Set the function that generates ``dataset`` under a data root (called before its formatted files are read).
+    ``synthetic.py`` registers its generator this way, so this module needs no import of it."""
+    DATASET_INFO[dataset] = dataclasses.replace(DATASET_INFO[dataset], prepare=prepare)
 
 
 def formatted_files(dataset: str) -> list[str]:
@@ -375,33 +630,68 @@ def formatted_files(dataset: str) -> list[str]:
     return [name for phase in info.phases for name in [f"formatted_{phase}_images.npy", *label_files(phase)]]
 
 
-def format_dataset(name: str, root: str | os.PathLike) -> None:
+def find_file(name: str, root: Path, derived: Path | None = None) -> Path:
+    """Where a formatted or observed-label file is read from: the data root when it holds it, else the folder of
+    derived files (``derived_dir``), which is also where the tool writes the ones it makes."""
+    if derived is None or (root / name).exists():
+        return root / name
+    return derived / name if (derived / name).exists() else root / name
+
+
+def format_dataset(name: str, root: str | os.PathLike, derived: str | os.PathLike | None = None) -> None:
     """Read the raw official annotations under ``root`` and write the formatted files that are missing.
 
-    Files that exist are never rewritten (the official tools' files, or an earlier run's). NUS-WIDE and the synthetic
+    Files that exist (in ``root`` or ``derived``) are never rewritten (the official tools' files, or an earlier
+    run's); new ones go to ``derived`` (default: ``root``). The formatter's output is checked (rows, classes, values)
+    before anything is written, so formatted files judged wrong are never left behind. NUS-WIDE and the synthetic
     dataset have no raw form here: NUS-WIDE comes as formatted files (Cole et al.'s re-crawled subset).
     """
     root = Path(root)
-    missing = [f for f in formatted_files(name) if not (root / f).exists()]
+    out = Path(derived) if derived is not None else root
+    info = DATASET_INFO[name]
+    missing = [f for f in formatted_files(name) if not find_file(f, root, out).exists()]
     if not missing:
         return
-    for phase in DATASET_INFO[name].phases:  # the three parts of a sparse matrix only make sense together
-        parts = SparseLabels.files(phase) if DATASET_INFO[name].sparse else []
-        if 0 < sum((root / f).exists() for f in parts) < len(parts):
-            raise DataError(f"Only some of {', '.join(parts)} exist in {root}. Delete them and run again to format "
-                            "the raw annotations anew.")  # fmt: skip
-    if name not in FORMATTERS or not (root / RAW_MARKERS[name]).exists():
+    for phase in info.phases:  # the three parts of a sparse matrix only make sense together
+        parts = SparseLabels.files(phase) if info.sparse else []
+        present = [str(find_file(f, root, out)) for f in parts if find_file(f, root, out).exists()]
+        if 0 < len(present) < len(parts):
+            raise DataError(f"Only some of the parts {', '.join(parts)} exist ({', '.join(present)}). Delete "
+                            f"{' and '.join(present)} and run again to format the raw annotations anew.")  # fmt: skip
+    if info.formatter is None or not (root / info.raw_marker).exists():
         raise DataError(_missing_data_message(name, root, missing))
     print(f"[{name}] formatting the raw annotations in {root} (once) ...")
-    for phase, (names, labels) in FORMATTERS[name](root).items():
-        if not (root / f"formatted_{phase}_images.npy").exists():
-            checkpoint.save_npy_atomic(root / f"formatted_{phase}_images.npy", names)
+    formatted = info.formatter(root)
+    for phase, (names, labels) in formatted.items():
+        _check_formatted_output(name, root, phase, names, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    for phase, (names, labels) in formatted.items():
+        if not find_file(f"formatted_{phase}_images.npy", root, out).exists():
+            files.save_npy_atomic(out / f"formatted_{phase}_images.npy", names)
         if isinstance(labels, SparseLabels):
-            if not any((root / f).exists() for f in SparseLabels.files(phase)):
-                labels.save(root, phase)
-        elif not (root / f"formatted_{phase}_labels.npy").exists():
-            checkpoint.save_npy_atomic(root / f"formatted_{phase}_labels.npy", labels)
-    print(f"[{name}] wrote {', '.join(missing)}")
+            if not any(find_file(f, root, out).exists() for f in SparseLabels.files(phase)):
+                labels.save(out, phase)
+        elif not find_file(f"formatted_{phase}_labels.npy", root, out).exists():
+            files.save_npy_atomic(out / f"formatted_{phase}_labels.npy", labels)
+    where = "" if out == root else f" in {out}"
+    print(f"[{name}] wrote {', '.join(missing)}{where}")
+
+
+def _check_formatted_output(dataset: str, root: Path, phase: str, names: np.ndarray, labels) -> None:
+    """What a formatter made must have the dataset's class count, one label row per image and at least one image;
+    otherwise the raw files are not the official ones, and nothing is written."""
+    info = DATASET_INFO[dataset]
+    num_classes = labels.num_classes if isinstance(labels, SparseLabels) else labels.shape[1]
+    problem = None
+    if num_classes != info.num_classes:
+        problem = f"{num_classes} classes, but {info.title} has {info.num_classes}"
+    elif len(names) != len(labels):
+        problem = f"{len(names)} image names but {len(labels)} label rows in the {phase} split"
+    elif len(names) == 0:
+        problem = f"no image in the {phase} split"
+    if problem:
+        raise DataError(f"The raw annotations in {root} give {problem}: they are not the official {info.title} files. "
+                        f"Nothing was written. Use the files data/{dataset}/README.md names.")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -416,51 +706,197 @@ def _missing_data_message(dataset: str, root: Path, missing: list[str]) -> str:
     )
 
 
-def _check_labels(path: Path, labels: np.ndarray, num_images: int, num_classes: int, allowed: tuple) -> None:
+def _formatted_fix(dataset: str, root: Path, paths: list[Path]) -> str:
+    """What to do about formatted files that are wrong: which to delete, and what then makes them anew."""
+    info = DATASET_INFO[dataset]
+    listed = " and ".join(str(p) for p in paths)
+    if info.formatter is not None and (root / info.raw_marker).exists():
+        return f"Delete {listed} and run again: the next run formats them anew from the raw annotations in {root}."
+    if info.prepare is not None:
+        return f"Delete {listed} and run again: the next run generates the dataset anew."
+    return f"Replace {listed} with the files data/{dataset}/README.md describes."
+
+
+def load_npy(path: Path, fix: str) -> np.ndarray:
+    """``np.load`` without pickles, every failure a DataError naming the file, what is wrong and ``fix``."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"Missing {path}. {fix}") from None
+    except PermissionError:
+        raise
+    except EOFError:
+        raise DataError(f"{path} is empty (zero bytes or cut short). {fix}") from None
+    except (ValueError, OSError) as err:
+        reason = (
+            "it holds Python objects (a pickle), which are never loaded"
+            if "pickle" in str(err) or "Object arrays" in str(err)
+            else f"it is cut short or damaged ({err})"
+        )
+        raise DataError(f"{path} is not a readable numpy array: {reason}. {fix}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise DataError(f"{path} is an .npz archive, not a single .npy array. {fix}")
+    return array
+
+
+def _check_labels(path: Path, labels: np.ndarray, num_images: int, num_classes: int, allowed: tuple, fix: str) -> None:
+    if labels.dtype.kind not in "buif":
+        raise DataError(f"{path} holds {labels.dtype} values, not numbers. {fix}")
     if labels.ndim != 2 or labels.shape[0] != num_images or labels.shape[1] != num_classes:
         raise DataError(
             f"{path} has shape {labels.shape}, but the images file lists {num_images} images and the dataset has "
-            f"{num_classes} classes. The formatted files disagree: regenerate them (data/README.md)."
+            f"{num_classes} classes. The formatted files disagree. {fix}"
         )
     bad = ~np.isin(labels, allowed)
     if bad.any():
         raise DataError(
-            f"{path} holds values other than {allowed} ({int(bad.sum())} entries, e.g. {labels[bad][0]!r}). "
-            "Regenerate it (data/README.md)."
+            f"{path} holds values other than {allowed} ({int(bad.sum())} entries, e.g. {labels[bad][0]!r}). {fix}"
         )
 
 
-def load_formatted(dataset: str, root: str | os.PathLike) -> dict[str, dict]:
+def check_observed(path: Path, observed: np.ndarray, labels: np.ndarray) -> None:
+    """An observed-label file must belong to the full labels: same shape, every observed positive a true positive and
+    every observed negative a true negative (a file of other formatted files, or rows shifted, fails this)."""
+    fix = f"It was made for other formatted files (or its rows are out of order): delete {path} to regenerate it."
+    _check_labels(path, observed, labels.shape[0], labels.shape[1], (-1, 0, 1), fix)
+    wrong_pos = (observed > 0) & ~(labels > 0)
+    wrong_neg = (observed < 0) & (labels > 0)
+    for wrong, what in ((wrong_pos, "observed positives that are not true positives"),
+                        (wrong_neg, "observed negatives that are true positives")):  # fmt: skip
+        if wrong.any():
+            row, col = np.argwhere(wrong)[0]
+            raise DataError(
+                f"{path} does not match the full labels: {int(wrong.sum())} of its {int((observed != 0).sum())} "
+                f"observed entries are {what} (the first at row {row}, class {col}). {fix}"
+            )
+
+
+def load_formatted(
+    dataset: str, root: str | os.PathLike, derived: str | os.PathLike | None = None, regime: Regime = Regime()
+) -> dict[str, dict]:
     """Per phase: ``images`` (names), ``labels`` (full 0/1 matrix, or SparseLabels) and ``labels_obs``.
 
-    Formats the raw annotations first when the formatted files are missing. Observed labels come from
-    ``formatted_{phase}_labels_obs.npy``, generated with the official generator and cached when absent (an existing
-    file, e.g. from the official tools, is used as it is). OpenImages' observed labels are its real partial labels.
+    Formats the raw annotations first when the formatted files are missing. Observed labels come from the regime's
+    file (``formatted_{phase}_labels_obs.npy`` for the paper's), generated with the official generator and cached in
+    ``derived`` (default: ``root``) when absent; an existing file (e.g. from the official tools) is used as it is once
+    it is checked against the full labels. OpenImages' observed labels are its real partial labels. Label files of
+    any numeric dtype (bool and uint8 included) are read as the numbers they hold.
     """
     root = Path(root)
+    derived = Path(derived) if derived is not None else root
     info = DATASET_INFO[dataset]
-    format_dataset(dataset, root)
+    if info.sparse and regime != Regime():
+        raise DataError(f"--num_pos, --num_neg and --label_proportion draw observed labels from full labels; "
+                        f"{info.title} has only partial labels (its annotated entries are what is observed). Leave "
+                        "them out.")  # fmt: skip
+    format_dataset(dataset, root, derived)
     data = {}
     for phase in info.phases:
-        images = np.load(root / f"formatted_{phase}_images.npy", allow_pickle=False)
+        images_path = find_file(f"formatted_{phase}_images.npy", root, derived)
+        images = load_npy(images_path, _formatted_fix(dataset, root, [images_path]))
+        if images.ndim != 1 or images.dtype.kind not in "US" or len(images) == 0:
+            what = "no image names" if images.dtype.kind in "US" and images.ndim == 1 else "no 1-D list of names"
+            raise DataError(f"{images_path} holds {what} (shape {images.shape}, dtype {images.dtype}). "
+                            f"{_formatted_fix(dataset, root, [images_path])}")  # fmt: skip
         if info.sparse:
-            labels = SparseLabels.load(root, phase, info.num_classes)
+            parts = [find_file(name, root, derived) for name in SparseLabels.files(phase)]
+            labels = SparseLabels.load(parts[0].parent, phase, info.num_classes)
             if len(labels) != len(images):
-                raise DataError(f"formatted_{phase}_images.npy lists {len(images)} images but its label files have "
-                                f"{len(labels)} rows. Delete both and format again.")  # fmt: skip
+                raise DataError(f"{images_path} lists {len(images)} images but its label files have {len(labels)} "
+                                f"rows. {_formatted_fix(dataset, root, [images_path, *parts])}")  # fmt: skip
             data[phase] = {"images": images, "labels": labels, "labels_obs": labels}
             continue
-        labels = np.load(root / f"formatted_{phase}_labels.npy", allow_pickle=False)
-        _check_labels(root / f"formatted_{phase}_labels.npy", labels, len(images), info.num_classes, (0, 1))
-        obs_path = root / f"formatted_{phase}_labels_obs.npy"
-        if obs_path.exists():
-            observed = np.load(obs_path, allow_pickle=False)
-            _check_labels(obs_path, observed, len(images), info.num_classes, (-1, 0, 1))
-        else:
-            observed = observe_labels(labels)
-            checkpoint.save_npy_atomic(obs_path, observed)
+        labels_path = find_file(f"formatted_{phase}_labels.npy", root, derived)
+        fix = _formatted_fix(dataset, root, [images_path, labels_path])
+        labels = load_npy(labels_path, fix)
+        _check_labels(labels_path, labels, len(images), info.num_classes, (0, 1), fix)
+        obs_name = regime.file(phase)
+        observed = _existing_observed(find_file(obs_name, root, derived), labels)
+        if observed is None:
+            with data_lock(derived, f"The data folder {derived} (observed labels being written)"):
+                observed = _existing_observed(derived / obs_name, labels)  # another process may have made it
+                if observed is None:
+                    observed = regime.observe(labels)
+                    files.save_npy_atomic(derived / obs_name, observed)
         data[phase] = {"images": images, "labels": labels, "labels_obs": observed}
     return data
+
+
+def _existing_observed(path: Path, labels: np.ndarray) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    observed = load_npy(path, f"Delete {path} to regenerate it.")
+    check_observed(path, observed, labels)
+    return observed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where derived files go, and the lock that keeps two processes from writing them at once.
+
+LOCK_NAME = ".largeloss.lock"
+LOCK_WAIT_S = 3600.0  # how long a process waits for another that is writing the same derived files
+_noted_read_only: set[str] = set()
+
+
+def user_cache_home() -> Path:
+    """The per-user cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def derived_dir(cfg) -> Path:
+    """Where the files the tool derives from a dataset go (observed labels, formatted files it makes, ``--cache disk``
+    pixels, LinearInit features): see ``derived_folder``. Reads ``cfg.dataset``, ``cfg.data_root`` and
+    ``cfg.cache_dir`` (None when absent)."""
+    return derived_folder(cfg.dataset, cfg.data_root, getattr(cfg, "cache_dir", None))
+
+
+def derived_folder(dataset: str, data_root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache_dir>/<dataset>-<hash>`` when ``cache_dir`` is given; else the data root itself; else, when the data
+    root is not writable (read-only shared storage), ``<user cache>/largeloss/<dataset>-<hash>`` with a one-line note.
+    ``<hash>``: the first 12 hex digits of the SHA-1 of the resolved data root, so one cache folder serves any number
+    of datasets and data roots without their files mixing."""
+    root = Path(data_root)
+    key = f"{dataset}-{hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:12]}"
+    if cache_dir is not None:
+        return Path(cache_dir) / key
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if os.access(existing, os.W_OK):
+        return root
+    folder = user_cache_home() / "largeloss" / key
+    if str(root) not in _noted_read_only:
+        _noted_read_only.add(str(root))
+        print(f"note: the data root {root} is not writable: the files derived from it go to {folder} (--cache_dir "
+              "chooses another folder)")  # fmt: skip
+    return folder
+
+
+@contextlib.contextmanager
+def data_lock(folder: Path, what: str, lock_file: Path | None = None, wait_s: float | None = None) -> Iterator[None]:
+    """Hold ``folder/.largeloss.lock`` (or ``lock_file``) for the block, so two processes never write the same derived
+    files at once. While another process holds it, wait (saying so once) up to ``wait_s`` (``LOCK_WAIT_S``), then
+    raise ``files.LockError``. A lock left by a killed process is free (see ``files.acquire_lock``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = lock_file if lock_file is not None else folder / LOCK_NAME
+    wait = LOCK_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            held = files.acquire_lock(path, what)
+            break
+        except files.LockError as err:
+            if not said and wait > 0:
+                print(f"{err} Waiting for it (up to {wait:.0f} s) ...", flush=True)
+                said = True
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        held.release()
 
 
 @dataclass(frozen=True)
@@ -519,14 +955,15 @@ def build_data(cfg) -> Data:
     Dense datasets: train and val are the official 80/20 split of the official train split (optionally subsampled),
     test is the official validation split; val and test are scored on full labels. OpenImages: its own train,
     validation and test splits (train and val subsampled the same way), scored on their annotated entries only.
+    The observed training labels follow the regime of ``cfg`` (``regime_of``); files the tool derives go to
+    ``derived_dir(cfg)``.
     """
     root = Path(cfg.data_root)
     info = DATASET_INFO[cfg.dataset]
-    if cfg.dataset == "synthetic":
-        import synthetic
-
-        synthetic.ensure_dataset(root)
-    data = load_formatted(cfg.dataset, root)
+    regime = regime_of(cfg)
+    if info.prepare is not None:
+        info.prepare(root)
+    data = load_formatted(cfg.dataset, root, derived_dir(cfg), regime)
     if info.sparse:
         train_idx, val_idx = np.arange(len(data["train"]["images"])), np.arange(len(data["val"]["images"]))
         sources = {"train": "train", "val": "val", "test": "test"}
@@ -552,7 +989,10 @@ def build_data(cfg) -> Data:
         splits["train"] = Split(
             train.image_dir, train.image_names, train.labels, np.where(train.labels > 0, 1, -1).astype(np.int8)
         )
+    elif regime != Regime():
+        print(f"observed labels: {regime.describe()} ({regime.file('train')}); the paper used single positive only")
     _report_rows_without_positives(splits)
+    _report_classes_without_positives(splits, lambda: class_names(cfg.dataset, root))
     check_images_exist(splits)
     groups = class_groups(data["train"]["labels"].positives_per_class()) if info.sparse else None
     return Data(**splits, num_classes=info.num_classes, class_groups=groups)
@@ -571,38 +1011,102 @@ def _report_rows_without_positives(splits: dict[str, Split]) -> None:
         print(f"images without any positive label (kept, as the official tools keep them): {listed}")
 
 
+def classes_without_positives(labels: np.ndarray | SparseLabels) -> np.ndarray:
+    """The classes that enter a split's mAP with AP 0: no positive image (OpenImages: annotated entries but none
+    positive; a class with no annotated entry at all is left out of its mAP, so it is not listed)."""
+    if isinstance(labels, SparseLabels):
+        annotated = np.bincount(labels.indices.astype(np.int64), minlength=labels.num_classes) > 0
+        return np.flatnonzero(annotated & (labels.positives_per_class() == 0))
+    return np.flatnonzero((np.asarray(labels) > 0).sum(axis=0) == 0)
+
+
+def _report_classes_without_positives(splits: dict[str, Split], class_names_of: Callable[[], list[str]]) -> None:
+    """One note per run: how many (and which, up to 5) classes have no positive in val and in test. The names are
+    read (``class_names_of()``) only when there is something to say: COCO's come from a large JSON file."""
+    parts, names = [], None
+    for phase in ("val", "test"):
+        empty = classes_without_positives(splits[phase].labels)
+        if len(empty):
+            names = class_names_of() if names is None else names
+            shown = ", ".join(names[c] for c in empty[:5]) + (", ..." if len(empty) > 5 else "")
+            parts.append(f"{phase} {len(empty)} of {len(names)} ({shown})")
+    if parts:
+        print(f"note: classes without any positive image: {'; '.join(parts)}. Each enters that split's mAP with AP 0: "
+              "the official evaluation keeps every class in the mean, and so does this one.")  # fmt: skip
+
+
 def check_images_exist(splits: dict[str, Split]) -> None:
-    """Every listed image must exist before training starts; say how many are missing and which."""
+    """Every listed image must exist and be non-empty before training starts; say how many are not, and which."""
     total = sum(len(s) for s in splits.values())
-    missing: list[str] = []
-    count = 0
+    shown: list[str] = []
+    missing = empty = 0
     with tqdm(total=total, desc="checking images", disable=total < 200_000, leave=False) as bar:
         for split in splits.values():
             for i in range(len(split)):
                 path = split.image_path(i)
-                if not os.path.exists(path):
-                    count += 1
-                    if len(missing) < 5:
-                        missing.append(path)
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    size = None
+                if size is None or size == 0:
+                    missing += size is None
+                    empty += size == 0
+                    if len(shown) < 5:
+                        shown.append(path if size is None else f"{path} (zero bytes)")
             bar.update(len(split))
-    if count:
-        shown = "\n  ".join(missing)
+    if missing or empty:
+        what = " and ".join(
+            part for part in (f"{missing} of {total} listed images are missing" if missing else "",
+                              f"{empty} of {total} are empty files (zero bytes)" if empty else "") if part
+        )  # fmt: skip
+        listed = "\n  ".join(shown)
         raise DataError(
-            f"{count} of {total} listed images are missing, for example:\n  {shown}\n"
-            "Check --data_root and that the image archives are fully extracted (data/README.md)."
+            f"{what}, for example:\n  {listed}\nCheck --data_root and that the image archives are fully downloaded "
+            "and extracted (data/README.md)."
         )
+
+
+def check_images_decode(splits: dict[str, Split], per_split: int = 16) -> None:
+    """Decode a sample of each split's images (``per_split``, evenly spread, first and last included); say which
+    fail. A cheap check that the images are real, for ``python datasets.py``; training decodes every one anyway."""
+    bad, tried = [], 0
+    for split in splits.values():
+        rows = np.unique(np.linspace(0, len(split) - 1, min(per_split, len(split))).round().astype(int))
+        for row in rows:
+            tried += 1
+            try:
+                load_image(split.image_path(int(row)), 8)
+            except DataError as err:
+                bad.append(str(err))
+    if bad:
+        listed = "\n  ".join(bad[:5])
+        raise DataError(f"{len(bad)} of {tried} sampled images cannot be decoded:\n  {listed}\nReplace them: "
+                        "download and extract the image archives again (data/README.md).")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Images.
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16-bit grayscale (PIL modes ``I;16*``, and ``I``, which older Pillow gives 16-bit PNGs) is
+    scaled to 8 bits (v / 257, rounded), never clipped as ``convert("RGB")`` would (it maps nearly every pixel to
+    255); every other mode (L, P, LA, RGBA, CMYK, 1, ...) goes through ``convert("RGB")``, as the paper's loader."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str, size: int) -> np.ndarray:
     """RGB uint8 H x W x 3, resized to size x size with PIL bilinear: the paper's ``Resize((size, size))`` before
-    ``ToTensor``, pixel for pixel."""
+    ``ToTensor``, pixel for pixel (``to_rgb`` first)."""
     try:
         with Image.open(path) as raw:
-            return np.array(raw.convert("RGB").resize((size, size), Image.BILINEAR))
+            return np.array(to_rgb(raw).resize((size, size), Image.BILINEAR))
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from None
 
@@ -662,11 +1166,18 @@ def _cache_done_path(path: Path) -> Path:
 
 
 def disk_cache_complete(path: Path, num_images: int) -> bool:
+    done = _cache_done(path, num_images)
+    return path.exists() and done is not None and bool(done.all())
+
+
+def _cache_done(path: Path, num_images: int) -> np.ndarray | None:
+    """The cache's bitmap of finished images; None when absent, unreadable or of another size (start over)."""
     done_path = _cache_done_path(path)
-    if not (path.exists() and done_path.exists()):
-        return False
-    done = np.load(done_path)
-    return len(done) == num_images and bool(done.all())
+    try:
+        done = np.load(done_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return done if done.shape == (num_images,) and done.dtype == bool else None
 
 
 _worker_cache: dict = {}
@@ -692,10 +1203,19 @@ def build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int
     n = len(split)
     if disk_cache_complete(path, n):
         return path
+    lock = path.with_name(path.name + ".lock")
+    with data_lock(path.parent, f"The disk cache {path} (being built)", lock_file=lock):
+        return _build_disk_cache(split, image_size, path, num_workers, on_chunk)
+
+
+def _build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int, on_chunk) -> Path:
+    n = len(split)
+    if disk_cache_complete(path, n):  # built by the process that held the lock before
+        return path
     need = n * image_size * image_size * 3
-    path.parent.mkdir(parents=True, exist_ok=True)
     done_path = _cache_done_path(path)
-    done = np.load(done_path) if done_path.exists() and path.exists() else np.zeros(n, dtype=bool)
+    done = _cache_done(path, n) if path.exists() else None
+    done = np.zeros(n, dtype=bool) if done is None else done
     free = shutil.disk_usage(path.parent).free + (path.stat().st_size if path.exists() else 0)
     print(f"disk cache: {n} images x {image_size}x{image_size}x3 = {need / 1e9:.2f} GB in {path} "
           f"({int(done.sum())} already done; {free / 1e9:.1f} GB free)")  # fmt: skip
@@ -717,14 +1237,14 @@ def build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int
         with tqdm(total=n, initial=int(done.sum()), desc="disk cache", unit="img") as bar:
             for indices in finished:
                 done[indices] = True
-                checkpoint.save_npy_atomic(done_path, done)
+                files.save_npy_atomic(done_path, done)
                 bar.update(len(indices))
                 if on_chunk is not None:
                     on_chunk(int(done.sum()))
     finally:
         if pool is not None:
             pool.terminate()
-        checkpoint.save_npy_atomic(done_path, done)
+        files.save_npy_atomic(done_path, done)
     return path
 
 
@@ -735,9 +1255,16 @@ def to_model_input(images: torch.Tensor, flip: torch.Tensor | None = None) -> to
     if flip is not None:
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
     x = images.float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _normalisation(x.device)
     return x.sub(mean).div(std).contiguous(memory_format=torch.channels_last)
+
+
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as 1 x 3 x 1 x 1 tensors on ``device``, made once per device (a host-to-device copy
+    per batch would make the host wait for the GPU)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return mean.to(device), std.to(device)
 
 
 def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -778,14 +1305,17 @@ class EpochBatches(torch.utils.data.Sampler):
             yield batch.tolist() if self.world == 1 else distributed.share(batch.numpy(), self.rank, self.world)
 
 
-EVAL_BATCH_FACTOR = 4  # evaluation has no gradients and BatchNorm in eval mode: larger batches, same scores
+# Evaluation has no gradients and BatchNorm in eval mode: the model scores batches of EVAL_BATCH_FACTOR x bsize
+# images (same scores, fewer launches); the loader still delivers batches of bsize, joined on the device
+# (``train.predict``), so that the workers' first batches arrive as soon as during training.
+EVAL_BATCH_FACTOR = 4
 
 
 def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None, ctx=None):
     """Batches of ``(uint8 images, row indices)``: ``EpochBatches`` order, decoding in ``cfg.num_workers`` processes,
     pinned memory for the copy to the GPU, workers kept across epochs and several batches prefetched. Training
     batches are shares of the global batches under torchrun (``ctx``)."""
-    batch_size = cfg.bsize if train else cfg.bsize * EVAL_BATCH_FACTOR
+    batch_size = cfg.bsize
     rank, world = (ctx.rank, ctx.world) if (train and ctx is not None) else (0, 1)
     sampler = EpochBatches(len(split), batch_size, shuffle=train, seed=cfg.seed, rank=rank, world=world)
     workers = cfg.num_workers
@@ -805,60 +1335,61 @@ def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path
 
 def class_names(dataset: str, root: str | os.PathLike) -> list[str]:
     """The classes' names in column order, from the raw files when they are there, else ``class <i>``."""
-    root = Path(root)
-    num_classes = DATASET_INFO[dataset].num_classes
-    names: list[str] = []
-    if dataset == "synthetic":
-        import synthetic
-
-        names = list(synthetic.CLASS_NAMES)
-    elif dataset == "pascal":
-        names = list(VOC_CLASSES)
-    elif dataset == "coco" and (root / "annotations" / "instances_val2014.json").exists():
-        with open(root / "annotations" / "instances_val2014.json") as f:
-            names = [c["name"] for c in json.load(f)["categories"]]
-    elif dataset == "cub" and (root / "attributes.txt").exists():
-        names = [line.split(maxsplit=1)[1] for line in _read_lines(root / "attributes.txt") if line.strip()]
-    elif dataset == "nuswide" and (root / "Concepts81.txt").exists():
-        names = [line.strip() for line in _read_lines(root / "Concepts81.txt") if line.strip()]
-    elif dataset == "openimages" and (root / "2017_11" / "class-descriptions.csv").exists():
-        described = dict(
-            line.split(",", 1) for line in _read_lines(root / "2017_11" / "class-descriptions.csv") if "," in line
-        )
-        mids = [line.strip() for line in _read_lines(root / "2017_11" / "classes-trainable.txt") if line.strip()]
-        names = [described.get(mid, mid).strip().strip('"') for mid in mids]
-    return names if len(names) == num_classes else [f"class {i}" for i in range(num_classes)]
+    info = DATASET_INFO[dataset]
+    names = info.read_class_names(Path(root)) if info.read_class_names is not None else []
+    return names if len(names) == info.num_classes else [f"class {i}" for i in range(info.num_classes)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ``python datasets.py <name>``: prepare a dataset without training.
 
 
-def prepare(dataset: str, root: str | os.PathLike | None = None) -> None:
-    """Format the raw annotations, generate the observed labels, check the images, and print a summary."""
+def prepare(dataset: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> None:
+    """Format the raw annotations, generate the observed labels, check that every image is there and that a sample
+    decodes, and print a summary."""
     root = Path(root) if root else Path(__file__).resolve().parent / "data" / dataset
-    if dataset == "synthetic":
-        import synthetic
-
-        synthetic.ensure_dataset(root)
-    data = load_formatted(dataset, root)
-    image_dir = str(root / DATASET_INFO[dataset].image_dir)
+    info = DATASET_INFO[dataset]
+    if info.prepare is not None:
+        info.prepare(root)
+    data = load_formatted(dataset, root, derived_folder(dataset, root, cache_dir))
+    image_dir = str(root / info.image_dir)
     splits = {phase: Split(image_dir, d["images"], d["labels"], d["labels_obs"]) for phase, d in data.items()}
     _report_rows_without_positives(splits)
     check_images_exist(splits)
+    check_images_decode(splits)
     sizes = ", ".join(f"{phase} {len(split)}" for phase, split in splits.items())
-    print(f"{dataset} is ready in {root}: {sizes} images, {DATASET_INFO[dataset].num_classes} classes.")
+    print(f"{dataset} is ready in {root}: {sizes} images, {info.num_classes} classes.")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """``python datasets.py <name> [--data_root DIR] [--cache_dir DIR]``: exit 0 when ready, 1 with a message."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(description=prepare.__doc__)
     parser.add_argument("dataset", choices=sorted(DATASET_INFO))
     parser.add_argument("--data_root", default=None, help="default: data/<dataset> in the repository")
-    args = parser.parse_args()
+    parser.add_argument("--cache_dir", default=None, help="where derived files go (default: the data root)")
+    args = parser.parse_args(argv)
     try:
-        prepare(args.dataset, args.data_root)
-    except DataError as err:
-        sys.exit(f"error: {err}")
+        prepare(args.dataset, args.data_root, args.cache_dir)
+    except (DataError, files.LockError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: cannot use {err.filename or args.data_root}: {err.strerror or err}. Check --data_root and "
+              "--cache_dir.", file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; every file written so far is complete: run the same command again.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script, this file is the module ``__main__``: go through the module ``datasets`` that the rest of the
+    # tool imports (one registry, one DataError), with the synthetic generator registered (synthetic imports datasets,
+    # never the other way round).
+    import datasets
+    import synthetic  # noqa: F401
+
+    sys.exit(datasets.cli())

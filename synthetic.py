@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import checkpoint
+import datasets
+import files
 
 # Bump when the drawing code changes, so a stale cache is rebuilt instead of silently reused.
 GENERATOR_VERSION = 2
@@ -237,8 +238,8 @@ def _write_split(root: Path, split: str, phase: str, count: int, rng: np.random.
         Image.fromarray(image).save(root / "images" / name)
         names.append(name)
         labels.append(label)
-    checkpoint.save_npy_atomic(root / f"formatted_{phase}_images.npy", np.array(names))
-    checkpoint.save_npy_atomic(root / f"formatted_{phase}_labels.npy", np.stack(labels))
+    files.save_npy_atomic(root / f"formatted_{phase}_images.npy", np.array(names))
+    files.save_npy_atomic(root / f"formatted_{phase}_labels.npy", np.stack(labels))
 
 
 def ensure_dataset(root: str | os.PathLike) -> Path:
@@ -248,23 +249,42 @@ def ensure_dataset(root: str | os.PathLike) -> Path:
     (``val`` is the official held-out split, used as test). Takes about 5 s on one core.
     """
     root = Path(root)
-    manifest_path = root / "synthetic.json"
-    if manifest_path.exists() and json.loads(manifest_path.read_text()) == _manifest():
+    if _is_current(root):
         return root
+    root.mkdir(parents=True, exist_ok=True)
+    with datasets.data_lock(root, f"The synthetic data folder {root} (being generated)"):
+        if not _is_current(root):  # another process may have generated it while this one waited
+            _generate(root)
+    return root
+
+
+_FORMATTED = [f"formatted_{phase}_{part}.npy" for phase in ("train", "val") for part in ("images", "labels")]
+
+
+def _is_current(root: Path) -> bool:
+    """The manifest says this generator made the data, and every formatted file is there."""
+    try:
+        manifest = json.loads((root / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest == _manifest() and all((root / name).exists() for name in _FORMATTED)
+
+
+def _generate(root: Path) -> None:
+    manifest_path = root / "synthetic.json"
     if manifest_path.exists() or any(root.glob("formatted_*.npy")):
-        print(f"[synthetic] {root} holds an older synthetic dataset; regenerating it.")
-        for stale in root.glob("formatted_*.npy"):
+        print(f"[synthetic] {root} holds an older or incomplete synthetic dataset; regenerating it.")
+        manifest_path.unlink(missing_ok=True)
+        for stale in root.glob("formatted_*.npy"):  # observed labels of every regime included
             stale.unlink()
         (root / _PRETRAINED_FILE).unlink(missing_ok=True)
         for derived in ("cache", "features"):  # pixels and features of the old images: never reuse them
             shutil.rmtree(root / derived, ignore_errors=True)
     print(f"[synthetic] generating {NUM_TRAIN} + {NUM_TEST} images into {root} (once)...")
-    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(DATA_SEED)
     _write_split(root, "train", "train", NUM_TRAIN, rng)
     _write_split(root, "test", "val", NUM_TEST, rng)
-    manifest_path.write_text(json.dumps(_manifest(), indent=1))
-    return root
+    files.write_text_atomic(manifest_path, json.dumps(_manifest(), indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -280,14 +300,20 @@ def pretrained_backbone_path(root: str | os.PathLike) -> Path:
 
 def ensure_pretrained_backbone(root: str | os.PathLike) -> Path:
     """Train (once, about 10 s) and cache the small CNN backbone on the single-object pretraining shapes."""
-    import torch
-
-    import datasets
-    import models
-
     path = pretrained_backbone_path(root)
     if path.exists():
         return path
+    with datasets.data_lock(Path(root), f"The synthetic data folder {root} (backbone being pretrained)"):
+        if not path.exists():  # another process may have made it while this one waited
+            _pretrain(path)
+    return path
+
+
+def _pretrain(path: Path) -> None:
+    import torch
+
+    import models
+
     print(f"[synthetic] pretraining the small CNN backbone on {NUM_PRETRAIN} images of 16 other shapes (once)...")
     rng = np.random.default_rng(PRETRAIN_SEED)
     drawn = [draw_pretrain_image(rng) for _ in range(NUM_PRETRAIN)]
@@ -316,7 +342,7 @@ def ensure_pretrained_backbone(root: str | os.PathLike) -> Path:
             optimizer.step()
             correct += int((logits.argmax(1) == targets[idx]).sum())
     print(f"[synthetic] pretraining accuracy in the last epoch: {correct / len(targets):.3f}")
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(backbone.state_dict(), tmp)
-    os.replace(tmp, path)
-    return path
+    files.save_torch_atomic(backbone.state_dict(), path)
+
+
+datasets.register_prepare("synthetic", ensure_dataset)

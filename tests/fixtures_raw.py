@@ -67,6 +67,8 @@ COCO_IDS_80 = [
     *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91)
 ]  # fmt: skip
 COCO_IDS_SMALL = [7, 1, 90, 3]  # gaps and not ascending
+# All 80 real ids, listed in another order than ascending: COCO_IDS_SMALL first (columns 0-3), then the rest.
+COCO_IDS_UNORDERED = COCO_IDS_SMALL + [c for c in COCO_IDS_80 if c not in COCO_IDS_SMALL]
 # (image ids listed in "images", annotations as (image_id, category_id, iscrowd)); annotations deliberately unsorted.
 COCO = {
     "train": (
@@ -80,7 +82,7 @@ COCO = {
 }
 
 
-def make_coco(root: Path, category_ids: list[int] = COCO_IDS_SMALL) -> Path:
+def make_coco(root: Path, category_ids: list[int] = COCO_IDS_UNORDERED) -> Path:
     (root / "annotations").mkdir(parents=True)
     categories = [{"supercategory": "thing", "id": c, "name": f"category{c}"} for c in category_ids]
     seed = 0

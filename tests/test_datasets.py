@@ -76,7 +76,8 @@ def test_observed_labels_are_generated_once_and_cached(tmp_path):
 def test_an_existing_observed_file_is_used_unchanged(tmp_path):
     write_formatted(tmp_path)
     official = np.zeros((6, 16))
-    official[:, 5] = 1  # not what our generator would produce: it must still be used as is
+    official[:, 0] = 1  # true positives, but not what our generator would produce: it must still be used as is
+    assert not np.array_equal(official, observe_labels(np.load(tmp_path / "formatted_train_labels.npy")))
     np.save(tmp_path / "formatted_train_labels_obs.npy", official)
     before = (tmp_path / "formatted_train_labels_obs.npy").read_bytes()
     data = load_formatted("synthetic", tmp_path)

@@ -1,5 +1,5 @@
 """Raw official annotations -> formatted files, on tiny fixture trees in each dataset's real on-disk layout
-(tests/fixtures_raw.py), against values worked out by hand from the official rules (PAPER_FACTS section 3); the
+(tests/fixtures_raw.py), against values worked out by hand from the official formatting rules; the
 OpenImages masked mAP and class groups on a hand case; the command line end to end on every fixture tree; and the
 messages a user gets for missing or broken data."""
 
@@ -102,7 +102,7 @@ COCO_TRAIN_NAMES = [
 ]
 # val: annotated {5, 42, 1000} (8 has none): "1000" < "42" < "5".
 COCO_VAL_NAMES = [f"val2014/COCO_val2014_{i}.jpg" for i in ("000000001000", "000000000042", "000000000005")]
-# Small fixture: categories listed as ids [7, 1, 90, 3] -> columns 7:0, 1:1, 90:2, 3:3.
+# The default fixture lists the 80 ids starting [7, 1, 90, 3] -> columns 7:0, 1:1, 90:2, 3:3 (file order, not id order).
 COCO_SMALL_TRAIN_POS = [
     [1, 2],  # 10: category 1 twice (one column) and 90
     [3],  # 100: category 3, a crowd annotation (still positive)
@@ -120,7 +120,7 @@ def test_coco_formatted_files_with_unordered_gapped_categories(tmp_path):
     make_coco(tmp_path)
     format_dataset("coco", tmp_path)
     expected = {"train": (COCO_TRAIN_NAMES, COCO_SMALL_TRAIN_POS), "val": (COCO_VAL_NAMES, COCO_SMALL_VAL_POS)}
-    check_formatted(tmp_path, expected, np.float64, 4)
+    check_formatted(tmp_path, expected, np.float64, 80)
 
 
 def test_coco_formatted_files_with_the_80_real_category_ids(tmp_path):
@@ -339,7 +339,7 @@ def test_a_partial_set_of_sparse_label_parts_is_refused_and_kept(tmp_path):
     make_openimages(tmp_path)
     np.save(tmp_path / "formatted_train_labels_values.npy", np.array([1, 1, 1], dtype=np.int8))
     kept = (tmp_path / "formatted_train_labels_values.npy").read_bytes()
-    with pytest.raises(DataError, match="Delete them"):
+    with pytest.raises(DataError, match=r"Delete \S*formatted_train_labels_values\.npy and run again"):
         format_dataset("openimages", tmp_path)
     assert (tmp_path / "formatted_train_labels_values.npy").read_bytes() == kept
     assert not (tmp_path / "formatted_train_labels_indptr.npy").exists()
@@ -448,6 +448,7 @@ END_TO_END = {
 }
 
 
+@pytest.mark.slow  # runs main.py or several processes
 @pytest.mark.parametrize("dataset", list(END_TO_END))
 def test_cli_end_to_end_on_the_fixture_tree(tmp_path, dataset):
     root = make_tree(dataset, tmp_path / dataset)
@@ -482,6 +483,7 @@ def test_missing_data_folder_gives_a_clear_message(tmp_path, capsys, dataset):
     assert err.startswith("error: ") and "data/README.md" in err and f"data/{dataset}/README.md" in err
 
 
+@pytest.mark.slow  # runs main.py or several processes
 def test_missing_data_folder_from_the_command_line(tmp_path):
     proc = run_cli(
         "--dataset", "pascal", "--data_root", str(tmp_path / "nothing"), "--save_path", str(tmp_path), *CLI, check=False
@@ -489,6 +491,7 @@ def test_missing_data_folder_from_the_command_line(tmp_path):
     assert proc.returncode == 1 and "data/README.md" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # runs main.py or several processes
 def test_a_missing_listed_image_is_counted_and_shown(tmp_path):
     root = make_pascal(tmp_path / "pascal")
     (root / "VOCdevkit/VOC2012/JPEGImages/2009_000001.jpg").unlink()
@@ -501,6 +504,7 @@ def test_a_missing_listed_image_is_counted_and_shown(tmp_path):
     assert not (tmp_path / "runs/m").exists()  # a data error leaves no run folder
 
 
+@pytest.mark.slow  # runs main.py or several processes
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_an_undecodable_image_names_the_file(tmp_path, workers):
     root = make_pascal(tmp_path / "pascal")

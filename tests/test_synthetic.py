@@ -1,5 +1,7 @@
 """The embedded synthetic dataset: deterministic, in the real on-disk form, with the intended label statistics."""
 
+import json
+
 import numpy as np
 
 import synthetic
@@ -51,3 +53,18 @@ def test_label_statistics():
 def test_pretraining_shapes_are_disjoint_from_the_classes():
     assert not set(synthetic.PRETRAIN_SHAPES) & set(synthetic.MULTILABEL_SHAPES)
     assert len(synthetic.PRETRAIN_SHAPES) == len(synthetic.MULTILABEL_SHAPES) == 16
+
+
+def test_a_missing_formatted_file_or_manifest_regenerates_everything_derived(tmp_path, monkeypatch, capsys):
+    root = generate_small(tmp_path, monkeypatch)
+    labels = np.load(root / "formatted_val_labels.npy")
+    np.save(root / "formatted_train_labels_obs_p2n1.npy", np.zeros((40, 16)))  # a regime's observed labels
+    (root / "formatted_val_labels.npy").unlink()
+    capsys.readouterr()
+    synthetic.ensure_dataset(root)
+    assert "regenerating" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(root / "formatted_val_labels.npy"), labels)
+    assert not (root / "formatted_train_labels_obs_p2n1.npy").exists()  # observed labels of the old data: gone
+    (root / "synthetic.json").write_text("{not json")
+    synthetic.ensure_dataset(root)
+    assert json.loads((root / "synthetic.json").read_text()) == synthetic._manifest()

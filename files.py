@@ -1,0 +1,150 @@
+"""Safe file writes and locks, the lowest layer: it imports nothing from the project.
+
+Every file the tool writes goes through :func:`write_atomic` (temporary file, flush, fsync, rename), so a crash or a
+full disk never leaves a half-written file in place of a good one. :func:`lock` and :func:`acquire_lock` keep two
+processes from writing the same run folder or data root at once: an exclusive ``flock`` on a lock file, which the
+operating system releases when its process ends, so a lock left by a killed process is taken over on the next try.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gc
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path`` and rename it into place once it is on disk. On an
+    ``OSError`` (e.g. a full disk) the temporary file is removed, ``path`` is untouched and the error names ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise OSError(err.errno, f"could not write {path}: {reason}") from err
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, lambda f: np.save(f, array))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_torch_atomic(obj, path: Path) -> None:
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+class LockError(Exception):
+    """Another live process holds the lock; the message names it and says what to do."""
+
+
+class Lock:
+    """A held lock (from :func:`acquire_lock`); :meth:`release` frees it (ending the process frees it too)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+        self._pid = os.getpid()
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Free the lock; the lock file stays (removing it could let two processes lock two different files)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            if os.getpid() == self._pid:  # a forked child (a DataLoader worker) shares the lock: never unlock it there
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __del__(self) -> None:  # a Lock dropped without release() (e.g. an exception's frames) still frees it
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(path: Path) -> tuple[str, str]:
+    """The pid and host the holder wrote into the lock file ("" when unknown)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    pid, _, host = text.partition(" ")
+    return (pid, host) if pid.isdigit() else ("", "")
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
+def acquire_lock(path: Path, what: str) -> Lock:
+    """Take the exclusive lock ``path`` (created if needed) for as long as the returned :class:`Lock` is held.
+
+    ``what`` names the locked thing for the message (e.g. "The run folder runs/x"). Raises :class:`LockError` when
+    another live process holds it; a lock whose process has died is free (the OS released it) and is taken over.
+    An ``OSError`` creating the lock file (read-only folder, ...) is passed on.
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = _try_flock(fd)
+        pid, host = ("", "") if locked else _holder(path)
+        if not locked and pid == str(os.getpid()) and host == socket.gethostname():
+            gc.collect()  # held by this process: perhaps by a Lock nobody can reach any more (freed by its __del__)
+            locked = _try_flock(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not locked:
+        os.close(fd)
+        holder = f"pid {pid} on host {host or 'unknown'}" if pid else "holder unknown"
+        raise LockError(
+            f"{what} is in use by another process ({holder}, lock file {path}): wait for it to finish, or stop it "
+            "first. A lock whose process has ended is taken over by itself; if none is running and this persists "
+            "(e.g. a network file system), delete the lock file."
+        )
+    with contextlib.suppress(OSError):  # who holds it, for the message another process gets
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return Lock(path, fd)
+
+
+@contextlib.contextmanager
+def lock(path: Path, what: str) -> Iterator[Lock]:
+    """``with lock(path, what):`` holds the lock for the block; see :func:`acquire_lock`."""
+    held = acquire_lock(path, what)
+    try:
+        yield held
+    finally:
+        held.release()
