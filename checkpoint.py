@@ -1,25 +1,30 @@
-"""The run folder and exact resume: config check, atomic checkpoints, and the atomic writes every cache uses.
+"""The run folder and exact resume: config check, lock, atomic checkpoints.
 
-A run folder holds ``config.json`` (written at start), ``log.jsonl`` (a line per epoch), ``checkpoint.pt`` (after
-every epoch) and ``checkpoint_prev.pt`` (the one before), ``bestmodel.pt`` and, at the end, ``final.json``. Running
-the same command (the same ``--exp_name``) again resumes an unfinished run from its last checkpoint and does nothing
-for a finished one; a folder with a different config is refused. Every file is written atomically (temporary file,
-flush, fsync, rename), so a crash or a full disk never leaves a half-written file in place of a good one, and every
-load uses ``weights_only=True``.
+A run folder holds ``config.json`` (written at start), ``data.json`` (the data root and the formatted data's
+fingerprint), ``log.jsonl`` (a line per epoch), ``checkpoint.pt`` (after every epoch) and ``checkpoint_prev.pt`` (the
+one before), ``bestmodel.pt``, at the end ``final.json``, and ``.lock`` (held while a process works in the folder).
+Running the same command (the same ``--exp_name``) again resumes an unfinished run from its last checkpoint and does
+nothing for a finished one; a folder with a different config or other data is refused, and so is a second process
+while the first one runs. Every file is written atomically (``files.py``) and every load uses ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from config import NOT_TRAINING_SETTINGS
+import files
+
+# Still importable from here for the modules that write their caches through checkpoint.
+
+LOCK_NAME = ".lock"
+CHECKPOINTS = ("checkpoint.pt", "checkpoint_prev.pt")
 
 
 class RunFolderError(Exception):
@@ -31,83 +36,239 @@ class RunFolder:
     path: Path
     finished: dict | None = None  # final.json of a finished run
     resume_from: dict | None = None  # the checkpoint to resume from, if any
+    resume_file: Path | None = None  # the file it was read from (checkpoint.pt, or checkpoint_prev.pt)
+    lock: files.Lock | None = None  # held for the whole run (by the first process under torchrun)
 
     @property
     def log(self) -> Path:
         return self.path / "log.jsonl"
 
+    def release(self) -> None:
+        """Free the run folder for another process (the end of the process frees it too)."""
+        if self.lock is not None:
+            self.lock.release()
 
-def _config_differences(saved: dict, current: dict) -> list[str]:
-    keys = (set(saved) | set(current)) - NOT_TRAINING_SETTINGS
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+_MISSING = object()
 
 
-def open_run_folder(cfg, *, resume: bool) -> RunFolder:
-    """Create the run folder, or reopen an unfinished run of the same config (``--resume`` requires one)."""
+def _defaults(cfg) -> dict:
+    """The config fields that have a default, as JSON would hold them."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = json.loads(json.dumps(f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = json.loads(json.dumps(f.default_factory()))
+    return out
+
+
+def _config_differences(saved: dict, current: dict, not_training: frozenset[str], defaults: dict) -> list[str]:
+    """The settings that change training and differ. A key missing from one side (a config.json written before the
+    field existed) counts as the field's default; a missing key without a default is a difference."""
+    keys = (set(saved) | set(current)) - set(not_training)
+
+    def value(d: dict, k: str):
+        return d.get(k, defaults.get(k, _MISSING))
+
+    return sorted(k for k in keys if value(saved, k) is _MISSING or value(saved, k) != value(current, k))
+
+
+def _read_json(path: Path, what_to_do: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise RunFolderError(
+            f"{path} is not valid JSON ({err}): it was damaged or edited by hand. {what_to_do}"
+        ) from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} does not hold a JSON object: it was damaged or edited by hand. {what_to_do}")
+    return value
+
+
+def _folder_error(path: Path, cfg, err: OSError) -> RunFolderError:
+    """A clear message for a run folder that cannot be created or written."""
+    reason = err.strerror or str(err)
+    if err.errno == errno.ENAMETOOLONG:
+        fix = f"a folder name in it is too long: shorten --save_path, or --exp_name ({len(cfg.exp_name)} characters)"
+    elif err.errno in (errno.ENOTDIR, errno.EEXIST):
+        fix = f"a part of --save_path {cfg.save_path} (or the run folder itself) is a file, not a folder: choose " \
+              "another --save_path or --exp_name"  # fmt: skip
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"--save_path {cfg.save_path} is not writable here: choose a writable --save_path"
+    elif err.errno == errno.ENOSPC:
+        fix = "the disk is full: free some space or choose another --save_path"
+    else:
+        fix = "check --save_path and --exp_name"
+    return RunFolderError(f"Cannot create or write the run folder {path} ({reason}): {fix}.")
+
+
+def open_run_folder(
+    cfg,
+    *,
+    resume: bool,
+    not_training: frozenset[str],
+    lock: bool,
+    data_fingerprint: str | None = None,
+) -> RunFolder:
+    """Create the run folder, or reopen an unfinished run of the same config and data (``--resume`` requires one).
+
+    ``not_training``: the config keys that do not change what is trained (``config.NOT_TRAINING_SETTINGS``).
+    ``data_fingerprint``: a digest of the formatted data, kept in ``data.json`` and compared on resume. ``lock``: take
+    the run folder's lock and keep it in the returned ``RunFolder`` (``release()`` frees it); False for the other
+    processes of a torchrun run, whose first process holds it and writes the files.
+    """
     path = cfg.run_dir
+    if resume and not (path.is_dir() and _contents(path)):
+        raise RunFolderError(f"--resume: there is no run to resume in {path}. Drop --resume to start it.")
+    held = None
+    try:
+        if lock:
+            path.mkdir(parents=True, exist_ok=True)
+            held = files.acquire_lock(path / LOCK_NAME, f"The run folder {path}")
+        folder = _open_locked(cfg, path, resume, frozenset(not_training), data_fingerprint, writer=lock)
+    except OSError as err:
+        if held is not None:
+            held.release()
+        raise _folder_error(path, cfg, err) from None
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    folder.lock = held
+    return folder
+
+
+def _contents(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.name != LOCK_NAME]
+
+
+def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, writer: bool) -> RunFolder:
     config_path = path / "config.json"
-    if not path.exists() or not any(path.iterdir()):
+    if not _contents(path):
         if resume:
             raise RunFolderError(f"--resume: there is no run to resume in {path}. Drop --resume to start it.")
-        path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(config_path, cfg.to_json() + "\n")
+        if writer:
+            _write_data_json(path, cfg, fingerprint)
+            files.write_text_atomic(config_path, cfg.to_json() + "\n")
         return RunFolder(path)
     if not config_path.exists():
         raise RunFolderError(
             f"The run folder {path} already exists and holds files of something else; nothing was overwritten. "
             "Choose another --exp_name (or --save_path), or move that folder away."
         )
-    differences = _config_differences(json.loads(config_path.read_text()), cfg.to_dict())
+    elsewhere = "Restore it, or move the run folder away (or use another --exp_name) to start a new run."
+    defaults = _defaults(cfg)
+    differences = _config_differences(_read_json(config_path, elsewhere), cfg.to_dict(), not_training, defaults)
     if differences:
         raise RunFolderError(
             f"The run folder {path} holds a run with a different config ({', '.join(differences)} differ); nothing "
             "was overwritten. Use the same flags to resume it, or another --exp_name for a new run."
         )
     if (path / "final.json").exists():
-        return RunFolder(path, finished=json.loads((path / "final.json").read_text()))
-    saved = load_checkpoint(path)
+        finished = _read_json(
+            path / "final.json",
+            "Delete final.json and run the same command again: the best weights are scored on test again.",
+        )
+        return RunFolder(path, finished=finished)
+    _check_data(path, cfg, fingerprint, writer)
+    saved, used = _usable_checkpoint(path, cfg, not_training, defaults, writer)
     if resume and saved is None:
         raise RunFolderError(f"--resume: {path} holds no readable checkpoint yet. Drop --resume to start the run over.")
-    return RunFolder(path, resume_from=saved)
+    if saved is not None:
+        best_epoch = saved.get("progress", {}).get("best_epoch", 0)
+        if best_epoch and not (path / "bestmodel.pt").exists():
+            raise RunFolderError(
+                f"{path / 'bestmodel.pt'} is missing: the checkpoint says the best weights so far are those of epoch "
+                f"{best_epoch}, and the test is scored with them at the end. It was deleted or moved: put it back and "
+                "run the same command again to resume, or move the run folder away (or use another --exp_name) to "
+                "start over."
+            )
+    return RunFolder(path, resume_from=saved, resume_file=used)
 
 
-def load_checkpoint(folder: Path) -> dict | None:
-    """The latest readable checkpoint: ``checkpoint.pt``, or ``checkpoint_prev.pt`` if that one is damaged."""
-    for name in ("checkpoint.pt", "checkpoint_prev.pt"):
-        path = folder / name
-        if not path.exists():
+def _write_data_json(path: Path, cfg, fingerprint: str | None) -> None:
+    record = {"data_root": os.path.realpath(cfg.data_root), "fingerprint": fingerprint}
+    files.write_text_atomic(path / "data.json", json.dumps(record, indent=2) + "\n")
+
+
+def _check_data(path: Path, cfg, fingerprint: str | None, writer: bool) -> None:
+    """Refuse to resume on other data: another --data_root (unless the same formatted files moved there) or formatted
+    files with another fingerprint. A run folder from before data.json existed is checked on its data root only."""
+    data_path = path / "data.json"
+    what_to_do = "Delete data.json to resume without this check, or use another --exp_name for a new run."
+    current_root = os.path.realpath(cfg.data_root)
+    if data_path.exists():
+        saved = _read_json(data_path, what_to_do)
+        saved_root, saved_fingerprint = saved.get("data_root"), saved.get("fingerprint")
+    else:
+        saved_root = json.loads((path / "config.json").read_text()).get("data_root")
+        saved_fingerprint = None
+        if saved_root is not None and saved_root == cfg.data_root:
+            saved_root = current_root
+        elif saved_root is not None:
+            saved_root = os.path.realpath(saved_root)
+    same_files = saved_fingerprint is not None and fingerprint is not None and saved_fingerprint == fingerprint
+    if saved_fingerprint is not None and fingerprint is not None and not same_files:
+        raise RunFolderError(
+            f"The run in {path} was trained on other formatted data than {cfg.data_root} holds now (fingerprint "
+            f"{saved_fingerprint[:12]} then, {fingerprint[:12]} now): resuming would mix two datasets. Restore the "
+            "formatted files it was trained on, or use another --exp_name for a new run."
+        )
+    if saved_root is not None and saved_root != current_root and not same_files:
+        raise RunFolderError(
+            f"The run in {path} was trained on the data in {saved_root}, not --data_root {cfg.data_root}: resuming "
+            f"would mix two datasets. Resume with --data_root {saved_root}, or use another --exp_name for a new run."
+        )
+    if saved_root is not None and saved_root != current_root and writer:
+        print(f"note: the data of {path} moved from {saved_root} to {current_root} (the same formatted files)")
+    if writer and (saved_root != current_root or saved_fingerprint is None or not data_path.exists()):
+        _write_data_json(path, cfg, fingerprint if fingerprint is not None else saved_fingerprint)
+
+
+def _usable_checkpoint(path: Path, cfg, not_training, defaults: dict, writer: bool) -> tuple[dict | None, Path | None]:
+    """The latest checkpoint that can be read and was written with this config: ``checkpoint.pt``, else
+    ``checkpoint_prev.pt`` (with a warning that says why ``checkpoint.pt`` was skipped). None when the run has no
+    checkpoint yet; a RunFolderError when checkpoints exist but none can be used (never a silent restart)."""
+    current = cfg.to_dict()
+    skipped: list[str] = []
+    other_config: list[str] = []
+    for name in CHECKPOINTS:
+        file = path / name
+        if not file.exists():
             continue
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(file, map_location="cpu", weights_only=True)
+            if not isinstance(payload, dict) or not {"progress", "model", "optimizer"} <= set(payload):
+                raise ValueError("it does not hold a training checkpoint")
         except Exception as err:  # truncated or corrupt: any unpickling or zip error
-            print(f"warning: {path} cannot be read ({type(err).__name__}: {err}); trying the previous checkpoint")
-    return None
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
-        raise OSError(err.errno, f"could not write {path}: {reason}") from err
-    os.replace(tmp, path)
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.save(f, array))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def save_torch_atomic(obj, path: Path) -> None:
-    _write_atomic(path, lambda f: torch.save(obj, f))
+            skipped.append(f"{name} cannot be read ({type(err).__name__}: {str(err).strip()[:300]})")
+            continue
+        saved = payload.get("config")
+        differences = _config_differences(saved, current, not_training, defaults) if isinstance(saved, dict) else []
+        if differences:
+            details = ", ".join(
+                f"{k} {saved.get(k, defaults.get(k))!r} there, {current.get(k)!r} here" for k in differences
+            )
+            skipped.append(f"{name} was written with another config ({details})")
+            other_config.append(details)
+            continue
+        if skipped and writer:
+            print(f"warning: in {path}, {'; '.join(skipped)}: resuming from {name} instead")
+        return payload, file
+    if not skipped:
+        return None, None
+    if len(other_config) == len(skipped):  # every checkpoint disagrees with config.json: it was edited
+        raise RunFolderError(
+            f"The checkpoints in {path} were written with another config than its config.json and the flags given "
+            f"({'; '.join(dict.fromkeys(other_config))}): config.json was edited after the run started, and resuming "
+            "would mix the two. Resume with the checkpoint's values (in config.json and the flags), or use another "
+            "--exp_name for a new run."
+        )
+    raise RunFolderError(
+        f"No checkpoint in {path} can be used: {'; '.join(skipped)}. Nothing was overwritten. To start the run over, "
+        "move that folder away (or use another --exp_name); to recover, put back a good checkpoint.pt."
+    )
 
 
 def save_checkpoint(state: dict, folder: Path) -> None:
@@ -115,7 +276,7 @@ def save_checkpoint(state: dict, folder: Path) -> None:
     checkpoints already there stay untouched."""
     path = folder / "checkpoint.pt"
     tmp = folder / "checkpoint.pt.new"
-    _write_atomic(tmp, lambda f: torch.save(state, f))
+    files.write_atomic(tmp, lambda f: torch.save(state, f))
     if path.exists():
         os.replace(path, folder / "checkpoint_prev.pt")
     os.replace(tmp, path)
@@ -126,4 +287,4 @@ def truncate_log(path: Path, lines: int) -> None:
     epoch that will run again)."""
     if path.exists():
         kept = path.read_text().splitlines(keepends=True)[:lines]
-        write_text_atomic(path, "".join(kept))
+        files.write_text_atomic(path, "".join(kept))

@@ -3,11 +3,14 @@
 Several GPUs or nodes: ``torchrun --nproc_per_node N main.py ...`` (the same flags; ``--bsize`` stays the global batch).
 """
 
+import errno
+import os
 import sys
 
 import checkpoint
 import config
 import datasets
+import files
 import models
 import train
 
@@ -16,7 +19,12 @@ USER_ERRORS = (
     models.PretrainedWeightsUnavailable,
     train.TrainingError,
     checkpoint.RunFolderError,
+    files.LockError,
     train.Interrupted,
+)
+INTERRUPTED = (
+    "Interrupted (Ctrl-C). Every file written so far is complete (files are replaced whole, never half-written): run "
+    "the same command again to continue; an unfinished run resumes from its last checkpoint."
 )
 
 
@@ -30,6 +38,36 @@ def user_message(err: Exception) -> str:
     return text.strip()
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def os_error_message(err: OSError, cfg: config.Config) -> str:
+    """A file that could not be read or written: which one, why, and the flag that chose it."""
+    path = err.filename
+    reason = err.strerror or str(err)
+    if path is None:
+        return f"{reason}. Check --data_root and --save_path."
+    if _inside(path, cfg.save_path):
+        flag = f"--save_path {cfg.save_path} / --exp_name ({len(cfg.exp_name)} characters)"
+    elif _inside(path, cfg.data_root):
+        flag = f"--data_root {cfg.data_root}"
+    else:
+        flag = "--data_root and --save_path"
+    hints = {
+        errno.ENAMETOOLONG: "the name is too long",
+        errno.ENOTDIR: "a part of that path is a file, not a folder",
+        errno.EEXIST: "a file is in the way of a folder",
+        errno.EACCES: "no permission to write there",
+        errno.EPERM: "no permission to write there",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOSPC: "the disk is full",
+    }
+    hint = hints.get(err.errno)
+    return f"Cannot use {path}: {reason}{f' ({hint})' if hint else ''}. Check {flag}."
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse_config(argv)
     try:
@@ -39,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {user_message(err)}", file=sys.stderr)
         return 130 if isinstance(err, train.Interrupted) else 1
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data preparation, caches), or a second one
+        if cfg.debug:
+            raise
+        print(f"error: {INTERRUPTED}", file=sys.stderr)
+        return 130
+    except OSError as err:  # a file that cannot be read or written (permissions, a file in a folder's place, ...)
+        if cfg.debug:
+            raise
+        print(f"error: {os_error_message(err, cfg)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,9 +1,23 @@
 """Every row of README's bad-input table: a one-paragraph message that says what is wrong and what to do, a non-zero
-exit status, and no traceback. (SIGINT, a full disk and a run folder of another config: tests/test_resume.py.)"""
+exit status, and no traceback. (SIGINT, a full disk and a run folder of another config: tests/test_resume.py; the
+run folder's lock and checks before a resume: tests/test_run_folder.py.)"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
+import checkpoint
+import config
+import datasets
+import files
 import main
 import synthetic
 
@@ -21,8 +35,8 @@ def run_main(capsys, *argv):
         (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
         (["--mod_scheme", "LL-Z"], "invalid choice: 'LL-Z'"),
         (["--loss", "focal"], "invalid choice: 'focal'"),
-        (["--delta_rel", "-1"], "--delta_rel is in percent per epoch and must lie in [0, 100]"),
-        (["--delta_rel", "1000"], "--delta_rel is in percent per epoch and must lie in [0, 100]"),
+        (["--delta_rel", "-1"], "--delta_rel must lie in [0, 100]"),
+        (["--delta_rel", "1000"], "--delta_rel must lie in [0, 100]"),
         (["--bsize", "0"], "--bsize must be a positive integer"),
         (["--num_epochs", "0"], "--num_epochs must be a positive integer"),
     ],
@@ -74,6 +88,7 @@ def test_missing_images(small_data, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_an_undecodable_image_names_the_file(small_data, tmp_path, capsys, workers):
     (small_data / "images" / "test" / "test_000003.png").write_bytes(b"not a png")
@@ -83,6 +98,7 @@ def test_an_undecodable_image_names_the_file(small_data, tmp_path, capsys, worke
     assert code == 1 and "Cannot decode image" in err and "test_000003.png" in err
 
 
+@pytest.mark.slow  # trains
 def test_images_without_positives_are_kept_and_counted(small_data, tmp_path, capsys):
     labels = np.load(small_data / "formatted_train_labels.npy")
     labels[:4] = 0  # four images of the official train split with no positive label
@@ -91,6 +107,7 @@ def test_images_without_positives_are_kept_and_counted(small_data, tmp_path, cap
     assert code == 0 and "images without any positive label (kept, as the official tools keep them)" in out
 
 
+@pytest.mark.slow  # trains
 def test_a_non_finite_loss_stops_the_run(small_data, tmp_path, capsys):
     code, _, err = run_main(capsys, *common(small_data, tmp_path, "nan"), "--lr", "1e30", "--mod_scheme", "AN")
     assert code == 1 and "became NaN or infinite" in err and "Lower --lr" in err
@@ -109,3 +126,110 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(datasets.DataError):
         main.main(["--dataset", "cub", "--data_root", str(tmp_path / "none"), "--debug"])
+
+
+# --- Ctrl-C, the run folder, files in the way ------------------------------------------------------------------------
+
+
+def on_synthetic(root, save, name="x", *extra):
+    return ["--data_root", str(root), "--save_path", str(save), "--exp_name", name, "--num_epochs", "1",
+            "--num_workers", "0", "--ss_frac_train", "0.05", "--ss_frac_val", "0.05", *extra]  # fmt: skip
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.slow  # runs main.py or several processes
+@pytest.mark.parametrize("where", ["build_data", "build_disk_cache"])
+def test_ctrl_c_before_training_exits_130_with_a_message(synthetic_root, tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setattr(datasets, where, interrupt)  # Ctrl-C while the data is prepared, or the disk cache built
+    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path, "x", "--cache", "disk"))
+    assert code == 130 and "Interrupted (Ctrl-C)" in err and "run the same command again" in err
+
+
+@pytest.mark.slow  # generates the synthetic data
+def test_ctrl_c_with_debug_shows_the_traceback(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "build_data", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main.main([*on_synthetic(synthetic_root, tmp_path), "--debug"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_synthetic_data_is_generated(tmp_path):
+    root = tmp_path / "fresh"
+    cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(root), "--save_path", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not (root / "images").exists():  # generation has begun
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < 120
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Interrupted (Ctrl-C)" in err and "Traceback" not in err
+
+
+def test_a_save_path_that_is_a_file(synthetic_root, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / "afile"))
+    assert code == 1 and f"Cannot create or write the run folder {tmp_path / 'afile' / 'x'}" in err
+    assert "is a file, not a folder" in err and "--save_path" in err
+
+
+def test_a_data_root_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_main(capsys, *on_synthetic(tmp_path / "afile", tmp_path / "runs"))
+    assert code == 1 and f"Cannot use {tmp_path / 'afile'}" in err and "Check --data_root" in err
+
+
+def test_a_too_long_folder_name(synthetic_root, tmp_path, capsys):
+    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / ("n" * 300)))
+    assert code == 1 and "File name too long" in err and "a folder name in it is too long: shorten --save_path" in err
+
+
+def test_a_read_only_save_path(synthetic_root, tmp_path, capsys, monkeypatch):
+    """As root, chmod does not stop writes: the refusal of a read-only file system is simulated."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / "ro"))
+    assert code == 1 and "Read-only file system" in err and "is not writable here: choose a writable --save_path" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_save_path_without_write_permission(synthetic_root, tmp_path, capsys):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / "ro"))
+    assert code == 1 and "is not writable here: choose a writable --save_path" in err
+
+
+def test_a_config_json_that_is_not_json(synthetic_root, tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text('{"lr": 0.001, "ar')
+    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path))
+    assert code == 1 and "config.json is not valid JSON" in err and "another --exp_name" in err
+
+
+def test_a_run_folder_in_use(synthetic_root, tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    with files.lock(tmp_path / "x" / checkpoint.LOCK_NAME, "The run folder"):
+        code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path))
+    assert code == 1 and "is in use by another process" in err and "wait for it to finish" in err
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_two_unreadable_checkpoints_are_refused(synthetic_root, tmp_path, capsys, resume):
+    argv = on_synthetic(synthetic_root, tmp_path, "x", *resume)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text(config.parse_config(argv).to_json())
+    for name in ("checkpoint.pt", "checkpoint_prev.pt"):
+        (tmp_path / "x" / name).write_bytes(b"not a checkpoint")
+    code, out, err = run_main(capsys, *argv)
+    assert code == 1 and "No checkpoint in" in err and "move that folder away" in err and "epoch" not in out

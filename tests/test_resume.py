@@ -16,6 +16,8 @@ from conftest import REPO, run_cli
 
 import main
 
+pytestmark = pytest.mark.slow  # every test here trains or runs main.py in a subprocess
+
 ARGS = [
     "--ss_frac_train",
     "0.25",
@@ -39,7 +41,8 @@ def without_timings(folder):
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     final = json.loads((folder / "final.json").read_text())
     for record in [*log, final]:
-        record.pop("seconds", None)
+        for key in [k for k in record if k == "seconds" or k.endswith("_seconds")]:
+            del record[key]
     return log, final
 
 
@@ -102,6 +105,27 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(synthetic_root, t
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cannot be read" in proc.stdout and "resuming after epoch 3" in proc.stdout
+    assert without_timings(folder) == without_timings(reference / "LL-Cp")
+
+
+def test_a_run_from_before_a_new_config_field_resumes_to_the_same_result(synthetic_root, tmp_path, reference):
+    """After an upgrade that added boostlu_alpha and ls_coef, an unfinished run whose config.json and checkpoints lack
+    them (and that has no data.json) resumes, reading them as their defaults, to the uninterrupted run's result."""
+    folder = tmp_path / "old"
+    shutil.copytree(reference / "LL-Cp", folder)
+    (folder / "final.json").unlink()
+    (folder / "data.json").unlink(missing_ok=True)
+    os.replace(folder / "checkpoint_prev.pt", folder / "checkpoint.pt")  # stopped after epoch 3
+    saved = json.loads((folder / "config.json").read_text())
+    payload = torch.load(folder / "checkpoint.pt", weights_only=True)
+    for name in ("boostlu_alpha", "ls_coef"):
+        del saved[name], payload["config"][name]
+    (folder / "config.json").write_text(json.dumps(saved))
+    torch.save(payload, folder / "checkpoint.pt")
+    proc = subprocess.run(command(synthetic_root, tmp_path, "old", "LL-Cp"), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming after epoch 3" in proc.stdout
     assert without_timings(folder) == without_timings(reference / "LL-Cp")
 
 
