@@ -1,81 +1,64 @@
 """Command line -> one frozen, validated ``Config``; flag names follow the official release, so sweep scripts work.
 
-Values a user does not give on the command line come from the dataset's preset (the authors' published best
-settings, PAPER_FACTS section 2); ``Config.from_preset`` names them, and the printed and saved config says so.
+The protocol's flags are declared here; the methods' flags, their per-dataset presets and their rules come from the
+method registry (``methods.REGISTRY``), and the datasets with their dataset-level presets (optimiser, learning rate,
+architecture, image size, epochs) from ``datasets.DATASET_INFO``. Values a user does not give on the command line come
+from those presets (the authors' published settings; docs/methods.md); ``Config.from_preset`` names them, and the
+printed and saved config marks them "(preset)". ``python main.py --list_methods`` prints the registry.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from losses import BASELINES, SCHEMES
+import datasets
+import methods
 from models import ARCHS
 
 REPO_DIR = Path(__file__).resolve().parent
-DATASETS = ("synthetic", "pascal", "coco", "nuswide", "cub", "openimages")
 OPTIMIZERS = ("adam", "sgd")
-TRAIN_SET_VARIANTS = ("observed", "clean")
-TRAIN_MODES = ("end_to_end", "linear_init")
-
-# Per-dataset presets, used for every value below that is not given on the command line.
-# - optimiser, lr, delta_rel (percent per epoch, per LL scheme): the LL authors' published best (PAPER_FACTS s. 2);
-#   with BoostLU, its own published delta_rel.
-# - expected_num_pos (EPR, ROLE): Cole et al.'s constants as PAPER_FACTS lists them.
-# - em_alpha, apl_beta, apl_warmup (EM, EM+APL): Zhou et al.'s released per-dataset defaults.
-# The synthetic values were tuned for the embedded demo (README, "The synthetic default").
-_OFFICIAL = {"arch": "resnet50", "image_size": 448, "num_epochs": 10}
-_BOOSTLU_DELTA_REL = {"LL-R": 0.5, "LL-Ct": 0.2, "LL-Cp": 0.1}
-
-
-def _preset(optimizer, lr, ll_r, ll_ct, ll_cp, expected_num_pos, em_alpha, apl_beta, apl_warmup, **overrides) -> dict:
-    return {
-        **_OFFICIAL,
-        "optimizer": optimizer,
-        "lr": lr,
-        "delta_rel": {"LL-R": ll_r, "LL-Ct": ll_ct, "LL-Cp": ll_cp},
-        "boostlu_delta_rel": _BOOSTLU_DELTA_REL,
-        "expected_num_pos": expected_num_pos,
-        "em_alpha": em_alpha,
-        "apl_beta": apl_beta,
-        "apl_warmup": apl_warmup,
-        **overrides,
-    }
-
-
-PRESETS: dict[str, dict] = {
-    "pascal": _preset("sgd", 5e-3, 0.2, 0.2, 0.1, 1.5, 0.2, 0.02, 5),
-    "coco": _preset("adam", 1e-5, 0.4, 0.2, 0.2, 2.9, 0.1, 0.9, 5),
-    "nuswide": _preset("adam", 1e-5, 0.4, 0.2, 0.2, 1.9, 0.1, 0.2, 4),
-    "cub": _preset("adam", 7.5e-5, 0.4, 0.4, 0.2, 31.4, 0.01, 0.4, 3),
-    # The paper publishes no OpenImages settings: COCO's, the closest large-scale setting, as a starting point.
-    # EPR, ROLE and EM+APL are not offered there (no expected count; per-image state of 3.4M x 5,000).
-    "openimages": _preset("adam", 1e-5, 0.4, 0.2, 0.2, 0.0, 0.1, 0.9, 5),
-    "synthetic": _preset(
-        "adam", 1e-3, 1.0, 0.5, 0.5, 2.5, 0.1, 0.2, 5, arch="smallcnn", image_size=32, boostlu_delta_rel=None
-    ),
-}
+PRECISIONS = ("auto", "bf16", "fp32")
+CACHES = ("none", "disk")
+DEVICES = ("auto", "cpu", "cuda")
+# Dataset-level presets, from ``datasets.DATASET_INFO[dataset].defaults``, in the order ``from_preset`` lists them.
+DATASET_PRESETS = ("arch", "image_size", "num_epochs", "optimizer", "lr")
+# 16 pixels is the smallest input every backbone still reduces to a feature map (ResNet's stride 32 and SmallCNN's
+# three poolings); 2048 is 20 times the pixels of the paper's 448 x 448, beyond what a batch of ResNet-50 activations
+# fits in on today's GPUs. Outside, a run would fail later (a shape error, or a MemoryError when images are decoded).
+IMAGE_SIZE_RANGE = (16, 2048)
+MAX_SEED = 2**32 - 1  # numpy's RandomState (the split and subsampling seeds) takes no more
+MAX_EXP_NAME = 200  # characters; file systems allow 255 bytes per name
 # Config keys that say where things are and how fast they run, not what is trained: a run may be resumed with them
-# changed, and runs differing only in them (and the seed) are seeds of one setting in a report.
+# changed, and runs differing only in them (and the seed) are seeds of one setting in a report. checkpoint.py gets
+# this constant from its caller (it does not import this module).
 NOT_TRAINING_SETTINGS = frozenset(
-    {"num_workers", "cache", "data_root", "save_path", "exp_name", "device", "gpu_num", "compile", "debug", "resume",
-     "from_preset"}
+    {"num_workers", "cache", "cache_dir", "data_root", "save_path", "exp_name", "device", "gpu_num", "compile",
+     "debug", "resume", "from_preset"}
 )  # fmt: skip
-PRESET_FIELDS = (
-    "arch", "image_size", "num_epochs", "optimizer", "lr", "delta_rel", "expected_num_pos", "em_alpha", "apl_beta",
-    "apl_warmup",
-)  # fmt: skip
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The datasets: the keys of ``datasets.DATASET_INFO``."""
+    return tuple(datasets.DATASET_INFO)
+
+
+DATASETS = dataset_names()  # as at import; ``dataset_names()`` follows later additions
 
 
 @dataclass(frozen=True)
-class Config:
+class ConfigCore:
+    """The protocol's settings. ``Config`` is this plus one field per flag of the method registry
+    (``methods.flags()``), with the flag's default; build it with ``parse_config`` or ``config_from_args``."""
+
     dataset: str
     mod_scheme: str
-    delta_rel: float
     lr: float
     optimizer: str
     bsize: int
@@ -99,24 +82,23 @@ class Config:
     device: str
     gpu_num: int
     loss: str = "an"
-    expected_num_pos: float = 0.0
-    ls_coef: float = 0.1
-    em_alpha: float = 0.1
-    apl_beta: float = 0.2
-    apl_warmup: int = 5
-    apl_neg_proportion: float = 0.9
-    boostlu_alpha: float = 0.0
     train_mode: str = "end_to_end"
-    linear_epochs: int = 25
+    num_pos: int = 1
+    num_neg: int = 0
+    label_proportion: float | None = None
     precision: str = "auto"
     compile: bool = False
     cache: str = "none"
+    cache_dir: str | None = None
     sync_bn: bool = True
     resume: bool = False
     debug: bool = False
     from_preset: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # config.json holds tuples as lists: read them back as tuples
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         problems = validate(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -126,74 +108,178 @@ class Config:
         return Path(self.save_path) / self.exp_name
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["from_preset"] = list(self.from_preset)
-        return d
+        """The config as ``config.json`` holds it (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
+        import json
+
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def validate(cfg: Config) -> list[str]:
+def _registry_problems() -> list[str]:
+    """What in the registry does not fit the datasets or the protocol's fields (a half-made entry)."""
+    problems = []
+    core = {f.name for f in dataclasses.fields(ConfigCore)}
+    known_flags = methods.flags()
+    known_datasets = set(dataset_names())
+    for name in core & set(known_flags):
+        problems.append(f"flag --{name} of the registry is already a protocol field of config.py")
+    for m in methods.entries():
+        presets = [(m.presets, "presets")]
+        presets += [(p, f"presets_with[{s!r}]") for s, p in m.presets_with.items()]
+        for mapping, where in presets:
+            for flag, preset in mapping.items():
+                if flag not in known_flags:
+                    problems.append(f"{m.name!r} {where} names --{flag}, which no entry declares in its flags")
+                unknown = set(preset) - known_datasets if isinstance(preset, dict) else set()
+                if unknown:
+                    problems.append(f"{m.name!r} {where} --{flag} names unknown datasets {sorted(unknown)} "
+                                    f"(DATASET_INFO has {sorted(known_datasets)})")  # fmt: skip
+        tables = [m.paper, *m.paper_with.values()]
+        for table in tables:
+            for per_dataset in table.values():
+                if set(per_dataset) - known_datasets:
+                    problems.append(f"{m.name!r} paper numbers name unknown datasets "
+                                    f"{sorted(set(per_dataset) - known_datasets)}")  # fmt: skip
+        for scheme in m.applies_to:
+            if scheme not in methods.names(methods.SCHEME):
+                problems.append(f"{m.name!r} applies_to names {scheme!r}, which is not a registered scheme")
+        unknown = set(m.not_on) | set(m.table_skip)
+        if unknown - known_datasets:
+            problems.append(f"{m.name!r} not_on / table_skip names unknown datasets {sorted(unknown - known_datasets)}")
+    return problems
+
+
+def _build_config_class() -> type:
+    problems = _registry_problems()
+    if problems:
+        raise methods.MethodError("the method registry is incomplete: " + "; ".join(problems))
+    fields = []
+    for flag in methods.flags().values():
+        default = tuple(flag.default) if isinstance(flag.default, list) else flag.default
+        kind = flag.type if isinstance(flag.type, type) else Any
+        fields.append((flag.name, kind, dataclasses.field(default=default)))
+    cls = dataclasses.make_dataclass("Config", fields, bases=(ConfigCore,), frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "One run's settings: ``ConfigCore``'s protocol fields and the registered methods' flags."
+    return cls
+
+
+Config = _build_config_class()
+_built_for = methods.registry_version()
+
+
+def _ensure_current() -> None:
+    """Rebuild ``Config`` when entries were registered or removed since it was built."""
+    global Config, _built_for
+    if _built_for != methods.registry_version():
+        Config = _build_config_class()
+        _built_for = methods.registry_version()
+
+
+def config_defaults() -> dict:
+    """The ``Config`` fields that have a default, with it (what an older ``config.json`` without them is read as)."""
+    _ensure_current()
+    return {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+
+
+def _regime_is_default(cfg) -> bool:
+    return (cfg.num_pos, cfg.num_neg, cfg.label_proportion) == (1, 0, None)
+
+
+def validate(cfg) -> list[str]:
     """Every rule a config must satisfy, as readable problems (empty when valid)."""
     p = []
-    choices = {"dataset": DATASETS, "mod_scheme": SCHEMES, "optimizer": OPTIMIZERS, "arch": ARCHS}
-    choices.update(train_set_variant=TRAIN_SET_VARIANTS, loss=BASELINES, train_mode=TRAIN_MODES)
+    choices = {"dataset": dataset_names(), "optimizer": OPTIMIZERS, "arch": ARCHS}
+    choices.update({selector: methods.names(kind) for kind, selector in methods.SELECTOR.items()})
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
-    if not 0 <= cfg.delta_rel <= 100:
-        p.append(f"--delta_rel is in percent per epoch and must lie in [0, 100] (got {cfg.delta_rel})")
-    elif cfg.mod_scheme == "LL-Cp" and cfg.delta_rel == 0:
-        p.append("--delta_rel 0 with LL-Cp corrects nothing; use --mod_scheme AN for that")
+    for name, allowed in (("precision", PRECISIONS), ("cache", CACHES), ("device", DEVICES)):
+        if getattr(cfg, name) not in allowed:
+            p.append(f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {getattr(cfg, name)!r})")
     for name in ("lr", "lr_mult"):
         if not getattr(cfg, name) > 0:
             p.append(f"--{name} must be positive (got {getattr(cfg, name)})")
-    for name in ("bsize", "num_epochs", "image_size"):
+    for name in ("bsize", "num_epochs"):
         if getattr(cfg, name) < 1:
             p.append(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= cfg.image_size <= high:
+        p.append(f"--image_size must lie in [{low}, {high}] pixels (got {cfg.image_size}): below {low} the backbones "
+                 f"keep no feature map, and {high} is already 20 times the pixels of the paper's 448")  # fmt: skip
     if not 0 < cfg.val_frac < 1:
         p.append(f"--val_frac must lie strictly between 0 and 1 (got {cfg.val_frac})")
     for name in ("ss_frac_train", "ss_frac_val"):
         if not 0 < getattr(cfg, name) <= 1:
             p.append(f"--{name} must lie in (0, 1] (got {getattr(cfg, name)})")
+    for name in ("seed", "split_seed", "ss_seed"):
+        if not 0 <= getattr(cfg, name) <= MAX_SEED:
+            p.append(f"--{name} must lie in [0, 2**32 - 1 = {MAX_SEED}] (got {getattr(cfg, name)})")
     if cfg.num_workers < 0:
         p.append(f"--num_workers must be >= 0 (got {cfg.num_workers})")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        p.append(f"--precision must be auto, bf16 or fp32 (got {cfg.precision!r})")
-    if cfg.cache not in ("none", "disk"):
-        p.append(f"--cache must be none or disk (got {cfg.cache!r})")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        p.append(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
-    if cfg.train_set_variant == "clean" and (cfg.mod_scheme != "AN" or cfg.loss != "an"):
-        p.append(
-            "--train_set_variant clean trains on full labels with plain BCE: no entry is unobserved, so there is "
-            "nothing to reject, correct or regularise; use --mod_scheme AN --loss an (the defaults with clean)"
-        )
-    if cfg.mod_scheme != "AN" and cfg.loss != "an":
-        p.append(f"--mod_scheme {cfg.mod_scheme} modifies the AN loss; combine it with --loss an, not {cfg.loss}")
-    if cfg.dataset == "openimages" and cfg.loss in ("epr", "role", "em_apl"):
-        p.append(f"--loss {cfg.loss} is not available for OpenImages (see README, Baselines)")
-    if cfg.loss in ("epr", "role") and not cfg.expected_num_pos > 0:
-        p.append(f"--loss {cfg.loss} needs --expected_num_pos > 0 (got {cfg.expected_num_pos})")
-    if not 0 <= cfg.ls_coef < 0.5:
-        p.append(f"--ls_coef must lie in [0, 0.5) (got {cfg.ls_coef})")
-    for name in ("em_alpha", "apl_beta", "boostlu_alpha"):
-        if getattr(cfg, name) < 0:
-            p.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
-    if not 0 < cfg.apl_neg_proportion <= 1:
-        p.append(f"--apl_neg_proportion must lie in (0, 1] (got {cfg.apl_neg_proportion})")
-    if cfg.loss == "em_apl" and not 1 <= cfg.apl_warmup < cfg.num_epochs:
-        p.append(f"--apl_warmup must lie in [1, num_epochs) (got {cfg.apl_warmup} with {cfg.num_epochs} epochs)")
-    if cfg.linear_epochs < 1:
-        p.append(f"--linear_epochs must be a positive integer (got {cfg.linear_epochs})")
-    if cfg.train_mode == "linear_init" and cfg.boostlu_alpha > 0:
-        p.append("--train_mode linear_init trains a linear head on pooled features; BoostLU needs the CAM form")
-    if cfg.dataset == "openimages" and cfg.train_set_variant == "clean":
-        p.append("OpenImages has no full labels: --train_set_variant clean is not available for it")
-    if not cfg.exp_name or "/" in cfg.exp_name or cfg.exp_name in (".", ".."):
-        p.append(f"--exp_name must be a plain folder name (got {cfg.exp_name!r})")
+    p += _regime_problems(cfg)
+    p += _exp_name_problems(cfg.exp_name)
+    for flag in methods.flags().values():
+        problem = flag.check(getattr(cfg, flag.name)) if flag.check is not None else None
+        if problem:
+            p.append(problem)
+    if any(getattr(cfg, selector) not in methods.names(kind) for kind, selector in methods.SELECTOR.items()):
+        return p  # the entries' own rules need known entries
+    used = methods.active(cfg)
+    p += _availability_problems(cfg, used)
+    loss = methods.get(cfg.loss, methods.LOSS)
+    if cfg.mod_scheme != methods.PLAIN_SCHEME and not loss.combines_with_schemes:
+        takers = [m.name for m in methods.entries(methods.LOSS) if m.combines_with_schemes]
+        p.append(f"--mod_scheme {cfg.mod_scheme} modifies the AN loss; combine it with --loss {' or '.join(takers)}, "
+                 f"not {cfg.loss}")  # fmt: skip
+    for method in used:
+        if method.validate is not None:
+            p += method.validate(cfg)
     return p
+
+
+def _availability_problems(cfg, used: list) -> list[str]:
+    """The active entries that are not offered on the dataset (``cfg``: a config or the parsed values)."""
+    dataset = methods.value_of(cfg, "dataset")
+    info = datasets.DATASET_INFO.get(dataset)
+    title = info.title if info is not None else dataset
+    return [f"{' '.join(m.selected_by)} is not available for {title}: {m.not_on[dataset]}" for m in used
+            if dataset in m.not_on]  # fmt: skip
+
+
+def _regime_problems(cfg) -> list[str]:
+    """The partial-label regime: ``--num_pos`` / ``--num_neg`` (the official generator's), or ``--label_proportion``."""
+    p = []
+    for name in ("num_pos", "num_neg"):
+        if getattr(cfg, name) < 0:
+            p.append(f"--{name} must be an integer >= 0 (got {getattr(cfg, name)})")
+    if cfg.label_proportion is not None:
+        if not 0 < cfg.label_proportion <= 1:
+            p.append(f"--label_proportion must lie in (0, 1] (got {cfg.label_proportion})")
+        if (cfg.num_pos, cfg.num_neg) != (1, 0):
+            p.append("--label_proportion is a regime of its own: give it without --num_pos / --num_neg")
+    elif cfg.num_pos == 0 and cfg.num_neg == 0:
+        p.append("--num_pos 0 --num_neg 0 observes no label at all: give at least one observed label per image")
+    if not _regime_is_default(cfg):
+        info = datasets.DATASET_INFO.get(cfg.dataset)
+        if cfg.train_set_variant != "observed":
+            p.append("--num_pos, --num_neg and --label_proportion choose the observed labels; with --train_set_variant "
+                     f"{cfg.train_set_variant} every label is known: drop them")  # fmt: skip
+        elif info is not None and info.sparse:
+            p.append(f"{info.title} comes with its own partial labels (the annotated entries): --num_pos, "
+                     "--num_neg and --label_proportion, which draw observed labels from full labels, do not apply to "
+                     "it")  # fmt: skip
+    return p
+
+
+def _exp_name_problems(name: str) -> list[str]:
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        return [f"--exp_name must be a plain folder name, without '/' (got {name!r})"]
+    if len(name) > MAX_EXP_NAME or len(name.encode("utf-8", "surrogateescape")) > 255:
+        return [f"--exp_name has {len(name)} characters; it names the run folder: use at most {MAX_EXP_NAME}"]
+    return []
 
 
 def str2bool(value: str) -> bool:
@@ -204,14 +290,29 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
 
 
+def _add_flag(group, flag: methods.Flag, preset: bool) -> None:
+    """A registry flag: default None when it has presets (resolved in ``config_from_args``), else its default."""
+    kwargs: dict[str, Any] = {"type": flag.type, "help": flag.help, "default": None if preset else flag.default}
+    if flag.nargs is not None:
+        kwargs["nargs"] = flag.nargs
+    group.add_argument(f"--{flag.name}", **kwargs)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    _ensure_current()
+    presets = set(methods.preset_flags())
+    registry_flags = methods.flags()
+    scheme_flags = [f for m in methods.entries(methods.SCHEME) for f in m.flags]
     parser = argparse.ArgumentParser(
         description="Large Loss Matters (CVPR 2022): train a multi-label classifier from single positive labels.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--dataset", default="synthetic", choices=DATASETS)
-    parser.add_argument("--mod_scheme", default=None, choices=SCHEMES, help="default LL-R (AN with clean labels)")
-    parser.add_argument("--delta_rel", type=float, default=None, help="percent per epoch (default: preset)")
+    parser.add_argument("--dataset", default="synthetic", choices=dataset_names())
+    parser.add_argument(
+        "--mod_scheme", default=None, choices=methods.names(methods.SCHEME), help="default LL-R (AN with clean labels)"
+    )
+    for flag in dict.fromkeys(scheme_flags):
+        _add_flag(parser, flag, flag.name in presets)
     parser.add_argument("--lr", type=float, default=None, help="backbone learning rate (default: preset)")
     parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="default: preset")
     parser.add_argument("--bsize", type=int, default=16, help="batch size")
@@ -226,7 +327,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--image_size", type=int, default=None, help="resize to this square (default 448; synthetic 32)"
     )
     parser.add_argument(
-        "--train_set_variant", default="observed", choices=TRAIN_SET_VARIANTS, help="single positive or full labels"
+        "--train_set_variant",
+        default="observed",
+        choices=methods.names(methods.VARIANT),
+        help="single positive or full labels",
     )
     parser.add_argument("--val_frac", type=float, default=0.2, help="fraction of the official train split held out")
     parser.add_argument("--split_seed", type=int, default=1200, help="seed of the official train/val split")
@@ -238,34 +342,68 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and flips")
     parser.add_argument("--data_root", default=None, help="dataset folder (default: data/<dataset> in the repo)")
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help="where files derived from the data go (observed labels, --cache disk, LinearInit features); default: "
+        "the data root, or a per-user cache folder when the data root is read-only",
+    )
     parser.add_argument("--save_path", default="results", help="parent folder of run folders")
     parser.add_argument("--exp_name", default=None, help="run folder name (default: dataset_scheme_delta_seed_time)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--gpu_num", type=int, default=0, help="CUDA device index")
-    speed = parser.add_argument_group("speed (none of these changes what the model sees)")
-    speed.add_argument(
-        "--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU"
+    regime = parser.add_argument_group("partial-label regime (the paper: one positive per image)")
+    regime.add_argument("--num_pos", type=int, default=1, help="observed positives per image (official generator)")
+    regime.add_argument("--num_neg", type=int, default=0, help="observed negatives per image (official generator)")
+    regime.add_argument(
+        "--label_proportion",
+        type=float,
+        default=None,
+        help="instead: each label of each image known with this probability, positives and negatives alike",
     )
-    speed.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False, help="torch.compile the model")
+    speed = parser.add_argument_group("speed and precision")
     speed.add_argument(
-        "--cache", default="none", choices=("none", "disk"), help="disk: decode and resize every image once, to disk"
+        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    speed.add_argument(
+        "--compile",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="torch.compile the training step (full batches; the last batch and evaluation run eagerly). On an H100 at "
+        "batch 16 it was about 2%% faster than eager after about a minute of compilation: it does not pay for the "
+        "paper's runs (docs/performance.md)",
+    )
+    speed.add_argument(
+        "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"
     )
     speed.add_argument(
         "--sync_bn", type=str2bool, nargs="?", const=True, default=True, help="SyncBatchNorm under torchrun on CUDA"
     )
     parser.add_argument("--resume", action="store_true", help="resume the run in the run folder (also automatic)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    baselines = parser.add_argument_group("baselines, BoostLU and LinearInit")
-    baselines.add_argument("--loss", default="an", choices=BASELINES, help="an is the loss the LL schemes modify")
-    baselines.add_argument("--expected_num_pos", type=float, default=None, help="EPR/ROLE (default: preset)")
-    baselines.add_argument("--ls_coef", type=float, default=0.1, help="LSAN label smoothing")
-    baselines.add_argument("--em_alpha", type=float, default=None, help="EM entropy weight (default: preset)")
-    baselines.add_argument("--apl_beta", type=float, default=None, help="APL pseudo-label weight (default: preset)")
-    baselines.add_argument("--apl_warmup", type=int, default=None, help="APL's first labelling epoch (default: preset)")
-    baselines.add_argument("--apl_neg_proportion", type=float, default=0.9, help="APL: share of unobserved labelled")
-    baselines.add_argument("--boostlu_alpha", type=float, default=0.0, help="BoostLU's alpha; 0 = off (paper: 5)")
-    baselines.add_argument("--train_mode", default="end_to_end", choices=TRAIN_MODES)
-    baselines.add_argument("--linear_epochs", type=int, default=25, help="LinearInit: epochs of the frozen phase")
+    parser.add_argument(
+        "--list_methods", action="store_true", help="print the methods, their flags and presets, and exit"
+    )
+    parser.add_argument(
+        "--names",
+        action="store_true",
+        help="with --list_methods: the table's rows for --dataset and --train_mode, one per line: row, 'table' "
+        "(run by scripts/reproduce_table.sh by default) or 'extra', and the flags that select it, tab-separated",
+    )
+    baselines = parser.add_argument_group("baselines, BoostLU and LinearInit (the method registry, methods.py)")
+    baselines.add_argument(
+        "--loss", default="an", choices=methods.names(methods.LOSS), help="an is the loss the LL schemes modify"
+    )
+    mode_flags = [f for m in methods.entries(methods.MODE) for f in m.flags]
+    for flag in registry_flags.values():
+        if flag not in scheme_flags and flag not in mode_flags:
+            _add_flag(baselines, flag, flag.name in presets)
+    baselines.add_argument("--train_mode", default="end_to_end", choices=methods.names(methods.MODE))
+    for flag in dict.fromkeys(mode_flags):
+        if flag not in scheme_flags:
+            _add_flag(baselines, flag, flag.name in presets)
     return parser
 
 
@@ -274,56 +412,200 @@ def _default_num_workers(dataset: str) -> int:
     32x32 PNGs: decoding them in the main process is faster than feeding worker processes."""
     if dataset == "synthetic":
         return 0
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def regime_name(values: dict) -> str:
+    """The partial-label regime in a run name: '' for the paper's single positive, else e.g. ``_p2n1``, ``_prop0.3``."""
+    if values.get("label_proportion") is not None:
+        return f"_prop{values['label_proportion']:g}"
+    if (values.get("num_pos", 1), values.get("num_neg", 0)) != (1, 0):
+        return f"_p{values['num_pos']}n{values['num_neg']}"
+    return ""
+
+
 def method_name(values: dict) -> str:
-    """A short name of what a run trains, e.g. ``coco_LL-R_d0.4``, ``coco_wan``, ``pascal_LL-Ct_d0.2_boostlu5_li``."""
-    if values["train_set_variant"] == "clean":
-        name = "full"
-    elif values["loss"] != "an":
+    """A short name of what a run trains, e.g. ``coco_LL-R_d0.4``, ``coco_wan``, ``pascal_LL-Ct_d0.2_boostlu5_li``,
+    ``coco_LL-R_d0.4_p2n1``."""
+    variant = methods.get(values["train_set_variant"], methods.VARIANT)
+    loss = methods.get(values["loss"], methods.LOSS)
+    if variant.row_key is not None:
+        name = variant.row_key
+    elif not loss.combines_with_schemes:
         name = values["loss"]
-    elif values["mod_scheme"] == "AN":
-        name = "AN"
+    elif values["mod_scheme"] == methods.PLAIN_SCHEME:
+        name = values["mod_scheme"]
     else:
         name = f"{values['mod_scheme']}_d{values['delta_rel']:g}"
-    if values["boostlu_alpha"] > 0:
-        name += f"_boostlu{values['boostlu_alpha']:g}"
-    if values["train_mode"] == "linear_init":
-        name += "_li"
-    return f"{values['dataset']}_{name}"
+    for method in methods.active(values):
+        if method.name_suffix is not None:
+            name += method.name_suffix(values)
+    return f"{values['dataset']}_{name}{regime_name(values)}"
+
+
+_MISSING = object()
+
+
+def _resolve_preset(name: str, values: dict) -> tuple[Any, bool]:
+    """A registry flag that was not given: (value, whether it counts as a preset). The active modifiers' presets for
+    the scheme win, then the active entries' own presets (an active entry without one for the dataset: a clean
+    error), then, for ``always_preset`` flags, any entry's; otherwise the flag's default."""
+    dataset, scheme = values["dataset"], values["mod_scheme"]
+    used = methods.active(values)
+    for m in used:
+        if m.kind == methods.MODIFIER and name in m.presets_with.get(scheme, {}):
+            value = methods.for_dataset(m.presets_with[scheme][name], dataset, _MISSING)
+            if value is not _MISSING:
+                return value, True
+    for m in used:
+        if m.kind != methods.MODIFIER and name in m.presets:
+            value = methods.for_dataset(m.presets[name], dataset, _MISSING)
+            if value is _MISSING:
+                raise ValueError(
+                    f"--{name} has no preset for --dataset {dataset} in the {m.name!r} entry of the method registry "
+                    f"(methods.py): give --{name} on the command line, or add {dataset!r} to that entry's presets"
+                )
+            return value, True
+    flag = methods.flags()[name]
+    if flag.always_preset:
+        for m in methods.entries():
+            value = methods.for_dataset(m.presets.get(name, _MISSING), dataset, _MISSING)
+            if value is not _MISSING:
+                return value, True
+        return flag.default, True
+    return flag.default, False
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Resolve presets and defaults, then build (and so validate) the frozen config."""
+    _ensure_current()
     values = dict(vars(args))
-    preset = PRESETS[values["dataset"]]
+    values.pop("list_methods", None)
+    values.pop("names", None)
+    dataset = values["dataset"]
+    info = datasets.DATASET_INFO.get(dataset)
+    if info is None:
+        raise ValueError(f"--dataset must be one of {', '.join(dataset_names())} (got {dataset!r})")
+    loss = methods.get(values["loss"], methods.LOSS)
     if values["mod_scheme"] is None:
-        values["mod_scheme"] = "LL-R" if values["train_set_variant"] == "observed" and values["loss"] == "an" else "AN"
-    from_preset = [name for name in PRESET_FIELDS if values[name] is None]
-    for name in from_preset:
-        values[name] = preset[name]
-    if "delta_rel" in from_preset:
-        per_scheme = preset["boostlu_delta_rel"] if values["boostlu_alpha"] > 0 else None
-        values["delta_rel"] = (per_scheme or preset["delta_rel"]).get(values["mod_scheme"], 0.0)
+        observed = values["train_set_variant"] == "observed" and loss.combines_with_schemes
+        values["mod_scheme"] = "LL-R" if observed else methods.PLAIN_SCHEME
+    for name, flag in methods.flags().items():
+        if flag.nargs is not None and isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
+    unavailable = _availability_problems(values, methods.active(values))
+    if unavailable:
+        raise ValueError("; ".join(unavailable))
+    from_preset = []
+    for name in DATASET_PRESETS:
+        if values[name] is None:
+            if name not in info.defaults:
+                raise ValueError(f"--{name} has no default for --dataset {dataset} (datasets.DATASET_INFO[{dataset!r}]"
+                                 f".defaults): give --{name} on the command line")  # fmt: skip
+            values[name] = info.defaults[name]
+            from_preset.append(name)
+    for name in methods.preset_flags():
+        if values[name] is None:
+            values[name], marked = _resolve_preset(name, values)
+            if marked:
+                from_preset.append(name)
     values["from_preset"] = tuple(from_preset)
     if values["num_workers"] is None:
-        values["num_workers"] = _default_num_workers(values["dataset"])
+        values["num_workers"] = _default_num_workers(dataset)
     if values["data_root"] is None:
-        values["data_root"] = str(REPO_DIR / "data" / values["dataset"])
+        values["data_root"] = str(REPO_DIR / "data" / dataset)
     if values["exp_name"] is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         values["exp_name"] = f"{method_name(values)}_s{values['seed']}_{stamp}"
     return Config(**values)
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Parse the command line; any invalid value exits with argparse's usage message (status 2), never a traceback."""
+# ---------------------------------------------------------------------------------------------------------------------
+# --list_methods
+
+
+def _format_preset(preset) -> str:
+    if isinstance(preset, dict):
+        return ", ".join(f"{d} {v:g}" if isinstance(v, float) else f"{d} {v}" for d, v in preset.items())
+    return f"{preset:g} on every dataset" if isinstance(preset, float) else f"{preset} on every dataset"
+
+
+def describe_registry() -> str:
+    """The datasets and the method registry, as ``--list_methods`` prints them."""
+    _ensure_current()
+    lines = ["Datasets (--dataset; datasets.DATASET_INFO) and their presets:"]
+    for name, info in datasets.DATASET_INFO.items():
+        defaults = ", ".join(f"{k} {info.defaults[k]}" for k in DATASET_PRESETS if k in info.defaults)
+        lines.append(f"  {name:12s} {info.title:12s} {info.num_classes:5d} classes  {defaults}")
+    lines += ["", "Methods (the registry in methods.py; docs/extending.md adds one). Per flag: its default, or its",
+              "preset per dataset (used when the flag is not given):"]  # fmt: skip
+    for m in methods.entries():
+        title = f": {m.title}" if m.title else ""
+        lines.append(f"  {m.kind} {m.name}{title}; {m.summary}" if m.summary else f"  {m.kind} {m.name}{title}")
+        notes = [f"selected by {' '.join(m.selected_by)}"]
+        if m.kind == methods.MODIFIER:
+            notes.append(f"rows {', '.join(f'{s}+{m.row}' for s in m.applies_to)}")
+        elif m.row_key:
+            notes.append(f"row {m.row_key}")
+        if m.single_process:
+            notes.append("one process only")
+        notes += [f"not on {d} ({why})" for d, why in m.not_on.items()]
+        lines.append(f"      {'; '.join(notes)}")
+        for flag in m.flags:
+            preset = m.presets.get(flag.name)
+            text = _format_preset(preset) if preset is not None else f"default {flag.default}"
+            missing = [d for d in datasets.DATASET_INFO if isinstance(preset, dict) and d not in preset]
+            if missing:
+                rest = f"default {flag.default}" if flag.always_preset else f"give --{flag.name}"
+                text += f"; {', '.join(missing)}: {rest}"
+            lines.append(f"      --{flag.name}: {text}")
+        for name, preset in m.presets.items():
+            if name not in [f.name for f in m.flags]:
+                lines.append(f"      --{name}: {_format_preset(preset)}")
+        for scheme, per_scheme in m.presets_with.items():
+            for name, preset in per_scheme.items():
+                lines.append(f"      --{name} with {scheme}: {_format_preset(preset)}")
+    return "\n".join(lines)
+
+
+def table_rows(dataset: str, train_mode: str) -> list[tuple[str, bool, tuple[str, ...]]]:
+    """The table's rows offered on ``dataset`` in ``train_mode`` (those whose config is valid): (row key, whether
+    ``scripts/reproduce_table.sh`` runs it by default, the flags that select it)."""
     parser = get_args_parser()
+    out = []
+    for key, _title, flags in methods.rows():
+        argv = ["--dataset", dataset, "--train_mode", train_mode, *flags, "--exp_name", "list"]
+        try:
+            config_from_args(parser.parse_args(argv))
+        except ValueError:
+            continue
+        out.append((key, not methods.row_skipped_on(key, dataset), flags))
+    return out
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse the command line; any invalid value exits with argparse's usage message (status 2), never a traceback.
+    ``--list_methods`` prints the registry (``--names``: the rows, machine-readable) and exits with status 0."""
+    try:
+        parser = get_args_parser()
+    except methods.MethodError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     args = parser.parse_args(argv)
+    if args.names and not args.list_methods:
+        parser.error("--names goes with --list_methods")
+    if args.list_methods:
+        if args.names:
+            rows = table_rows(args.dataset, args.train_mode)
+            text = "\n".join(f"{key}\t{'table' if table else 'extra'}\t{' '.join(flags)}" for key, table, flags in rows)
+        else:
+            text = describe_registry()
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # e.g. piped into `head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        parser.exit(0)
     try:
         return config_from_args(args)
     except ValueError as err:

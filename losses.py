@@ -119,12 +119,12 @@ def _reduce(loss_matrix: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Baselines on the same protocol (PAPER_FACTS section 2). Written, as in Cole et al. (CVPR 2021) and Zhou et al.
-# (ECCV 2022), with sigmoid probabilities and -log(p + 1e-5), and averaged over all B*C entries (``reduce``: as in
-# ``large_loss``). Observed negatives (-1, OpenImages) are plain negatives in every loss; single-positive data has
-# none. EPR's and ROLE's regularisers need the whole batch: the trainer runs them in one process only.
+# Baselines on the same protocol as LL (the paper's comparison table). Written, as in Cole et al. (CVPR 2021) and
+# Zhou et al. (ECCV 2022), with sigmoid probabilities and -log(p + 1e-5), and averaged over all B*C entries
+# (``reduce``: as in ``large_loss``). Observed negatives (-1, OpenImages) are plain negatives in every loss;
+# single-positive data has none. EPR's and ROLE's regularisers need the whole batch: the trainer runs them in one
+# process only.
 
-BASELINES = ("an", "wan", "lsan", "epr", "role", "em", "em_apl")
 LOG_EPSILON = 1e-5
 
 

@@ -1,25 +1,35 @@
-"""What differs between the rows of the paper's table, for the trainer: per-method training state, the batch loss,
-the diagnostics of the memorisation analysis, EM+APL's pseudo-labelling, and LinearInit's frozen-feature phase.
+"""What differs between the rows of the paper's table, for the trainer, in one place.
 
-``train.py`` runs the loop; everything here is called from it with explicit arguments (no config object inside the
-loss maths, which stays in ``losses.py``).
+The **method registry** (``REGISTRY``, filled by ``register`` at the end of this file) holds one entry per method:
+a baseline loss, an LL scheme, BoostLU, a training mode (LinearInit), the full-label variant. An entry carries the
+method's batch loss, its flags with their per-dataset presets (named by dataset), its checks, its per-image state and
+checkpoint hooks, its per-epoch hook, where it is not offered, its report row and its published numbers.
+``config.py`` builds the flags, presets and checks from it; ``report.py`` and ``scripts/reproduce_table.sh`` read
+its rows; ``train.py`` calls the hooks through the functions of the "for the trainer" section. Adding a method is one
+``register(Method(...))`` call and its test (docs/extending.md).
+
+Also here: the label stores the trainer reads and corrects, the diagnostics of the memorisation analysis, EM+APL's
+pseudo-labelling and LinearInit's frozen-feature phase. The loss maths stays in ``losses.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
 import datasets
 import distributed
+import files
 import losses
 import models
 
@@ -28,22 +38,32 @@ import models
 
 
 class DenseLabelStore:
-    """The observed label matrix on the device; corrections are written in place."""
+    """The observed label matrix on the device; corrections are written in place.
+
+    The matrix is a view of ``N + 1`` stored rows: the extra last row takes the writes of padding rows (a torchrun
+    process with no image of its own in a tiny last batch), so a correction never needs a boolean index (which waits
+    for the GPU) and never writes the same row twice in one step."""
 
     def __init__(self, observed: np.ndarray, device: torch.device) -> None:
-        self.matrix = torch.from_numpy(observed).to(device)
+        self._storage = torch.zeros((observed.shape[0] + 1, *observed.shape[1:]), dtype=torch.int8, device=device)
+        self._storage[:-1] = torch.from_numpy(np.asarray(observed, dtype=np.int8)).to(device)
+        self.matrix = self._storage[:-1]
 
     @property
     def device(self) -> torch.device:
         return self.matrix.device
 
-    def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.matrix[rows.to(self.device)]
+    def batch(self, rows: torch.Tensor, host_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The labels of ``rows`` (on the device; ``host_rows``, the same rows on the host, serve the sparse store)."""
+        return self.matrix[rows.to(self.device, non_blocking=True)]
 
-    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
-        """Set the ``selected`` entries of ``rows`` to +1 (LL-Cp's permanent correction)."""
-        rows = rows.to(self.device)
-        self.matrix[rows] = self.matrix[rows].masked_fill(selected, 1)
+    def correct(self, rows: torch.Tensor, selected: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """Set the ``selected`` entries of ``rows`` to +1 (LL-Cp's permanent correction). ``real``: which rows are
+        real (padding rows write into the spare row instead). Integer indexing only: nothing waits for the GPU."""
+        rows = rows.to(self.device, non_blocking=True)
+        if real is not None:
+            rows = torch.where(real, rows, self.matrix.shape[0])
+        self._storage[rows] = self._storage[rows].masked_fill(selected, 1)
 
     def end_epoch(self) -> None:
         pass
@@ -55,7 +75,7 @@ class DenseLabelStore:
         return {"matrix": self.matrix.cpu()}
 
     def load_state(self, state: dict) -> None:
-        self.matrix = state["matrix"].to(self.device)
+        self.matrix.copy_(state["matrix"].to(self.device, torch.int8))
 
     def checksum(self) -> float:
         weights = torch.arange(self.matrix.numel(), device=self.device).remainder(9973).add(1).view_as(self.matrix)
@@ -66,18 +86,39 @@ class SparseLabelStore:
     """Sparse observed labels (OpenImages), densified per batch. Corrections are buffered and merged at the end of the
     epoch: every row is seen once per epoch, so no batch of the same epoch could have read them anyway."""
 
+    FLUSH_EVERY = 32  # steps whose corrections are read back to the host together
+
     def __init__(self, observed: datasets.SparseLabels, device: torch.device) -> None:
         self.labels, self.device = observed, device
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.queued: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.labels.dense(rows.cpu().numpy())).to(self.device, non_blocking=True)
+    def batch(self, rows: torch.Tensor, host_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Densify the rows on the host (``host_rows``: no read-back from the GPU) and copy them from pinned memory."""
+        host_rows = rows.cpu() if host_rows is None else host_rows
+        dense = torch.from_numpy(self.labels.dense(host_rows.numpy()))
+        if self.device.type == "cuda":
+            dense = dense.pin_memory()
+        return dense.to(self.device, non_blocking=True)
 
-    def correct(self, rows: torch.Tensor, selected: torch.Tensor) -> None:
-        r, c = selected.nonzero(as_tuple=True)
-        self.pending.append((rows.cpu().numpy()[r.cpu().numpy()], c.cpu().numpy()))
+    def correct(self, rows: torch.Tensor, selected: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """Queue the corrections on the device; they are read back in groups of ``FLUSH_EVERY`` steps (one
+        synchronisation per group, not per step)."""
+        if real is not None:
+            selected = selected & real[:, None]
+        self.queued.append((rows, selected))
+        if len(self.queued) >= self.FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Read the queued corrections back to the host (this synchronises with the GPU)."""
+        for rows, selected in self.queued:
+            r, c = selected.nonzero(as_tuple=True)
+            self.pending.append((rows.cpu().numpy()[r.cpu().numpy()], c.cpu().numpy()))
+        self.queued = []
 
     def end_epoch(self) -> None:
+        self._flush()
         if self.pending:
             rows, cols = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
             self.labels = self.labels.with_positives(rows, cols)
@@ -113,36 +154,37 @@ class LabelState:
     """The training labels as the trainer owns them, plus the per-image state some methods learn.
 
     ``observed`` is read per batch and takes LL-Cp's corrections. ``initial`` (the observed labels before any
-    correction) and ``clean`` (the full labels) exist when the full labels are known (not OpenImages): they feed the
-    diagnostics only, never the loss. ``estimator`` is ROLE's label estimator; ``pseudo_negative``, ``soft_label``
-    and ``apl_quota`` are EM+APL's pseudo-labels and per-class quota.
+    correction) and ``clean`` (the full labels) exist when the full labels are known (not on sparse datasets): they
+    feed the diagnostics only, never the loss. ``extra`` holds the methods' own per-image state by name (ROLE's
+    ``estimator``; EM+APL's ``pseudo_negative``, ``soft_label`` and ``apl_quota``), made by their ``init_state``
+    hooks; ``hooks`` are the active registry entries whose ``save_state`` / ``load_state`` go into checkpoints.
     """
 
     observed: DenseLabelStore | SparseLabelStore
     initial: torch.Tensor | None = None
     clean: torch.Tensor | None = None
-    estimator: models.LabelEstimator | None = None
-    pseudo_negative: torch.Tensor | None = None
-    soft_label: torch.Tensor | None = None
-    apl_quota: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    hooks: tuple[Method, ...] = ()
+
+    @property
+    def estimator(self) -> models.LabelEstimator | None:
+        """ROLE's label estimator (None for the other methods)."""
+        return self.extra.get("estimator")
 
     def checkpoint(self) -> dict:
         """What a checkpoint must hold to resume exactly: the labels as corrected so far and what the methods learnt
-        (``initial``, ``clean`` and the APL quota are rebuilt from the data)."""
+        (``initial``, ``clean`` and anything a method derives from the data are rebuilt)."""
         out = {"observed": self.observed.state()}
-        if self.estimator is not None:
-            out["estimator"] = self.estimator.state_dict()
-        if self.pseudo_negative is not None:
-            out["pseudo_negative"], out["soft_label"] = self.pseudo_negative.cpu(), self.soft_label.cpu()
+        for method in self.hooks:
+            if method.save_state is not None:
+                out.update(method.save_state(self))
         return out
 
     def restore(self, saved: dict) -> None:
         self.observed.load_state(saved["observed"])
-        if self.estimator is not None:
-            self.estimator.load_state_dict(saved["estimator"])
-        if self.pseudo_negative is not None:
-            device = self.pseudo_negative.device
-            self.pseudo_negative, self.soft_label = saved["pseudo_negative"].to(device), saved["soft_label"].to(device)
+        for method in self.hooks:
+            if method.load_state is not None:
+                method.load_state(self, saved)
 
 
 def same_on_all_processes(state: LabelState, ctx) -> bool:
@@ -152,24 +194,335 @@ def same_on_all_processes(state: LabelState, ctx) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
-def build_label_state(cfg, split: datasets.Split, device: torch.device) -> LabelState:
-    observed = label_store(split.observed, device)
-    state = LabelState(observed)
-    if isinstance(split.observed, datasets.SparseLabels):
-        return state
-    state.initial = observed.matrix.clone()
-    state.clean = torch.from_numpy(split.labels > 0).to(device)
-    if cfg.loss == "role":
-        generator = torch.Generator().manual_seed(cfg.seed)
-        state.estimator = models.LabelEstimator(state.initial, generator).to(device)
-    if cfg.loss == "em_apl":
-        state.pseudo_negative = torch.zeros_like(state.initial, dtype=torch.bool)
-        state.soft_label = torch.zeros_like(state.initial, dtype=torch.float32)
-        # Zhou et al.: each labelling round takes neg_proportion * (unobserved entries of the class) / (rounds).
-        unobserved = (state.initial == 0).sum(0).double()
-        rounds = cfg.num_epochs - cfg.apl_warmup
-        state.apl_quota = (cfg.apl_neg_proportion * unobserved / rounds).floor().long()
-    return state
+# ---------------------------------------------------------------------------------------------------------------------
+# The method registry.
+
+VARIANT, LOSS, SCHEME, MODIFIER, MODE = "variant", "loss", "scheme", "modifier", "mode"
+KINDS = (VARIANT, LOSS, SCHEME, MODIFIER, MODE)
+# The config field (and flag) that picks the entry of each kind; modifiers are switched on by their own flags.
+SELECTOR = {VARIANT: "train_set_variant", LOSS: "loss", SCHEME: "mod_scheme", MODE: "train_mode"}
+PLAIN_SCHEME = "AN"  # the scheme that modifies nothing
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class MethodError(ValueError):
+    """An unknown method, or an entry that is not completely registered; the message says which and what is missing."""
+
+
+class LossInputs(NamedTuple):
+    """What a method's batch loss gets. ``observed``: the batch's labels (-1/0/1, B x C); ``rows``: its row indices
+    into the training set (for per-image state); ``rate``: LL's modification rate this epoch; ``epoch``: 1-indexed
+    (None in LinearInit's linear phase); ``select``, ``reduce``: see ``losses.large_loss`` (set by the trainer when
+    the batch spans several processes; a loss that cannot use them must be ``single_process``)."""
+
+    cfg: Any
+    logits: torch.Tensor
+    observed: torch.Tensor
+    rows: torch.Tensor
+    state: LabelState
+    rate: float
+    epoch: int | None
+    select: losses.Select | None
+    reduce: losses.Reduce | None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag ``--name`` and the ``Config`` field (and ``config.json`` key) of the same name.
+
+    ``default``: the value when the flag is not given and no preset applies; also what a ``config.json`` written
+    before the flag existed is read as. A flag that some entry gives ``presets`` for is resolved from them when it is
+    not given (and marked "(preset)"): from the active entries' presets, and, with ``always_preset``, from any
+    entry's presets even when no entry using it is active (the flags every run has always recorded, so that older
+    run folders resume). ``check(value)``: what is wrong with a value, or None; applied to every config.
+    ``nargs``: the flag takes that many values, stored as a tuple.
+    """
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+    nargs: int | None = None
+    always_preset: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method. ``kind``: ``variant`` (``--train_set_variant NAME``), ``loss`` (``--loss NAME``), ``scheme``
+    (``--mod_scheme NAME``, modifying the AN loss), ``modifier`` (switched on by its own flags, e.g. BoostLU) or
+    ``mode`` (``--train_mode NAME``).
+
+    Report and docs:
+        ``title`` (its row's title), ``summary`` (one line for ``--list_methods``), ``row`` (the report's row key;
+        by default the name for losses and schemes; None: no row of its own), ``paper`` (published test mAP,
+        ``{train_mode: {dataset: value}}``), ``table_skip`` (datasets whose default table in
+        ``scripts/reproduce_table.sh`` leaves the row out although it is offered there).
+    Config:
+        ``flags`` (the flags it owns; share one ``Flag`` object between entries that use the same flag),
+        ``presets`` (``{flag: value for every dataset}`` or ``{flag: {dataset: value}}``; may name another entry's
+        flag), ``validate(cfg)`` (its own rules, as readable problems; run when it is active), ``not_on``
+        (``{dataset: why}``: refused there).
+    Training:
+        ``loss(LossInputs)`` (the batch loss, a scalar, or ``(loss, selected)`` for the schemes; required for losses
+        and schemes), ``combines_with_schemes`` (a loss that ``--mod_scheme`` may modify: only AN's),
+        ``rate(cfg, epoch)`` and ``corrects_labels`` (schemes: the modification rate; LL-Cp's permanent corrections),
+        ``single_process`` (why it cannot run under torchrun; empty: it can).
+    Per-image state:
+        ``init_state(cfg, state)`` (puts its state in ``state.extra``), ``save_state(state) -> dict`` and
+        ``load_state(state, saved)`` (checkpoint hooks; both or neither), ``parameters(state)`` (state trained by the
+        optimiser at the head's learning rate; kept in ``bestmodel.pt`` too), ``after_epoch(cfg, state, epoch,
+        train_scores) -> dict`` (after each end-to-end epoch; ``train_scores()`` scores the training images in row
+        order, only when ``scores_train_set``; returns what to log), ``before_training(session, val_map)`` (a phase
+        before end-to-end training, on a fresh start).
+    Modifiers:
+        ``active(cfg)`` (whether the config switches it on), ``cli`` (the flags that do), ``applies_to`` (the schemes
+        it makes table rows with), ``presets_with`` (``{scheme: presets}`` that win over the scheme's own) and
+        ``paper_with`` (``{scheme: {train_mode: {dataset: value}}}``).
+    Run names: ``name_suffix(values)`` (appended to the default run folder name when active).
+    """
+
+    name: str
+    kind: str
+    title: str = ""
+    summary: str = ""
+    row: str | None = None
+    paper: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    table_skip: frozenset[str] = frozenset()
+    flags: tuple[Flag, ...] = ()
+    presets: Mapping[str, Any] = field(default_factory=dict)
+    validate: Callable[[Any], list[str]] | None = None
+    not_on: Mapping[str, str] = field(default_factory=dict)
+    loss: Callable[[LossInputs], Any] | None = None
+    combines_with_schemes: bool = False
+    rate: Callable[[Any, int], float] | None = None
+    corrects_labels: bool = False
+    single_process: str = ""
+    init_state: Callable[[Any, LabelState], None] | None = None
+    save_state: Callable[[LabelState], dict] | None = None
+    load_state: Callable[[LabelState, dict], None] | None = None
+    parameters: Callable[[LabelState], list] | None = None
+    after_epoch: Callable[[Any, LabelState, int, Callable[[], torch.Tensor]], dict] | None = None
+    scores_train_set: bool = False
+    before_training: Callable[[Any, Callable[[torch.Tensor], float]], None] | None = None
+    active: Callable[[Any], bool] | None = None
+    cli: tuple[str, ...] = ()
+    applies_to: tuple[str, ...] = ()
+    presets_with: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    paper_with: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
+    name_suffix: Callable[[Mapping], str] | None = None
+
+    @property
+    def row_key(self) -> str | None:
+        """The report's row key of this entry alone (modifiers: the suffix of their combined rows)."""
+        if self.row is not None:
+            return self.row
+        return self.name if self.kind in (LOSS, SCHEME) and not self.combines_with_schemes else None
+
+    @property
+    def selected_by(self) -> tuple[str, ...]:
+        """The command-line flags that select it."""
+        return self.cli if self.kind == MODIFIER else (f"--{SELECTOR[self.kind]}", self.name)
+
+
+REGISTRY: dict[str, Method] = {}
+_version = 0
+
+
+def _registration_problems(m: Method) -> list[str]:
+    p = []
+    if m.kind not in KINDS:
+        p.append(f"kind must be one of {', '.join(KINDS)} (got {m.kind!r})")
+    if not isinstance(m.name, str) or not _NAME.fullmatch(m.name):
+        p.append("the name must be letters, digits, '-', '_' or '.' (it is a flag value and part of run names)")
+    elif m.name in REGISTRY:
+        p.append("that name is already registered (unregister it first)")
+    if m.kind in (LOSS, SCHEME) and m.loss is None:
+        p.append(f"a {m.kind} needs its batch loss (loss=...)")
+    if m.loss is not None and m.kind not in (LOSS, SCHEME):
+        p.append(f"a {m.kind} has no batch loss of its own (only losses and schemes do)")
+    if m.kind == MODIFIER and (m.active is None or not m.cli or not m.row):
+        p.append("a modifier needs active=..., cli=... (the flags that switch it on) and row=... (its row suffix)")
+    if m.kind != MODIFIER and (m.active is not None or m.applies_to or m.presets_with or m.paper_with):
+        p.append("active, applies_to, presets_with and paper_with belong to modifiers")
+    if (m.save_state is None) != (m.load_state is None):
+        p.append("save_state and load_state go together (a checkpoint must restore what it saves)")
+    if m.parameters is not None and m.save_state is None:
+        p.append("state trained by the optimiser (parameters=...) must be checkpointed: give save_state/load_state")
+    if m.scores_train_set and m.after_epoch is None:
+        p.append("scores_train_set is for an after_epoch hook, and there is none")
+    if m.row_key is not None and "+" in m.row_key:
+        p.append("a row key cannot contain '+' (it joins a row and a modifier)")
+    for flag in m.flags:
+        if not _NAME.fullmatch(flag.name) or "-" in flag.name or "." in flag.name:
+            p.append(f"flag name {flag.name!r} must be a Python identifier (it is a Config field)")
+        owner = next((e for e in REGISTRY.values() for f in e.flags if f.name == flag.name and f is not flag), None)
+        if owner is not None:
+            p.append(f"flag --{flag.name} is already defined by {owner.name!r}: share that Flag object")
+    return p
+
+
+def register(method: Method) -> Method:
+    """Add an entry (``MethodError`` if it is incomplete or its name is taken). ``config.py`` picks it up at its next
+    parse: its flags, presets and checks, and its selector value among the choices."""
+    global _version
+    problems = _registration_problems(method)
+    if problems:
+        raise MethodError(f"cannot register method {method.name!r}: {'; '.join(problems)}")
+    REGISTRY[method.name] = method
+    _version += 1
+    return method
+
+
+def unregister(name: str) -> Method:
+    """Remove an entry (for tests and plugins); returns it."""
+    global _version
+    if name not in REGISTRY:
+        raise MethodError(f"no method {name!r} is registered")
+    _version += 1
+    return REGISTRY.pop(name)
+
+
+def registry_version() -> int:
+    """Changes whenever an entry is added or removed (``config.py`` rebuilds ``Config`` then)."""
+    return _version
+
+
+def entries(kind: str | None = None) -> list[Method]:
+    """The registered entries (of one kind), in registration order."""
+    return [m for m in REGISTRY.values() if kind is None or m.kind == kind]
+
+
+def names(kind: str) -> tuple[str, ...]:
+    return tuple(m.name for m in entries(kind))
+
+
+def get(name: str, kind: str) -> Method:
+    """The entry ``name`` of ``kind``; ``MethodError`` naming the registered ones if there is none."""
+    method = REGISTRY.get(name)
+    if method is None or method.kind != kind:
+        flag = f"--{SELECTOR[kind]} " if kind in SELECTOR else ""
+        raise MethodError(f"unknown {kind} {flag}{name!r}: registered are {', '.join(names(kind)) or 'none'}")
+    return method
+
+
+def flags() -> dict[str, Flag]:
+    """Every flag the entries own, by name, in registration order."""
+    out: dict[str, Flag] = {}
+    for method in REGISTRY.values():
+        for flag in method.flags:
+            out.setdefault(flag.name, flag)
+    return out
+
+
+def preset_flags() -> list[str]:
+    """The flags some entry has presets for, in the order of ``flags()``: resolved when not given."""
+    named = {n for m in REGISTRY.values() for n in m.presets}
+    named |= {n for m in REGISTRY.values() for per_scheme in m.presets_with.values() for n in per_scheme}
+    return [n for n in flags() if n in named]
+
+
+def value_of(cfg, key: str, default=None):
+    """A setting from a ``Config`` or from a mapping (a parsed command line, a ``config.json``)."""
+    return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+
+
+def active(cfg) -> list[Method]:
+    """The entries a config uses, in the order their hooks run: variant, loss, scheme, modifiers, mode."""
+    out = [get(value_of(cfg, SELECTOR[kind]), kind) for kind in (VARIANT, LOSS, SCHEME)]
+    out += [m for m in entries(MODIFIER) if m.active(cfg)]
+    out.append(get(value_of(cfg, SELECTOR[MODE]), MODE))
+    return out
+
+
+def for_dataset(preset, dataset: str, missing=None):
+    """A preset's value for ``dataset``: the value itself when it is the same for every dataset."""
+    if isinstance(preset, Mapping):
+        return preset.get(dataset, missing)
+    return preset
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows of the table (report.py, scripts/reproduce_table.sh, --list_methods).
+
+
+def rows() -> list[tuple[str, str, tuple[str, ...]]]:
+    """Every row of the table: (row key, title, the flags that select it), variants, losses and schemes in
+    registration order, then each modifier with each scheme it applies to."""
+    out = []
+    for m in REGISTRY.values():
+        if m.kind in (VARIANT, LOSS, SCHEME) and m.row_key is not None:
+            out.append((m.row_key, m.title or m.name, m.selected_by))
+    for mod in entries(MODIFIER):
+        for scheme in mod.applies_to:
+            base = REGISTRY.get(scheme)
+            title = base.title if base is not None else scheme
+            out.append((f"{scheme}+{mod.row}", f"{title} + {mod.title}", (f"--{SELECTOR[SCHEME]}", scheme, *mod.cli)))
+    return out
+
+
+def row_of(values) -> str:
+    """The table row of a run (a config or a ``config.json``): e.g. ``LL-R``, ``wan``, ``full``, ``LL-Ct+BoostLU``.
+    A method that is not registered (a run of a removed method) is its own name."""
+    variant = REGISTRY.get(value_of(values, "train_set_variant", "observed"))
+    loss = REGISTRY.get(value_of(values, "loss", "an"))
+    if variant is not None and variant.kind == VARIANT and variant.row_key:
+        base = variant.row_key
+    elif loss is None or loss.kind != LOSS:
+        base = str(value_of(values, "loss"))
+    elif loss.combines_with_schemes:
+        scheme = REGISTRY.get(value_of(values, "mod_scheme"))
+        base = scheme.row_key if scheme is not None and scheme.row_key else str(value_of(values, "mod_scheme"))
+    else:
+        base = loss.row_key
+    for mod in entries(MODIFIER):
+        if mod.active(values):
+            base += f"+{mod.row}"
+    return base
+
+
+def _row_entry(key: str) -> Method | None:
+    return next((m for m in REGISTRY.values() if m.kind != MODIFIER and m.row_key == key), None)
+
+
+def row_title(key: str) -> str:
+    """A row's title, e.g. "Naive AN", "LL-R + BoostLU" (an unknown row: its key)."""
+    base, *mods = key.split("+")
+    entry = _row_entry(base)
+    title = entry.title if entry is not None and entry.title else base
+    for suffix in mods:
+        mod = next((m for m in entries(MODIFIER) if m.row == suffix), None)
+        title += f" + {mod.title if mod is not None else suffix}"
+    return title
+
+
+def row_skipped_on(key: str, dataset: str) -> bool:
+    """Whether ``scripts/reproduce_table.sh``'s default table leaves the row out on ``dataset`` (its ``table_skip``)."""
+    base, *suffixes = key.split("+")
+    parts = [_row_entry(base), *(next((m for m in entries(MODIFIER) if m.row == s), None) for s in suffixes)]
+    return any(m is not None and dataset in m.table_skip for m in parts)
+
+
+def row_order(key: str) -> tuple:
+    """Sort key of rows: the order of ``rows()``, unknown rows after them by name."""
+    order = [k for k, _, _ in rows()]
+    return (order.index(key) if key in order else len(order), key)
+
+
+def paper_number(key: str, train_mode: str, dataset: str) -> float | None:
+    """The published test mAP of a row, by train mode and dataset name (None when there is none)."""
+    base, _, suffix = key.partition("+")
+    if suffix:
+        mod = next((m for m in entries(MODIFIER) if m.row == suffix), None)
+        table = mod.paper_with.get(base, {}) if mod is not None else {}
+    else:
+        entry = _row_entry(base)
+        table = entry.paper if entry is not None else {}
+    return table.get(train_mode, {}).get(dataset)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# For the trainer: everything method-specific that train.py calls, through the registry.
 
 
 def compute_loss(
@@ -182,26 +535,96 @@ def compute_loss(
     *,
     select: losses.Select | None = None,
     reduce: losses.Reduce | None = None,
+    epoch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The configured method's batch loss and the entries LL selected (none for the baselines). ``select`` and
-    ``reduce``: see ``losses.large_loss`` (set by the trainer when the batch spans several processes)."""
-    if cfg.loss == "an":
-        return losses.large_loss(logits, batch_observed, cfg.mod_scheme, rate, select=select, reduce=reduce)
-    if cfg.loss == "wan":
-        loss = losses.wan_loss(logits, batch_observed, reduce=reduce)
-    elif cfg.loss == "lsan":
-        loss = losses.lsan_loss(logits, batch_observed, cfg.ls_coef, reduce=reduce)
-    elif cfg.loss == "epr":
-        loss = losses.epr_loss(logits, batch_observed, cfg.expected_num_pos, reduce=reduce)
-    elif cfg.loss == "role":
-        loss = losses.role_loss(logits, batch_observed, state.estimator(idx), cfg.expected_num_pos, reduce=reduce)
-    elif cfg.loss == "em":
-        loss = losses.em_loss(logits, batch_observed, cfg.em_alpha, reduce=reduce)
-    else:  # em_apl
-        pseudo, soft = state.pseudo_negative[idx], state.soft_label[idx]
-        loss = losses.em_loss(logits, batch_observed, cfg.em_alpha, pseudo_negative=pseudo, soft_label=soft,
-                              beta=cfg.apl_beta, reduce=reduce)  # fmt: skip
-    return loss, torch.zeros_like(batch_observed, dtype=torch.bool)
+    """The configured method's batch loss and the entries LL selected (none for the other losses), dispatched
+    through the registry: ``--loss``'s entry (for AN's loss, ``--mod_scheme``'s). An unknown or incomplete entry is a
+    ``MethodError``. ``select`` and ``reduce``: see ``losses.large_loss``; ``epoch``: for losses with a schedule."""
+    method = get(cfg.loss, LOSS)
+    out = method.loss(LossInputs(cfg, logits, batch_observed, idx, state, rate, epoch, select, reduce))
+    if isinstance(out, tuple):
+        return out
+    return out, torch.zeros_like(batch_observed, dtype=torch.bool)
+
+
+def modification_rate(cfg, epoch: int) -> float:
+    """The scheme's fraction of a batch's entries to reject or correct at ``epoch`` (1-indexed)."""
+    scheme = get(cfg.mod_scheme, SCHEME)
+    return scheme.rate(cfg, epoch) if scheme.rate is not None else 0.0
+
+
+def corrects_labels(cfg) -> bool:
+    """Whether the scheme's selections are permanent corrections of the label store (LL-Cp)."""
+    return get(cfg.mod_scheme, SCHEME).corrects_labels
+
+
+def single_process_reason(cfg) -> str | None:
+    """Why the config cannot run under torchrun (None: it can)."""
+    for method in active(cfg):
+        if method.single_process:
+            return (f"{' '.join(method.selected_by)} runs in a single process: {method.single_process}. Start it "
+                    "without torchrun.")  # fmt: skip
+    return None
+
+
+def build_label_state(cfg, split: datasets.Split, device: torch.device) -> LabelState:
+    """The label store of the training split, plus the active methods' per-image state (their ``init_state``)."""
+    observed = label_store(split.observed, device)
+    used = active(cfg)
+    state = LabelState(observed, hooks=tuple(m for m in used if m.save_state is not None))
+    if not isinstance(split.observed, datasets.SparseLabels):
+        state.initial = observed.matrix.clone()
+        state.clean = torch.from_numpy(split.labels > 0).to(device)
+    for method in used:
+        if method.init_state is not None:
+            method.init_state(cfg, state)
+    return state
+
+
+def extra_param_groups(cfg, state: LabelState) -> list[dict]:
+    """Optimiser groups for the methods' trained state (ROLE's estimator), at the head's learning rate."""
+    return [
+        {"params": list(method.parameters(state)), "lr": cfg.lr * cfg.lr_mult}
+        for method in active(cfg)
+        if method.parameters is not None
+    ]
+
+
+def best_model_extras(cfg, state: LabelState) -> dict:
+    """What ``bestmodel.pt`` keeps beside the model: the trained state of the methods (ROLE's ``estimator``)."""
+    out: dict = {}
+    for method in active(cfg):
+        if method.parameters is not None:
+            out.update(method.save_state(state))
+    return out
+
+
+def needs_train_scores(cfg) -> bool:
+    """Whether an ``after_epoch`` hook scores the training images (the trainer then builds a row-order loader)."""
+    return any(method.scores_train_set for method in active(cfg))
+
+
+def after_epoch(cfg, state: LabelState, epoch: int, train_scores: Callable[[], torch.Tensor]) -> dict:
+    """Run the active methods' per-epoch hooks after end-to-end epoch ``epoch`` (EM+APL's pseudo-labelling);
+    ``train_scores()`` scores the training images in row order (called only by a hook that needs it). Returns what
+    to add to the epoch's log line."""
+    stats: dict = {}
+    for method in active(cfg):
+        if method.after_epoch is not None:
+            stats.update(method.after_epoch(cfg, state, epoch, train_scores))
+    return stats
+
+
+def before_training_hooks(cfg) -> list[Method]:
+    """The active entries with a phase before end-to-end training (LinearInit)."""
+    return [method for method in active(cfg) if method.before_training is not None]
+
+
+def before_training(session, val_map: Callable[[torch.Tensor], float]) -> None:
+    """Run those phases (on a fresh start, not on resume). ``session`` is the trainer's (cfg, ctx, device, data,
+    model, state, log, stop); ``val_map(scores)`` is the val mAP of scores of every val image in row order."""
+    for method in before_training_hooks(session.cfg):
+        method.before_training(session, val_map)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,23 +641,36 @@ class Diagnostics:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(len(self._FIELDS), dtype=torch.float64, device=device)
 
-    def update(self, logits: torch.Tensor, initial: torch.Tensor, clean: torch.Tensor, selected: torch.Tensor) -> None:
+    def update(
+        self,
+        logits: torch.Tensor,
+        initial: torch.Tensor,
+        clean: torch.Tensor,
+        selected: torch.Tensor,
+        real: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch. ``real``: which rows count (padding rows under torchrun do not). Masks are applied by
+        arithmetic (``torch.where``), never by boolean indexing, so nothing here waits for the GPU."""
         logits = logits.detach().float()
-        prob, an_loss = torch.sigmoid(logits), F.softplus(logits)  # softplus(z) = BCE(z, 0)
+        prob, an_loss = torch.sigmoid(logits).double(), F.softplus(logits).double()  # softplus(z) = BCE(z, 0)
         unobserved = initial == 0
+        if real is not None:
+            unobserved = unobserved & real[:, None]
+            selected = selected & real[:, None]
         false_neg, true_neg = unobserved & clean, unobserved & ~clean
+        zero = torch.zeros((), dtype=torch.float64, device=logits.device)
         self.sums += torch.stack(
             [
-                false_neg.sum(),
-                an_loss[false_neg].sum(),
-                prob[false_neg].sum(),
-                true_neg.sum(),
-                an_loss[true_neg].sum(),
-                prob[true_neg].sum(),
-                selected.sum(),
-                (selected & clean).sum(),
+                false_neg.sum().double(),
+                torch.where(false_neg, an_loss, zero).sum(),
+                torch.where(false_neg, prob, zero).sum(),
+                true_neg.sum().double(),
+                torch.where(true_neg, an_loss, zero).sum(),
+                torch.where(true_neg, prob, zero).sum(),
+                selected.sum().double(),
+                (selected & clean).sum().double(),
             ]  # fmt: skip
-        ).double()
+        )
 
     def summary(self) -> dict:
         s = dict(zip(self._FIELDS, self.sums.tolist(), strict=True))
@@ -268,9 +704,12 @@ def corrected_labels_summary(state: LabelState) -> dict:
 def pseudo_label_negatives(scores: torch.Tensor, state: LabelState) -> int:
     """From the scores of every training image (row order, no augmentation), turn each class's lowest-scored
     still-unlabelled unobserved entries into soft negatives (soft label = the score). Returns how many were labelled."""
-    chosen = losses.asymmetric_pseudo_negatives(scores, state.observed.matrix, state.pseudo_negative, state.apl_quota)
-    state.pseudo_negative |= chosen
-    state.soft_label = torch.where(chosen, scores.float(), state.soft_label)
+    extra = state.extra
+    chosen = losses.asymmetric_pseudo_negatives(
+        scores, state.observed.matrix, extra["pseudo_negative"], extra["apl_quota"]
+    )
+    extra["pseudo_negative"] |= chosen
+    extra["soft_label"] = torch.where(chosen, scores.float(), extra["soft_label"])
     return int(chosen.sum())
 
 
@@ -279,13 +718,14 @@ def pseudo_label_negatives(scores: torch.Tensor, state: LabelState) -> int:
 
 
 def feature_cache_path(cfg, split: datasets.Split) -> Path:
-    """One file per (backbone weights, image size, image list): computed once, reused by every run that shares them."""
+    """One file per (backbone weights, image size, image list): computed once, reused by every run that shares them.
+    Kept with the files derived from the dataset (``datasets.derived_dir``: the data root, or ``--cache_dir``)."""
     if not cfg.use_pretrained:
         weights = f"scratch-seed{cfg.seed}"
     else:
         weights = "pretrained" if cfg.arch == "smallcnn" else cfg.pretrained_weights
     name = f"{cfg.arch}_{weights}_{cfg.image_size}px_{datasets.split_fingerprint(split)}.npy"
-    return Path(cfg.data_root) / "features" / name
+    return datasets.derived_dir(cfg) / "features" / name
 
 
 @torch.inference_mode()
@@ -305,7 +745,7 @@ def cached_features(
     ]
     array = torch.cat(feats).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_npy_atomic(path, array)
+    files.save_npy_atomic(path, array)
     print(f"LinearInit: features computed once and cached in {path}")
     return torch.from_numpy(array).to(device)
 
@@ -321,12 +761,12 @@ def make_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
 def train_linear_head(
     cfg, model, state: LabelState, train_feats, val_feats, val_labels, evaluate_scores, log, after_epoch=None
 ) -> dict:
-    """Phase 1 of LinearInit: ``cfg.linear_epochs`` epochs of the head alone (and ROLE's estimator) on cached features,
-    with the configured loss and no LL modification. The best-val head is loaded into ``model`` for phase 2.
-    ``after_epoch()`` runs after each epoch (the trainer stops there on a SIGINT)."""
-    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult}]
-    if state.estimator is not None:
-        groups.append({"params": list(state.estimator.parameters()), "lr": cfg.lr * cfg.lr_mult})
+    """Phase 1 of LinearInit: ``cfg.linear_epochs`` epochs of the head alone (and the methods' trained state, ROLE's
+    estimator) on cached features, with the configured loss and no LL modification. The best-val head (and state) is
+    loaded for phase 2. ``evaluate_scores(scores, val_labels)`` gives the val mAP; ``after_epoch()`` runs after each
+    epoch (the trainer stops there on a SIGINT)."""
+    learnt = [m for m in active(cfg) if m.parameters is not None]
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult}, *extra_param_groups(cfg, state)]
     optimizer = make_optimizer(cfg, groups)
     batches = datasets.EpochBatches(len(train_feats), cfg.bsize, shuffle=True, seed=cfg.seed + 1)
     best = {"val_map": -1.0, "epoch": 0}
@@ -348,11 +788,402 @@ def train_linear_head(
             best = {"val_map": val_map, "epoch": epoch}
             best_states = (
                 copy.deepcopy(model.head.state_dict()),
-                copy.deepcopy(state.estimator and state.estimator.state_dict()),
+                [copy.deepcopy(m.save_state(state)) for m in learnt],
             )
         if after_epoch is not None:
             after_epoch()
     model.head.load_state_dict(best_states[0])
-    if state.estimator is not None:
-        state.estimator.load_state_dict(best_states[1])
+    for method, saved in zip(learnt, best_states[1], strict=True):
+        method.load_state(state, saved)
     return best
+
+
+def linear_init_phase(session, val_map: Callable[[torch.Tensor], float]) -> None:
+    """LinearInit's phase before end-to-end training (its ``before_training`` hook): the best linear head is left in
+    the model. The first process computes the features; every process then trains the same head on all of them (same
+    seed, same result)."""
+    s = session
+    cfg, model, data, device = s.cfg, s.model, s.data, s.device
+    if s.ctx.is_main:
+        cached_features(cfg, model, data.train, device)
+        cached_features(cfg, model, data.val, device)
+    distributed.barrier(s.ctx)
+    train_feats = cached_features(cfg, model, data.train, device)
+    val_feats = cached_features(cfg, model, data.val, device)
+    best = train_linear_head(
+        cfg, model, s.state, train_feats, val_feats, None, lambda scores, _: val_map(scores), s.log, s.stop.check
+    )
+    if s.ctx.is_main:
+        print(f"LinearInit: best head from linear epoch {best['epoch']} (val mAP {best['val_map']:.2f}); fine-tuning")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The entries. Sources of the constants and numbers (docs/methods.md gives them in full):
+# - the paper: Kim, Kim, Akata, Lee, "Large Loss Matters in Weakly Supervised Multi-Label Classification", CVPR 2022
+#   (its result tables: end-to-end, LinearInit, OpenImages V3 "All"); delta_rel, optimiser and lr per dataset: the
+#   best settings the authors posted in the official repository (snucml/LargeLossMatters, issue #4).
+# - Cole et al., CVPR 2021 (elijahcole/single-positive-multi-label): WAN, LSAN, EPR, ROLE, their constants.
+# - Zhou et al., ECCV 2022 (Correr-Zhou/SPML-AckTheUnknown): EM and EM+APL, their released per-dataset defaults.
+# - BoostLU: Kim et al., CVPR 2023 (youngwk/BridgeGapExplanationPAMC): its delta_rel, and its table (which also
+#   reports EM+APL).
+# The synthetic dataset's values were chosen for the embedded demo (docs/synthetic.md). OpenImages has no published
+# setting: COCO's values, as a starting point (recorded in every OpenImages run's config, also for methods not
+# offered there).
+
+
+def _in_range(name: str, low: float, high: float, *, low_open=False, high_open=False) -> Callable[[Any], str | None]:
+    def check(value) -> str | None:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if above and below:
+            return None
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"--{name} must lie in {interval} (got {value})"
+
+    return check
+
+
+def _at_least(name: str, low: float) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"--{name} must be >= {low:g} (got {value})"
+
+
+def _needs_expected_num_pos(cfg) -> list[str]:
+    if cfg.expected_num_pos > 0:
+        return []
+    return [f"--loss {cfg.loss} needs --expected_num_pos > 0 (got {cfg.expected_num_pos})"]
+
+
+def _dense_state(method: str, state: LabelState) -> torch.Tensor:
+    if state.initial is None:
+        raise MethodError(f"{method} keeps per-image state over the dense observed-label matrix, which sparse datasets "
+                          "do not have; add them to its not_on")  # fmt: skip
+    return state.initial
+
+
+# The variants: single positive (observed) labels, or the full labels (the upper bound).
+
+
+def _clean_rules(cfg) -> list[str]:
+    problems = []
+    if cfg.mod_scheme != "AN" or cfg.loss != "an":
+        problems.append(
+            "--train_set_variant clean trains on full labels with plain BCE: no entry is unobserved, so there is "
+            "nothing to reject, correct or regularise; use --mod_scheme AN --loss an (the defaults with clean)"
+        )
+    info = datasets.DATASET_INFO.get(cfg.dataset)
+    if info is not None and info.sparse:
+        problems.append(f"{info.title} has partial labels only, no full labels: --train_set_variant clean is not "
+                        "available for it")  # fmt: skip
+    return problems
+
+
+register(Method("observed", VARIANT, summary="the observed (partial) labels: single positive by default"))
+register(
+    Method(
+        "clean", VARIANT, title="Full label", row="full", summary="plain BCE on the full labels (the upper bound)",
+        validate=_clean_rules,
+        paper={"end_to_end": {"pascal": 90.2, "coco": 78.0, "nuswide": 54.5, "cub": 32.9},
+               "linear_init": {"pascal": 91.1, "coco": 77.2, "nuswide": 54.9, "cub": 34.0}},
+    )
+)  # fmt: skip
+
+
+# The LL schemes modify the AN loss (losses.large_loss); AN itself modifies nothing.
+
+
+def _scheme_loss(b: LossInputs):
+    return losses.large_loss(b.logits, b.observed, b.cfg.mod_scheme, b.rate, select=b.select, reduce=b.reduce)
+
+
+def _scheme_rate(cfg, epoch: int) -> float:
+    return losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
+
+
+DELTA_REL = Flag(
+    "delta_rel", float, 0.0, "percent per epoch (default: preset)", check=_in_range("delta_rel", 0, 100),
+    always_preset=True,
+)  # fmt: skip
+
+register(
+    Method(
+        "AN", SCHEME, title="Naive AN", summary="assume negative: unobserved labels are negatives, nothing modified",
+        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,), presets={"delta_rel": 0.0},
+        paper={"end_to_end": {"pascal": 85.1, "coco": 64.1, "nuswide": 42.0, "cub": 19.1, "openimages": 82.0},
+               "linear_init": {"pascal": 86.9, "coco": 68.7, "nuswide": 47.6, "cub": 20.9}},
+    )
+)  # fmt: skip
+
+
+# The baseline losses (losses.py), each on the same protocol.
+
+
+def _an_loss(b: LossInputs):
+    """AN's loss, as modified by the configured scheme."""
+    return get(b.cfg.mod_scheme, SCHEME).loss(b)
+
+
+register(
+    Method(
+        "an", LOSS, summary="the AN loss, modified by --mod_scheme (AN, LL-R, LL-Ct, LL-Cp)", loss=_an_loss,
+        combines_with_schemes=True,
+    )
+)  # fmt: skip
+register(
+    Method(
+        "wan", LOSS, title="WAN", summary="weak AN: unobserved negatives weighted 1 / (C - 1)",
+        loss=lambda b: losses.wan_loss(b.logits, b.observed, reduce=b.reduce),
+        paper={"end_to_end": {"pascal": 86.5, "coco": 64.8, "nuswide": 46.3, "cub": 20.3, "openimages": 77.0},
+               "linear_init": {"pascal": 87.1, "coco": 68.0, "nuswide": 47.5, "cub": 21.1}},
+    )
+)  # fmt: skip
+register(
+    Method(
+        "lsan", LOSS, title="LSAN", summary="AN with label smoothing",
+        flags=(Flag("ls_coef", float, 0.1, "LSAN label smoothing",
+                    check=_in_range("ls_coef", 0, 0.5, high_open=True)),),
+        loss=lambda b: losses.lsan_loss(b.logits, b.observed, b.cfg.ls_coef, reduce=b.reduce),
+        paper={"end_to_end": {"pascal": 86.7, "coco": 66.9, "nuswide": 44.9, "cub": 17.9, "openimages": 75.0},
+               "linear_init": {"pascal": 86.5, "coco": 69.2, "nuswide": 50.5, "cub": 16.6}},
+    )
+)  # fmt: skip
+
+# Cole et al.'s expected number of positives per image (their paper; the synthetic data's true mean). OpenImages has
+# none: EPR and ROLE are not offered there, and its runs record the flag's default 0.
+EXPECTED_NUM_POS = Flag("expected_num_pos", float, 0.0, "EPR/ROLE (default: preset)", always_preset=True)
+_EXPECTED_NUM_POS = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4, "synthetic": 2.5}
+_NO_EXPECTED_COUNT = {"openimages": "no expected number of positives is published for it"}
+
+register(
+    Method(
+        "epr", LOSS, title="EPR", summary="observed labels plus the expected-positive regulariser",
+        flags=(EXPECTED_NUM_POS,), presets={"expected_num_pos": _EXPECTED_NUM_POS}, validate=_needs_expected_num_pos,
+        not_on=_NO_EXPECTED_COUNT, single_process="its regulariser needs the whole batch in one place",
+        loss=lambda b: losses.epr_loss(b.logits, b.observed, b.cfg.expected_num_pos, reduce=b.reduce),
+        paper={"end_to_end": {"pascal": 85.5, "coco": 63.3, "nuswide": 46.0, "cub": 20.0},
+               "linear_init": {"pascal": 84.9, "coco": 66.8, "nuswide": 48.1, "cub": 21.2}},
+    )
+)  # fmt: skip
+
+
+def _role_init(cfg, state: LabelState) -> None:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    initial = _dense_state("ROLE", state)
+    state.extra["estimator"] = models.LabelEstimator(initial, generator).to(state.observed.device)
+
+
+def _role_loss(b: LossInputs):
+    estimated = b.state.extra["estimator"](b.rows)
+    return losses.role_loss(b.logits, b.observed, estimated, b.cfg.expected_num_pos, reduce=b.reduce)
+
+
+def _role_load(state: LabelState, saved: dict) -> None:
+    state.extra["estimator"].load_state_dict(saved["estimator"])
+
+
+register(
+    Method(
+        "role", LOSS, title="ROLE", summary="a per-image label estimator trained jointly, with EPR's regulariser",
+        flags=(EXPECTED_NUM_POS,), presets={"expected_num_pos": _EXPECTED_NUM_POS}, validate=_needs_expected_num_pos,
+        not_on=_NO_EXPECTED_COUNT,
+        single_process="its regulariser needs the whole batch in one place, and its estimator has a row per image",
+        loss=_role_loss, init_state=_role_init, save_state=lambda s: {"estimator": s.extra["estimator"].state_dict()},
+        load_state=_role_load, parameters=lambda s: list(s.extra["estimator"].parameters()),
+        paper={"end_to_end": {"pascal": 87.9, "coco": 66.3, "nuswide": 43.1, "cub": 15.0},
+               "linear_init": {"pascal": 88.2, "coco": 69.0, "nuswide": 51.0, "cub": 16.8}},
+    )
+)  # fmt: skip
+
+# Zhou et al.'s released per-dataset defaults.
+EM_ALPHA = Flag("em_alpha", float, 0.1, "EM entropy weight (default: preset)", check=_at_least("em_alpha", 0),
+                always_preset=True)  # fmt: skip
+_EM_ALPHA = {"pascal": 0.2, "coco": 0.1, "nuswide": 0.1, "cub": 0.01, "openimages": 0.1, "synthetic": 0.1}
+
+register(
+    Method(
+        "em", LOSS, title="EM", summary="entropy maximisation on unobserved labels", flags=(EM_ALPHA,),
+        presets={"em_alpha": _EM_ALPHA}, table_skip=frozenset({"openimages"}),
+        loss=lambda b: losses.em_loss(b.logits, b.observed, b.cfg.em_alpha, reduce=b.reduce),
+    )
+)  # fmt: skip
+
+
+def _apl_rules(cfg) -> list[str]:
+    if 1 <= cfg.apl_warmup < cfg.num_epochs:
+        return []
+    return [f"--apl_warmup must lie in [1, num_epochs) (got {cfg.apl_warmup} with {cfg.num_epochs} epochs)"]
+
+
+def _apl_init(cfg, state: LabelState) -> None:
+    initial = _dense_state("EM+APL", state)
+    state.extra["pseudo_negative"] = torch.zeros_like(initial, dtype=torch.bool)
+    state.extra["soft_label"] = torch.zeros_like(initial, dtype=torch.float32)
+    # Zhou et al.: each labelling round takes neg_proportion * (unobserved entries of the class) / (rounds).
+    unobserved = (initial == 0).sum(0).double()
+    rounds = cfg.num_epochs - cfg.apl_warmup
+    state.extra["apl_quota"] = (cfg.apl_neg_proportion * unobserved / rounds).floor().long()
+
+
+def _apl_loss(b: LossInputs):
+    pseudo, soft = b.state.extra["pseudo_negative"][b.rows], b.state.extra["soft_label"][b.rows]
+    return losses.em_loss(b.logits, b.observed, b.cfg.em_alpha, pseudo_negative=pseudo, soft_label=soft,
+                          beta=b.cfg.apl_beta, reduce=b.reduce)  # fmt: skip
+
+
+def _apl_save(state: LabelState) -> dict:
+    return {"pseudo_negative": state.extra["pseudo_negative"].cpu(), "soft_label": state.extra["soft_label"].cpu()}
+
+
+def _apl_load(state: LabelState, saved: dict) -> None:
+    device = state.extra["pseudo_negative"].device
+    state.extra["pseudo_negative"] = saved["pseudo_negative"].to(device)
+    state.extra["soft_label"] = saved["soft_label"].to(device)
+
+
+def _apl_after_epoch(cfg, state: LabelState, epoch: int, train_scores) -> dict:
+    """APL labels after each epoch from the warm-up on; after the last one the labels would never be used."""
+    if cfg.apl_warmup <= epoch < cfg.num_epochs:
+        return {"pseudo_labelled": pseudo_label_negatives(train_scores(), state)}
+    return {}
+
+
+register(
+    Method(
+        "em_apl", LOSS, title="EM+APL", summary="EM plus asymmetric pseudo-labelling of negatives after each epoch",
+        flags=(
+            EM_ALPHA,
+            Flag("apl_beta", float, 0.2, "APL pseudo-label weight (default: preset)", check=_at_least("apl_beta", 0),
+                 always_preset=True),
+            Flag("apl_warmup", int, 5, "APL's first labelling epoch (default: preset)", always_preset=True),
+            Flag("apl_neg_proportion", float, 0.9, "APL: share of unobserved labelled",
+                 check=_in_range("apl_neg_proportion", 0, 1, low_open=True)),
+        ),
+        presets={
+            "em_alpha": _EM_ALPHA,
+            "apl_beta": {"pascal": 0.02, "coco": 0.9, "nuswide": 0.2, "cub": 0.4, "openimages": 0.9, "synthetic": 0.2},
+            "apl_warmup": {"pascal": 5, "coco": 5, "nuswide": 4, "cub": 3, "openimages": 5, "synthetic": 5},
+        },
+        validate=_apl_rules,
+        not_on={"openimages": "its per-image pseudo-labels would take 3.4M x 5,000 entries"},
+        loss=_apl_loss, init_state=_apl_init, save_state=_apl_save, load_state=_apl_load,
+        after_epoch=_apl_after_epoch, scores_train_set=True,
+        paper={"end_to_end": {"pascal": 89.19, "coco": 70.87, "nuswide": 47.59, "cub": 21.84}},  # BoostLU's table
+    )
+)  # fmt: skip
+
+
+# GR Loss (Chen et al., IJCAI 2024): the authors' released defaults for every dataset (docs/gr_loss.md).
+
+
+def _gr_loss(b: LossInputs) -> torch.Tensor:
+    if b.epoch is None:
+        raise MethodError("GR Loss follows a per-epoch schedule: pass epoch= to compute_loss")
+    c = b.cfg
+    return losses.gr_loss(b.logits, b.observed, epoch=b.epoch, num_epochs=c.num_epochs, w=c.gr_w, b=c.gr_b,
+                          mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, reduce=b.reduce)  # fmt: skip
+
+
+def _gr_rules(c) -> list[str]:
+    return losses.gr_problems(w=c.gr_w, b=c.gr_b, mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3,
+                              linear_init=0, num_epochs=c.num_epochs)  # fmt: skip
+
+
+_GR_PAIRS, _GR_SCALARS = ("w", "b", "mu", "sigma"), ("q2", "q3")
+_GR_SYNTHETIC = losses.GR_DEFAULTS["synthetic"]
+register(
+    Method(
+        "gr", LOSS, title="GR Loss", summary="generalised robust loss, soft pseudo-labels (Chen et al., IJCAI 2024)",
+        flags=tuple(Flag(f"gr_{k}", float, tuple(_GR_SYNTHETIC[k]), f"GR {k}: start and end values (default: preset)",
+                         nargs=2) for k in _GR_PAIRS)
+        + tuple(Flag(f"gr_{k}", float, _GR_SYNTHETIC[k], f"GR {k} (default: preset)") for k in _GR_SCALARS),
+        presets={f"gr_{k}": {d: (tuple(v[k]) if k in _GR_PAIRS else v[k]) for d, v in losses.GR_DEFAULTS.items()}
+                 for k in _GR_PAIRS + _GR_SCALARS},
+        validate=_gr_rules,
+        loss=_gr_loss,
+        table_skip=frozenset({"openimages"}),  # not in the paper's OpenImages table
+        paper={"end_to_end": {d: v for d, v in losses.GR_PAPER_MAP.items() if v is not None}},
+    )
+)  # fmt: skip
+
+
+# The large-loss schemes: the authors' posted delta_rel per dataset.
+
+
+def _ll_cp_rules(cfg) -> list[str]:
+    return ["--delta_rel 0 with LL-Cp corrects nothing; use --mod_scheme AN for that"] if cfg.delta_rel == 0 else []
+
+
+register(
+    Method(
+        "LL-R", SCHEME, title="LL-R", summary="reject the largest losses among unobserved labels",
+        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,),
+        presets={"delta_rel": {"pascal": 0.2, "coco": 0.4, "nuswide": 0.4, "cub": 0.4, "openimages": 0.4,
+                               "synthetic": 1.0}},
+        paper={"end_to_end": {"pascal": 89.2, "coco": 71.0, "nuswide": 47.4, "cub": 19.5, "openimages": 82.5},
+               "linear_init": {"pascal": 89.4, "coco": 71.9, "nuswide": 49.1, "cub": 21.5}},
+    )
+)  # fmt: skip
+register(
+    Method(
+        "LL-Ct", SCHEME, title="LL-Ct", summary="correct them to positive for the batch (temporary)",
+        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,),
+        presets={"delta_rel": {"pascal": 0.2, "coco": 0.2, "nuswide": 0.2, "cub": 0.4, "openimages": 0.2,
+                               "synthetic": 0.5}},
+        paper={"end_to_end": {"pascal": 89.0, "coco": 70.5, "nuswide": 48.0, "cub": 20.4, "openimages": 82.6},
+               "linear_init": {"pascal": 89.3, "coco": 71.6, "nuswide": 49.6, "cub": 21.8}},
+    )
+)  # fmt: skip
+register(
+    Method(
+        "LL-Cp", SCHEME, title="LL-Cp", summary="correct them to positive in the label store (permanent)",
+        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,), corrects_labels=True, validate=_ll_cp_rules,
+        presets={"delta_rel": {"pascal": 0.1, "coco": 0.2, "nuswide": 0.2, "cub": 0.2, "openimages": 0.2,
+                               "synthetic": 0.5}},
+        paper={"end_to_end": {"pascal": 88.4, "coco": 70.7, "nuswide": 48.3, "cub": 20.1, "openimages": 82.5},
+               "linear_init": {"pascal": 88.3, "coco": 71.0, "nuswide": 49.4, "cub": 21.4}},
+    )
+)  # fmt: skip
+
+
+# BoostLU: the CAM-form head with positive values boosted (models.MultiLabelClassifier), with its own delta_rel.
+
+
+def _boostlu_rules(cfg) -> list[str]:
+    if cfg.train_mode == "linear_init":
+        return ["--train_mode linear_init trains a linear head on pooled features; BoostLU needs the CAM form"]
+    return []
+
+
+_BOOSTLU_DELTA_REL = {"LL-R": 0.5, "LL-Ct": 0.2, "LL-Cp": 0.1}
+_BOOSTLU_DATASETS = ("pascal", "coco", "nuswide", "cub", "openimages")  # synthetic: plain LL's delta_rel
+
+register(
+    Method(
+        "boostlu", MODIFIER, title="BoostLU", row="BoostLU",
+        summary="the CAM-form head, positive CAM values multiplied by alpha, then average pooling",
+        flags=(Flag("boostlu_alpha", float, 0.0, "BoostLU's alpha; 0 = off (paper: 5)",
+                    check=_at_least("boostlu_alpha", 0)),),
+        validate=_boostlu_rules, active=lambda cfg: value_of(cfg, "boostlu_alpha", 0.0) > 0,
+        cli=("--boostlu_alpha", "5"), applies_to=("LL-R", "LL-Ct", "LL-Cp"), table_skip=frozenset({"openimages"}),
+        presets_with={s: {"delta_rel": {d: v for d in _BOOSTLU_DATASETS}} for s, v in _BOOSTLU_DELTA_REL.items()},
+        paper_with={
+            "LL-R": {"end_to_end": {"pascal": 89.29, "coco": 72.89, "nuswide": 49.59, "cub": 19.80}},
+            "LL-Ct": {"end_to_end": {"pascal": 88.61, "coco": 71.78, "nuswide": 48.37, "cub": 19.25}},
+            "LL-Cp": {"end_to_end": {"pascal": 87.81, "coco": 71.41, "nuswide": 48.61, "cub": 19.34}},
+        },
+        name_suffix=lambda values: f"_boostlu{values['boostlu_alpha']:g}",
+    )
+)  # fmt: skip
+
+
+# Training modes: end to end (the paper's main table), or LinearInit (Cole et al.'s, the paper's second table).
+
+register(Method("end_to_end", MODE, title="End-to-end", summary="fine-tune the whole network from the start"))
+register(
+    Method(
+        "linear_init", MODE, title="LinearInit",
+        summary="train the head on frozen cached features first, then fine-tune end to end",
+        flags=(Flag("linear_epochs", int, 25, "LinearInit: epochs of the frozen phase",
+                    check=lambda v: None if v >= 1 else f"--linear_epochs must be a positive integer (got {v})"),),
+        before_training=linear_init_phase, name_suffix=lambda values: "_li",
+    )
+)  # fmt: skip

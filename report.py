@@ -1,11 +1,16 @@
 """Tables (and plots) from run folders: methods x datasets, mean +- std over seeds at the best delta_rel by val mAP,
-beside the paper's numbers.
+beside the paper's numbers, and the threshold metrics (CP, CR, CF1, OP, OR, OF1, also for the top-3) of the runs
+that recorded them.
 
     python report.py results/table_synthetic results/sweep --out results/report
 
-Reads every folder below the given paths that holds ``config.json`` and ``final.json``. Writes ``report.md`` and
-``report.csv`` and, when matplotlib is installed, PNG plots (val mAP per epoch, the memorisation curves, LL's
-selection precision). Without matplotlib it writes the tables only and says so.
+Reads every folder below the given paths that holds ``config.json`` and ``final.json``; a field missing from an older
+``config.json`` counts as its current default. Each (method, dataset, training settings such as delta_rel, seed)
+counts once: further run folders of the same are skipped as duplicates, folders whose files cannot be read are
+skipped, and both are listed. Methods, their titles and the paper's numbers come from the method registry
+(``methods.py``), dataset titles from ``datasets.DATASET_INFO``. Writes ``report.md``, ``report.csv`` (and
+``thresholds.csv`` when runs have threshold metrics) and, when matplotlib is installed, PNG plots (val mAP per epoch,
+the memorisation curves, LL's selection precision). Without matplotlib it writes the tables only and says so.
 """
 
 from __future__ import annotations
@@ -13,100 +18,153 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from config import NOT_TRAINING_SETTINGS
+import config
+import datasets
+import methods
 
-DATASET_COLUMNS = ("pascal", "coco", "nuswide", "cub", "openimages", "synthetic")
-DATASET_TITLES = {"pascal": "VOC12", "coco": "COCO14", "nuswide": "NUS-WIDE", "cub": "CUB", "openimages": "OpenImages"}
-METHOD_ORDER = ("full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "LL-R", "LL-Ct", "LL-Cp")
-METHOD_TITLES = {"full": "Full label", "AN": "Naive AN", "wan": "WAN", "lsan": "LSAN", "epr": "EPR", "role": "ROLE",
-                 "em": "EM", "em_apl": "EM+APL"}  # fmt: skip
-
-# The paper's numbers (PAPER_FACTS section 1), by train mode, method, dataset.
-_E2E = {
-    "full": (90.2, 78.0, 54.5, 32.9), "AN": (85.1, 64.1, 42.0, 19.1), "wan": (86.5, 64.8, 46.3, 20.3),
-    "lsan": (86.7, 66.9, 44.9, 17.9), "epr": (85.5, 63.3, 46.0, 20.0), "role": (87.9, 66.3, 43.1, 15.0),
-    "LL-R": (89.2, 71.0, 47.4, 19.5), "LL-Ct": (89.0, 70.5, 48.0, 20.4), "LL-Cp": (88.4, 70.7, 48.3, 20.1),
-    "em_apl": (89.19, 70.87, 47.59, 21.84),  # as reported in the BoostLU paper
-    "LL-R+BoostLU": (89.29, 72.89, 49.59, 19.80), "LL-Ct+BoostLU": (88.61, 71.78, 48.37, 19.25),
-    "LL-Cp+BoostLU": (87.81, 71.41, 48.61, 19.34),
-}  # fmt: skip
-_LINEAR_INIT = {
-    "full": (91.1, 77.2, 54.9, 34.0), "AN": (86.9, 68.7, 47.6, 20.9), "wan": (87.1, 68.0, 47.5, 21.1),
-    "lsan": (86.5, 69.2, 50.5, 16.6), "epr": (84.9, 66.8, 48.1, 21.2), "role": (88.2, 69.0, 51.0, 16.8),
-    "LL-R": (89.4, 71.9, 49.1, 21.5), "LL-Ct": (89.3, 71.6, 49.6, 21.8), "LL-Cp": (88.3, 71.0, 49.4, 21.4),
-}  # fmt: skip
-_OPENIMAGES_ALL = {"AN": 82.0, "wan": 77.0, "lsan": 75.0, "LL-R": 82.5, "LL-Ct": 82.6, "LL-Cp": 82.5}
+# ``final.json["test_metrics"]``, in percent: at threshold 0.5, and for each image's top-3 predictions.
+THRESHOLD_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3",
+                     "OF1_top3")  # fmt: skip
+# What a run's config needs for it to be placed in a table (the other fields have defaults).
+_NEEDED = ("dataset", "seed", "train_set_variant", "mod_scheme", "loss")
+_NOT_A_SETTING = config.NOT_TRAINING_SETTINGS | {"seed"}  # runs differing only in these are seeds of one setting
 
 
-def paper_number(train_mode: str, method: str, dataset: str) -> float | None:
-    if dataset == "openimages":
-        return _OPENIMAGES_ALL.get(method) if train_mode == "end_to_end" else None
-    table = _E2E if train_mode == "end_to_end" else _LINEAR_INIT
-    if method not in table or dataset not in DATASET_COLUMNS[:4]:
-        return None
-    return table[method][DATASET_COLUMNS.index(dataset)]
+def dataset_title(dataset: str) -> str:
+    info = datasets.DATASET_INFO.get(dataset)
+    return info.title if info is not None else dataset
 
 
-def method_of(config: dict) -> str:
-    """The table row of a run: e.g. ``LL-R``, ``wan``, ``LL-Ct+BoostLU``."""
-    if config["train_set_variant"] == "clean":
-        name = "full"
-    elif config.get("loss", "an") != "an":
-        name = config["loss"]
-    else:
-        name = config["mod_scheme"]
-    return name + ("+BoostLU" if config.get("boostlu_alpha", 0) > 0 else "")
+def dataset_order(dataset: str) -> tuple:
+    names = list(datasets.DATASET_INFO)
+    return (names.index(dataset) if dataset in names else len(names), dataset)
 
 
-def method_title(method: str) -> str:
-    base, _, boost = method.partition("+")
-    return METHOD_TITLES.get(base, base) + (f" + {boost}" if boost else "")
+def method_of(config_values: dict) -> str:
+    """The table row of a run: e.g. ``LL-R``, ``wan``, ``LL-Ct+BoostLU`` (``methods.row_of``)."""
+    return methods.row_of(config_values)
 
 
-def method_sort_key(method: str) -> tuple:
-    base, _, boost = method.partition("+")
-    return (bool(boost), METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+def _read_object(path: Path) -> tuple[dict | None, str | None]:
+    """A JSON object from ``path``, or why it cannot be read."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{path.name} cannot be read ({getattr(err, 'strerror', None) or err})"
+    if not text.strip():
+        return None, f"{path.name} is empty"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None, f"{path.name} is not valid JSON"
+    if not isinstance(value, dict):
+        return None, f"{path.name} does not hold a JSON object"
+    return value, None
 
 
-def load_runs(paths: list[Path]) -> list[dict]:
-    runs = []
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_log(path: Path) -> list[dict]:
+    """log.jsonl's records; lines that are not JSON objects (a line cut by a crash) are left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """The finished runs below ``paths`` (each folder once), and a line per folder skipped because a file is missing
+    or unreadable. A config field missing from an older ``config.json`` is read as the ``Config`` field's default."""
+    defaults = config.config_defaults()
+    runs, skipped, seen = [], [], set()
     for path in paths:
         for final_path in sorted(Path(path).rglob("final.json")):
             folder = final_path.parent
-            config = json.loads((folder / "config.json").read_text())
-            log_path = folder / "log.jsonl"
-            log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-            runs.append({"folder": folder, "config": config, "final": json.loads(final_path.read_text()), "log": log})
-    return runs
+            if folder.resolve() in seen:
+                continue
+            seen.add(folder.resolve())
+            if not (folder / "config.json").exists():
+                skipped.append(f"{folder}: final.json but no config.json")
+                continue
+            saved, problem = _read_object(folder / "config.json")
+            final, final_problem = _read_object(final_path)
+            problem = problem or final_problem
+            if problem is None:
+                lacking = [k for k in _NEEDED if k not in saved and k not in defaults]
+                lacking += [k for k in ("val_map", "test_map") if not _is_number(final.get(k))]
+                if lacking:
+                    problem = f"no usable {', '.join(lacking)} in config.json / final.json"
+            if problem is not None:
+                skipped.append(f"{folder}: {problem}")
+                continue
+            values = {**defaults, **saved}
+            runs.append({"folder": folder, "config": values, "final": final, "log": _read_log(folder / "log.jsonl")})
+    return runs, skipped
+
+
+def _setting(values: dict) -> str:
+    return json.dumps({k: v for k, v in values.items() if k not in _NOT_A_SETTING}, sort_keys=True, default=str)
+
+
+def drop_duplicates(runs: list[dict]) -> tuple[list[dict], dict[Path, list[Path]]]:
+    """One run per (training settings, seed): the first folder in path order; the others, by the folder kept."""
+    kept: dict[tuple, dict] = {}
+    duplicates: dict[Path, list[Path]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: str(r["folder"])):
+        key = (_setting(run["config"]), json.dumps(run["config"]["seed"]))
+        if key in kept:
+            duplicates[kept[key]["folder"]].append(run["folder"])
+        else:
+            kept[key] = run
+    return list(kept.values()), dict(duplicates)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-_NOT_A_SETTING = NOT_TRAINING_SETTINGS | {"seed"}  # runs differing only in these are seeds of one setting
+def _thresholds(members: list[dict]) -> tuple[dict[str, tuple[float, float]], int]:
+    """Mean and std over the runs that recorded ``test_metrics`` (the others are left out), and how many did."""
+    recorded = [r["final"]["test_metrics"] for r in members if isinstance(r["final"].get("test_metrics"), dict)]
+    out = {}
+    for name in THRESHOLD_METRICS:
+        values = [m[name] for m in recorded if _is_number(m.get(name))]
+        if values:
+            out[name] = _mean_std(values)
+    return out, len(recorded)
 
 
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (train mode, dataset, method): among its settings (delta_rel, or anything else that differs), the
-    one with the best mean val mAP over its seeds, and that setting's test mAP."""
+    one with the best mean val mAP over its seeds, and that setting's test mAP (and threshold metrics)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         c = run["config"]
-        setting = json.dumps({k: v for k, v in c.items() if k not in _NOT_A_SETTING}, sort_keys=True)
-        groups[(c.get("train_mode", "end_to_end"), c["dataset"], method_of(c), setting)].append(run)
+        groups[(c["train_mode"], c["dataset"], method_of(c), _setting(c))].append(run)
     best: dict[tuple, dict] = {}
-    for (mode, dataset, method, _), members in groups.items():
-        delta = members[0]["config"]["delta_rel"] if members[0]["config"]["mod_scheme"] != "AN" else None
+    for (mode, dataset, method, _), members in sorted(groups.items(), key=lambda item: item[0]):
+        first = members[0]["config"]
+        delta = first.get("delta_rel") if first["mod_scheme"] != methods.PLAIN_SCHEME else None
         val_mean, _ = _mean_std([r["final"]["val_map"] for r in members])
         key = (mode, dataset, method)
         if key not in best or val_mean > best[key]["val_mean"]:
             test_mean, test_std = _mean_std([r["final"]["test_map"] for r in members])
-            paper = paper_number(mode, method, dataset)
+            paper = methods.paper_number(method, mode, dataset)
+            thresholds, with_thresholds = _thresholds(members)
             best[key] = {
                 "train_mode": mode,
                 "dataset": dataset,
@@ -118,30 +176,59 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "test_std": test_std,
                 "paper": paper,
                 "difference": None if paper is None else test_mean - paper,
+                "thresholds": thresholds,
+                "thresholds_n": with_thresholds,
                 "runs": members,
             }
-    return sorted(best.values(), key=lambda r: (r["train_mode"], r["dataset"], method_sort_key(r["method"])))
+    return sorted(
+        best.values(), key=lambda r: (r["train_mode"], dataset_order(r["dataset"]), methods.row_order(r["method"]))
+    )
+
+
+def _mode_title(mode: str) -> str:
+    entry = methods.REGISTRY.get(mode)
+    return entry.title if entry is not None and entry.kind == methods.MODE and entry.title else mode
 
 
 def markdown(rows: list[dict]) -> str:
     out = []
     for mode in sorted({r["train_mode"] for r in rows}):
         mode_rows = [r for r in rows if r["train_mode"] == mode]
-        datasets = [d for d in DATASET_COLUMNS if any(r["dataset"] == d for r in mode_rows)]
-        methods = sorted({r["method"] for r in mode_rows}, key=method_sort_key)
-        out.append(f"### {'End-to-end' if mode == 'end_to_end' else 'LinearInit'}\n")
+        names = sorted({r["dataset"] for r in mode_rows}, key=dataset_order)
+        row_keys = sorted({r["method"] for r in mode_rows}, key=methods.row_order)
+        out.append(f"### {_mode_title(mode)}\n")
         out.append("Test mAP, mean +- std over seeds, at the delta_rel with the best mean val mAP; in brackets the "
                    "paper's number and the difference.\n")  # fmt: skip
-        out.append("| Method | " + " | ".join(DATASET_TITLES.get(d, d) for d in datasets) + " |")
-        out.append("|---|" + "---|" * len(datasets))
-        for method in methods:
+        out.append("| Method | " + " | ".join(dataset_title(d) for d in names) + " |")
+        out.append("|---|" + "---|" * len(names))
+        for method in row_keys:
             cells = []
-            for d in datasets:
+            for d in names:
                 row = next((r for r in mode_rows if r["dataset"] == d and r["method"] == method), None)
                 cells.append(_cell(row))
-            out.append(f"| {method_title(method)} | " + " | ".join(cells) + " |")
+            out.append(f"| {methods.row_title(method)} | " + " | ".join(cells) + " |")
         out.append("")
+        for d in names:
+            with_metrics = [r for r in mode_rows if r["dataset"] == d and r["thresholds"]]
+            if not with_metrics:
+                continue
+            out.append(f"#### Threshold metrics, {dataset_title(d)}\n")
+            out.append("Test set, in percent, mean +- std over the seeds that recorded them (n): C = per class, "
+                       "averaged over classes; O = over all entries; at threshold 0.5, and for each image's top 3."
+                       "\n")  # fmt: skip
+            out.append("| Method | " + " | ".join(THRESHOLD_METRICS) + " | n |")
+            out.append("|---|" + "---|" * (len(THRESHOLD_METRICS) + 1))
+            for row in sorted(with_metrics, key=lambda r: methods.row_order(r["method"])):
+                cells = [_mean_std_text(row["thresholds"].get(m)) for m in THRESHOLD_METRICS]
+                out.append(
+                    f"| {methods.row_title(row['method'])} | " + " | ".join(cells) + f" | {row['thresholds_n']} |"
+                )
+            out.append("")
     return "\n".join(out)
+
+
+def _mean_std_text(value: tuple[float, float] | None) -> str:
+    return "-" if value is None else f"{value[0]:.1f} +- {value[1]:.1f}"
 
 
 def _cell(row: dict | None) -> str:
@@ -164,6 +251,26 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (" ".join(map(str, row[k])) if k == "seeds" else row[k]) for k in fields})
+
+
+def write_thresholds_csv(rows: list[dict], path: Path) -> bool:
+    """The threshold metrics per row (mean and std); False (nothing written) when no run recorded them."""
+    rows = [r for r in rows if r["thresholds"]]
+    if not rows:
+        return False
+    fields = ["train_mode", "dataset", "method", "n"]
+    fields += [f"{m}_{part}" for m in THRESHOLD_METRICS for part in ("mean", "std")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            line = {"train_mode": row["train_mode"], "dataset": row["dataset"], "method": row["method"],
+                    "n": row["thresholds_n"]}  # fmt: skip
+            for m in THRESHOLD_METRICS:
+                mean, std = row["thresholds"].get(m, (None, None))
+                line[f"{m}_mean"], line[f"{m}_std"] = mean, std
+            writer.writerow(line)
+    return True
 
 
 def _epoch_mean(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -191,14 +298,15 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
             ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for row in group:
             epochs, values = _epoch_mean(row["runs"], "val_map")
-            axes[0].plot(epochs, values, marker=".", label=method_title(row["method"]))
+            axes[0].plot(epochs, values, marker=".", label=methods.row_title(row["method"]))
             if row["method"] in ("AN", "LL-R"):
                 for key, style in (("fn_prob", "-"), ("tn_prob", "--")):
                     epochs, values = _epoch_mean(row["runs"], key)
-                    axes[1].plot(epochs, values, style, label=f"{method_title(row['method'])} {key[:2].upper()}")
+                    label = f"{methods.row_title(row['method'])} {key[:2].upper()}"
+                    axes[1].plot(epochs, values, style, label=label)
             epochs, values = _epoch_mean(row["runs"], "selected_precision")
             if values:
-                axes[2].plot(epochs, values, marker=".", label=method_title(row["method"]))
+                axes[2].plot(epochs, values, marker=".", label=methods.row_title(row["method"]))
         titles = ("val mAP per epoch", "mean predicted probability: false vs true negatives", "LL selection precision")
         for ax, title in zip(axes, titles, strict=True):
             ax.set_title(title)
@@ -214,28 +322,44 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def _say_skipped(skipped: list[str], duplicates: dict[Path, list[Path]]) -> None:
+    for line in skipped:
+        print(f"skipped {line}")
+    for kept, others in sorted(duplicates.items()):
+        print(f"skipped as duplicates of {kept} (same method, dataset, settings and seed): "
+              f"{', '.join(map(str, others))}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, help="folders to search for run folders")
     parser.add_argument("--out", type=Path, default=Path("results/report"), help="where the report goes")
     args = parser.parse_args(argv)
-    runs = load_runs(args.paths)
+    runs, skipped = load_runs(args.paths)
+    runs, duplicates = drop_duplicates(runs)
+    _say_skipped(skipped, duplicates)
     if not runs:
         print(
             f"error: no finished run (a folder with config.json and final.json) under {', '.join(map(str, args.paths))}"
         )
         return 1
     rows = summarize(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    (args.out / "report.md").write_text(table + "\n")
-    write_csv(rows, args.out / "report.csv")
-    print(table)
     try:
-        written = plots(rows, args.out)
-        print(f"wrote {args.out / 'report.md'}, {args.out / 'report.csv'} and {len(written)} plots")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.md").write_text(table + "\n")
+        write_csv(rows, args.out / "report.csv")
+        thresholds = write_thresholds_csv(rows, args.out / "thresholds.csv")
+    except OSError as err:
+        print(f"error: cannot write the report to --out {args.out} ({err.strerror or err}): choose another --out")
+        return 1
+    print(table)
+    written = [args.out / "report.md", args.out / "report.csv"] + ([args.out / "thresholds.csv"] if thresholds else [])
+    try:
+        plotted = plots(rows, args.out)
+        print(f"wrote {', '.join(map(str, written))} and {len(plotted)} plots")
     except ImportError:
-        print(f"wrote {args.out / 'report.md'} and {args.out / 'report.csv'}; matplotlib is not installed, so no plots "
+        print(f"wrote {', '.join(map(str, written))}; matplotlib is not installed, so no plots "
               "(pip install matplotlib for them)")  # fmt: skip
     return 0
 

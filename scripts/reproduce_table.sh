@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every row of the paper's table on one dataset, on one protocol, with the presets (the authors' published settings):
-# full labels, AN, WAN, LSAN, EPR, ROLE, EM, EM+APL, LL-R, LL-Ct, LL-Cp, and LL-R/Ct/Cp + BoostLU (alpha 5).
+# Every row of the paper's table on one dataset, on one protocol, with the presets (the authors' published settings).
+# The rows and the flags that select them come from the method registry (methods.py), through
+# `python main.py --list_methods --names --dataset DATASET --train_mode MODE`: full labels, AN, WAN, LSAN, EPR, ROLE,
+# EM, EM+APL, LL-R, LL-Ct, LL-Cp and LL-R/Ct/Cp + BoostLU (alpha 5), less those a dataset or mode does not offer.
 #
 #   scripts/reproduce_table.sh DATASET [SEEDS...]            e.g. scripts/reproduce_table.sh coco 0 1 2
 #   TRAIN_MODE=linear_init scripts/reproduce_table.sh DATASET  the LinearInit table (no BoostLU rows)
-#   SAVE=... METHODS="AN LL-R" ...                            another folder, or a subset of the rows
+#   SAVE=... METHODS="AN LL-R" ...                            another folder, or a subset of the rows (any offered row)
 #
 # Extra main.py flags go in EXTRA (e.g. EXTRA="--num_workers 8"). Finished runs are skipped, unfinished ones resume.
 # Then:
@@ -18,16 +20,24 @@ seeds=("$@")
 [ ${#seeds[@]} -gt 0 ] || seeds=(0)
 mode=${TRAIN_MODE:-end_to_end}
 SAVE=${SAVE:-results/table_${dataset}}
-declare -A flags=(
-  [full]="--train_set_variant clean" [AN]="--mod_scheme AN" [wan]="--loss wan" [lsan]="--loss lsan"
-  [epr]="--loss epr" [role]="--loss role" [em]="--loss em" [em_apl]="--loss em_apl"
-  [LL-R]="--mod_scheme LL-R" [LL-Ct]="--mod_scheme LL-Ct" [LL-Cp]="--mod_scheme LL-Cp"
-  [LL-R+BoostLU]="--mod_scheme LL-R --boostlu_alpha 5" [LL-Ct+BoostLU]="--mod_scheme LL-Ct --boostlu_alpha 5"
-  [LL-Cp+BoostLU]="--mod_scheme LL-Cp --boostlu_alpha 5"
-)
-default_methods="full AN wan lsan epr role em em_apl LL-R LL-Ct LL-Cp"
-[ "$mode" = linear_init ] || default_methods+=" LL-R+BoostLU LL-Ct+BoostLU LL-Cp+BoostLU"
-[ "$dataset" != openimages ] || default_methods="AN wan lsan LL-R LL-Ct LL-Cp"
+# One line per offered row: ROW <tab> table|extra <tab> FLAGS ("table": in the default set of rows).
+# shellcheck disable=SC2086
+listing=$($PY main.py --list_methods --names --dataset "$dataset" --train_mode "$mode")
+declare -A flags=()
+all_rows=""
+default_methods=""
+while IFS=$'\t' read -r row in_table row_flags; do
+  [ -n "$row" ] || continue
+  flags[$row]=$row_flags
+  all_rows+=" $row"
+  [ "$in_table" != table ] || default_methods+=" $row"
+done <<< "$listing"
+for method in ${METHODS:-$default_methods}; do
+  if [ -z "${flags[$method]+set}" ]; then
+    echo "error: METHODS: $method is not a row offered on $dataset ($mode); the rows are:$all_rows" >&2
+    exit 2
+  fi
+done
 for seed in "${seeds[@]}"; do
   for method in ${METHODS:-$default_methods}; do
     name="${dataset}_${method}_${mode}_s${seed}"

@@ -1,4 +1,5 @@
-"""The trainer's per-method pieces: diagnostics, BoostLU's head, ROLE's estimator, LinearInit's phase."""
+"""The trainer's per-method pieces: diagnostics, BoostLU's head, ROLE's estimator, LinearInit's phase, and the loss
+dispatch through the method registry."""
 
 import math
 import shutil
@@ -7,10 +8,10 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import datasets
+import losses
 import methods
 import models
 import train
@@ -92,6 +93,7 @@ def tiny_cfg(synthetic_root, tmp_path, *extra):
     )
 
 
+@pytest.mark.slow
 def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_root, tmp_path, monkeypatch):
     cfg = tiny_cfg(synthetic_root, tmp_path, "--train_mode", "linear_init", "--linear_epochs", "4")
     shutil.rmtree(synthetic_root / "features", ignore_errors=True)  # the feature cache starts empty
@@ -110,14 +112,16 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
         log=records.append,
         stop=train.StopRequest(),
     )
-    train.linear_init(session)
+    val_labels = train.eval_labels(data.val, "cpu")
+    assert [m.name for m in methods.before_training_hooks(cfg)] == ["linear_init"]
+    methods.before_training(session, lambda scores: train._scores_map(scores, val_labels))
     cache = list((synthetic_root / "features").glob("*.npy"))
     assert len(cache) == 2  # train and val features
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and all(r["phase"] == "linear" for r in records)
     # The second phase starts from the best linear head: it scores val exactly as the best logged epoch did.
     val_feats = methods.cached_features(cfg, model, data.val, torch.device("cpu"))
     with torch.no_grad():
-        val_map = train._scores_map(torch.sigmoid(model.head(val_feats)), train.eval_labels(data.val, "cpu"))
+        val_map = train._scores_map(torch.sigmoid(model.head(val_feats)), val_labels)
     assert val_map == pytest.approx(max(r["val_map"] for r in records), abs=1e-9)
     # A second LinearInit run reads the cache: the backbone is never called.
     monkeypatch.setattr(model.backbone, "forward", lambda x: pytest.fail("features were recomputed"))
@@ -131,14 +135,25 @@ def test_apl_state_and_quota(synthetic_root, tmp_path):
     data = datasets.build_data(cfg)
     state = methods.build_label_state(cfg, data.train, torch.device("cpu"))
     unobserved = (torch.from_numpy(data.train.observed) == 0).sum(0)
-    assert torch.equal(state.apl_quota, (0.9 * unobserved.double() / 5).floor().long())
+    quota, pseudo = state.extra["apl_quota"], state.extra["pseudo_negative"]
+    assert torch.equal(quota, (0.9 * unobserved.double() / 5).floor().long())
     scores = torch.rand(len(data.train), 16, generator=torch.Generator().manual_seed(0))
-    labelled = methods.pseudo_label_negatives(scores, state)
-    assert labelled == int(state.apl_quota.sum()) and int(state.pseudo_negative.sum()) == labelled
-    assert torch.equal(state.soft_label[state.pseudo_negative], scores[state.pseudo_negative])
-    assert (state.observed.matrix[state.pseudo_negative] == 0).all()
+    # the registry's per-epoch hook: nothing before the warm-up epoch, a round of labels from it on
+    assert methods.after_epoch(cfg, state, 4, lambda: pytest.fail("scored before the warm-up")) == {}
+    labelled = methods.after_epoch(cfg, state, 5, lambda: scores)["pseudo_labelled"]
+    assert labelled == int(quota.sum()) and int(pseudo.sum()) == labelled
+    assert torch.equal(state.extra["soft_label"][pseudo], scores[pseudo])
+    assert (state.observed.matrix[pseudo] == 0).all()
+    assert methods.after_epoch(cfg, state, 10, lambda: pytest.fail("labels after the last epoch")) == {}
+    # the pseudo-labels are checkpointed and restored
+    saved = state.checkpoint()
+    fresh = methods.build_label_state(cfg, data.train, torch.device("cpu"))
+    fresh.restore(saved)
+    assert torch.equal(fresh.extra["pseudo_negative"], pseudo) and torch.equal(fresh.extra["soft_label"],
+                                                                                state.extra["soft_label"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_role_estimator_is_trained_and_checkpointed(synthetic_root, tmp_path):
     from conftest import run_cli
 
@@ -154,14 +169,53 @@ def test_role_estimator_is_trained_and_checkpointed(synthetic_root, tmp_path):
     assert moved.any()  # trained jointly: some logits left their initial ranges
 
 
-def test_compute_loss_dispatches_every_baseline(synthetic_root, tmp_path):
+def expected_loss(loss, logits, observed, idx, state):
+    """The function of losses.py each --loss must reach, with the synthetic presets' constants."""
+    if loss == "an":
+        return losses.large_loss(logits, observed, "LL-R", 0.4)[0]
+    if loss == "wan":
+        return losses.wan_loss(logits, observed)
+    if loss == "lsan":
+        return losses.lsan_loss(logits, observed, 0.1)
+    if loss == "epr":
+        return losses.epr_loss(logits, observed, 2.5)
+    if loss == "role":
+        return losses.role_loss(logits, observed, state.extra["estimator"](idx), 2.5)
+    if loss == "em":
+        return losses.em_loss(logits, observed, 0.1)
+    pseudo, soft = state.extra["pseudo_negative"][idx], state.extra["soft_label"][idx]
+    return losses.em_loss(logits, observed, 0.1, pseudo_negative=pseudo, soft_label=soft, beta=0.2)
+
+
+def test_compute_loss_dispatches_every_baseline_to_its_own_loss(synthetic_root, tmp_path):
+    """Each --loss reaches its own function in losses.py with its own constants (and AN's loss its scheme, LL-R)."""
+    idx = torch.arange(4)
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    values = {}
     for loss in ("an", "wan", "lsan", "epr", "role", "em", "em_apl"):
         cfg = tiny_cfg(synthetic_root, tmp_path, "--loss", loss)
         data = datasets.build_data(cfg)
         state = methods.build_label_state(cfg, data.train, torch.device("cpu"))
-        idx = torch.arange(4)
-        logits = torch.randn(4, 16, requires_grad=True)
-        value, selected = methods.compute_loss(cfg, logits, state.observed.batch(idx), idx, 0.0, state)
+        observed = state.observed.batch(idx)
+        if loss == "em_apl":  # some pseudo-labels, so that the APL term counts
+            methods.pseudo_label_negatives(torch.rand(len(data.train), 16), state)
+        z = logits.clone().requires_grad_(True)
+        value, selected = methods.compute_loss(cfg, z, observed, idx, 0.4, state)
         value.backward()
-        assert torch.isfinite(value) and not selected.any() and logits.grad is not None, loss
-    assert F.softplus(torch.tensor(0.0)) == pytest.approx(math.log(2))
+        assert z.grad is not None and z.grad.abs().sum() > 0, loss
+        assert value.item() == pytest.approx(expected_loss(loss, logits, observed, idx, state).item(), rel=1e-6), loss
+        if loss == "an":  # LL-R at rate 0.4 rejects ceil(4 * 16 * 0.4) = 26 unobserved entries
+            assert int(selected.sum()) == 26 and not (selected & (observed != 0)).any()
+        else:
+            assert not selected.any(), loss
+        values[loss] = round(value.item(), 6)
+    assert len(set(values.values())) == len(values)  # no two losses fall through to the same code
+
+
+def test_feature_cache_goes_to_cache_dir(synthetic_root, tmp_path):
+    cfg = tiny_cfg(synthetic_root, tmp_path, "--cache_dir", str(tmp_path / "cache"))
+    data = datasets.build_data(cfg)
+    path = methods.feature_cache_path(cfg, data.train)
+    assert path.is_relative_to(tmp_path / "cache") and path.parent.name == "features"
+    plain = methods.feature_cache_path(tiny_cfg(synthetic_root, tmp_path), data.train)
+    assert plain.parent == synthetic_root / "features" and plain.name == path.name

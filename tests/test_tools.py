@@ -19,6 +19,7 @@ def tiny(synthetic_root, save, name, *extra):
     return read_run(save / name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["wan", "lsan", "epr", "em", "em_apl"])
 def test_baselines_run_from_the_command_line(synthetic_root, tmp_path, loss):
     extra = ["--apl_warmup", "1"] if loss == "em_apl" else []
@@ -30,6 +31,7 @@ def test_baselines_run_from_the_command_line(synthetic_root, tmp_path, loss):
         assert log[0]["pseudo_labelled"] > 0
 
 
+@pytest.mark.slow
 def test_linear_init_then_fine_tuning_logs_both_phases(synthetic_root, tmp_path):
     _, log, final = tiny(synthetic_root, tmp_path, "li", "--train_mode", "linear_init", "--linear_epochs", "3")
     assert [(r["phase"], r["epoch"]) for r in log] == [("linear", 1), ("linear", 2), ("linear", 3),
@@ -37,6 +39,7 @@ def test_linear_init_then_fine_tuning_logs_both_phases(synthetic_root, tmp_path)
     assert final["best_epoch"] in (1, 2)
 
 
+@pytest.mark.slow
 def test_boostlu_ll_cp_logs_corrections_and_cam_draws_figures(synthetic_root, tmp_path):
     config, log, _ = tiny(synthetic_root, tmp_path, "boost", "--mod_scheme", "LL-Cp", "--delta_rel", "5",
                           "--boostlu_alpha", "5")  # fmt: skip
@@ -69,16 +72,23 @@ def test_invalid_combinations_are_refused(args, message, capsys):
 
 
 def write_run(
-    root, name, *, dataset="pascal", loss="an", scheme="LL-R", delta=0.2, seed=0, val=80.0, test=79.0, log=()
-):
+    root, name, *, dataset="pascal", loss="an", scheme="LL-R", delta=0.2, seed=0, val=80.0, test=79.0, log=(),
+    mode="end_to_end", boost=0.0, drop=(), metrics=None, **extra,
+):  # fmt: skip
     folder = root / name
     folder.mkdir(parents=True)
     config = {"dataset": dataset, "loss": loss, "mod_scheme": scheme, "delta_rel": delta, "seed": seed,
-              "train_set_variant": "observed", "boostlu_alpha": 0.0, "train_mode": "end_to_end", "lr": 5e-3,
-              "exp_name": name, "save_path": str(root)}  # fmt: skip
+              "train_set_variant": "observed", "boostlu_alpha": boost, "train_mode": mode, "lr": 5e-3,
+              "exp_name": name, "save_path": str(root), **extra}  # fmt: skip
+    for key in drop:  # a config.json written before these fields existed
+        config.pop(key)
+    final = {"val_map": val, "test_map": test, "best_epoch": 1}
+    if metrics is not None:
+        final["test_metrics"] = metrics
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "final.json").write_text(json.dumps({"val_map": val, "test_map": test, "best_epoch": 1}))
+    (folder / "final.json").write_text(json.dumps(final))
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return folder
 
 
 def test_report_picks_the_best_delta_by_val_and_averages_seeds(tmp_path):
@@ -97,6 +107,108 @@ def test_report_picks_the_best_delta_by_val_and_averages_seeds(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
     ll_r = next(r for r in rows if r["method"] == "LL-R")
     assert ll_r["delta_rel"] == "0.4" and ll_r["seeds"] == "0 1" and float(ll_r["test_mean"]) == 89.0
+    assert not (tmp_path / "out" / "thresholds.csv").exists()  # no run recorded threshold metrics
+
+
+def test_report_counts_each_seed_once_and_lists_the_duplicates(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    # the same command three times without --exp_name: three folders, one seed
+    for i, test in enumerate((30.0, 40.0, 50.0)):
+        write_run(runs, f"pascal_LL-R_d0.2_s0_2024010{i}", test=test, num_workers=i)
+    write_run(runs, "other_seed", seed=1, test=60.0)
+    assert report.main([str(runs), str(runs / "other_seed"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| LL-R | 45.0 +- 21.2 (d 0.2) [n=2]" in out  # seeds 0 (30, the first folder) and 1 (60)
+    first = runs / "pascal_LL-R_d0.2_s0_20240100"
+    assert (f"skipped as duplicates of {first} (same method, dataset, settings and seed): "
+            f"{runs / 'pascal_LL-R_d0.2_s0_20240101'}, {runs / 'pascal_LL-R_d0.2_s0_20240102'}") in out  # fmt: skip
+    assert "other_seed" not in out.split("skipped as duplicates")[1]  # a folder reached twice is one run, not a copy
+
+
+def test_report_reads_fields_missing_from_older_configs_as_their_defaults(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs, "old", seed=0, test=80.0, drop=("train_mode", "boostlu_alpha", "loss"))
+    write_run(runs, "new", seed=1, test=82.0, num_pos=1, num_neg=0, label_proportion=None, ls_coef=0.1)
+    write_run(runs, "regime", seed=0, test=10.0, val=10.0, num_pos=2)  # another setting: not a seed of the others
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    assert [(r["method"], r["seeds"], r["test_mean"]) for r in rows] == [("LL-R", "0 1", "81.0")]
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_report_skips_folders_it_cannot_read_with_a_message(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs, "good", test=70.0)
+    (runs / "no_config").mkdir()
+    (runs / "no_config" / "final.json").write_text(json.dumps({"val_map": 1, "test_map": 2}))
+    write_run(runs, "empty_final")
+    (runs / "empty_final" / "final.json").write_text("")
+    write_run(runs, "bad_config", seed=1)
+    (runs / "bad_config" / "config.json").write_text("{not json")
+    write_run(runs, "list_config", seed=2)
+    (runs / "list_config" / "config.json").write_text("[1, 2]")
+    write_run(runs, "no_test_map", seed=3)
+    (runs / "no_test_map" / "final.json").write_text(json.dumps({"val_map": 80.0}))
+    write_run(runs, "no_dataset", seed=4, drop=("dataset",))
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| LL-R | 70.0 +- 0.0 (d 0.2) [n=1]" in out and "Traceback" not in out
+    for line in (
+        f"skipped {runs / 'no_config'}: final.json but no config.json",
+        f"skipped {runs / 'empty_final'}: final.json is empty",
+        f"skipped {runs / 'bad_config'}: config.json is not valid JSON",
+        f"skipped {runs / 'list_config'}: config.json does not hold a JSON object",
+        f"skipped {runs / 'no_test_map'}: no usable test_map",
+        f"skipped {runs / 'no_dataset'}: no usable dataset",
+    ):
+        assert line in out, line
+    only_bad = tmp_path / "only_bad"
+    (only_bad / "x").mkdir(parents=True)
+    (only_bad / "x" / "final.json").write_text("")
+    assert report.main([str(only_bad), "--out", str(tmp_path / "out2")]) == 1
+    assert "no finished run" in capsys.readouterr().out
+
+
+def test_report_looks_the_paper_up_by_dataset_name(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "cub", dataset="cub", scheme="LL-R", delta=0.4, test=19.0)
+    write_run(runs, "oi", dataset="openimages", loss="wan", scheme="AN", delta=0.0, test=70.0)
+    write_run(runs, "nus", dataset="nuswide", loss="em_apl", scheme="AN", delta=0.0, test=47.0)
+    write_run(runs, "li", dataset="coco", loss="role", scheme="AN", delta=0.0, mode="linear_init", test=60.0)
+    write_run(runs, "boost", dataset="cub", scheme="LL-Ct", delta=0.2, boost=5.0, test=19.0)
+    write_run(runs, "syn", dataset="synthetic", scheme="LL-R", delta=1.0, test=80.0)
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    rows = {
+        (r["train_mode"], r["dataset"], r["method"]): r for r in csv.DictReader(open(tmp_path / "out" / "report.csv"))
+    }
+    papers = {key: row["paper"] for key, row in rows.items()}
+    assert papers == {
+        ("end_to_end", "cub", "LL-R"): "19.5",
+        ("end_to_end", "openimages", "wan"): "77.0",
+        ("end_to_end", "nuswide", "em_apl"): "47.59",
+        ("linear_init", "coco", "role"): "69.0",
+        ("end_to_end", "cub", "LL-Ct+BoostLU"): "19.25",
+        ("end_to_end", "synthetic", "LL-R"): "",
+    }
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| Method | NUS-WIDE | CUB | OpenImages | synthetic |" in table and "| LL-Ct + BoostLU | - |" in table
+
+
+def test_report_tabulates_threshold_metrics_when_runs_have_them(tmp_path):
+    runs = tmp_path / "runs"
+    names = ("CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3", "OF1_top3")
+    write_run(runs, "a", seed=0, metrics={n: 60.0 + i for i, n in enumerate(names)})
+    write_run(runs, "b", seed=1, metrics={n: 62.0 + i for i, n in enumerate(names)})
+    write_run(runs, "c", seed=2)  # an older run without them: left out of that table
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "#### Threshold metrics, VOC12" in table
+    assert "| LL-R | 61.0 +- 1.4 | 62.0 +- 1.4 | 63.0 +- 1.4 |" in table and table.rstrip().endswith(
+        "| 72.0 +- 1.4 | 2 |"
+    )
+    assert "[n=3]" in table  # the mAP still averages every seed
+    (row,) = csv.DictReader(open(tmp_path / "out" / "thresholds.csv"))
+    assert (row["method"], row["n"], float(row["OF1_top3_mean"])) == ("LL-R", "2", 72.0)
 
 
 def test_report_without_runs_says_so(tmp_path, capsys):
@@ -104,6 +216,7 @@ def test_report_without_runs_says_so(tmp_path, capsys):
     assert "no finished run" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_runs(tmp_path):
     save = tmp_path / "sweep"
     (save / "pascal_LL-R_d0.1_s0").mkdir(parents=True)
@@ -132,3 +245,35 @@ def test_sweep_skips_finished_runs(tmp_path):
     again = subprocess.run(["bash", str(REPO / "scripts" / "sweep_delta_rel.sh")], env=env, capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
     assert again.count("skip") == 3 and len(calls.read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_reproduce_table_runs_the_registry_rows(tmp_path):
+    """scripts/reproduce_table.sh asks main.py --list_methods --names for the rows: every row a dataset offers."""
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "stub.py"
+    stub.write_text(
+        "import os, sys\n"
+        "if '--list_methods' in sys.argv: os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+    )
+    env = {**os.environ, "PY": f"{sys.executable} {stub}", "SAVE": str(tmp_path / "t")}
+    script = str(REPO / "scripts" / "reproduce_table.sh")
+    subprocess.run(["bash", script, "openimages", "3"], env=env, capture_output=True, text=True, check=True)
+    invoked = [line.split("--exp_name ")[1] for line in calls.read_text().splitlines()]
+    assert invoked == [
+        "openimages_AN_end_to_end_s3 --mod_scheme AN",
+        "openimages_wan_end_to_end_s3 --loss wan",
+        "openimages_lsan_end_to_end_s3 --loss lsan",
+        "openimages_LL-R_end_to_end_s3 --mod_scheme LL-R",
+        "openimages_LL-Ct_end_to_end_s3 --mod_scheme LL-Ct",
+        "openimages_LL-Cp_end_to_end_s3 --mod_scheme LL-Cp",
+    ]
+    calls.unlink()
+    subprocess.run(["bash", script, "pascal"], env=env, capture_output=True, text=True, check=True)
+    rows = [line.split("--exp_name ")[1].split()[0].removeprefix("pascal_") for line in calls.read_text().splitlines()]
+    table = ("full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "gr", "LL-R", "LL-Ct", "LL-Cp", "LL-R+BoostLU",
+             "LL-Ct+BoostLU", "LL-Cp+BoostLU")  # fmt: skip
+    assert rows == [f"{r}_end_to_end_s0" for r in table]
+    bad = subprocess.run(["bash", script, "openimages"], env={**env, "METHODS": "epr"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "epr is not a row offered on openimages" in bad.stderr

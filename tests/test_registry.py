@@ -1,0 +1,193 @@
+"""The method registry: a method is one entry (loss, flags, presets, state hooks, report row), picked up by the
+config, the loss dispatch, --list_methods and the report; an unknown or half-registered method is a clean error."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import config
+import methods
+from config import parse_config
+from methods import LOSS, Flag, Method, MethodError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A throwaway method, registered for these tests only: AN's BCE times a weight, with its own flag and presets.
+
+
+def _halved_loss(b: methods.LossInputs) -> torch.Tensor:
+    matrix = F.binary_cross_entropy_with_logits(b.logits, b.observed.clamp(min=0).float(), reduction="none")
+    return b.cfg.halving * (matrix.mean() if b.reduce is None else b.reduce(matrix))
+
+
+def _weight_check(value):
+    return None if 0 < value <= 1 else f"--halving must lie in (0, 1] (got {value})"
+
+
+THROWAWAY = Method(
+    "halved_an",
+    LOSS,
+    title="Halved AN",
+    summary="AN's BCE times --halving (a test method)",
+    loss=_halved_loss,
+    flags=(Flag("halving", float, 0.5, "weight of the BCE (default: preset)", check=_weight_check),),
+    presets={"halving": {"synthetic": 0.25}},
+    paper={"end_to_end": {"synthetic": 50.0}},
+)
+
+
+@pytest.fixture
+def throwaway():
+    methods.register(THROWAWAY)
+    try:
+        yield THROWAWAY
+    finally:
+        methods.unregister("halved_an")
+
+
+def test_a_registered_method_gets_its_flag_preset_loss_and_row(throwaway, capsys):
+    cfg = parse_config(["--loss", "halved_an", "--exp_name", "x"])
+    assert (cfg.loss, cfg.mod_scheme, cfg.halving) == ("halved_an", "AN", 0.25) and "halving" in cfg.from_preset
+    assert parse_config(["--loss", "halved_an"]).exp_name.startswith("synthetic_halved_an_s0_")
+    given = parse_config(["--loss", "halved_an", "--halving", "0.75", "--exp_name", "x"])
+    assert given.halving == 0.75 and "halving" not in given.from_preset
+    assert parse_config(["--exp_name", "x"]).halving == 0.5  # not active: the flag's default, not a preset
+    # its loss runs through the trainer's dispatch: 0.25 * mean BCE, by hand
+    logits, observed = torch.tensor([[0.0, 2.0]]), torch.tensor([[1, 0]])
+    value, selected = methods.compute_loss(cfg, logits, observed, torch.tensor([0]), 0.0, methods.LabelState(None))
+    by_hand = 0.25 * (torch.log(torch.tensor(2.0)) + F.softplus(torch.tensor(2.0))) / 2
+    assert value.item() == pytest.approx(by_hand.item()) and not selected.any()
+    # its row in the report and in --list_methods
+    assert methods.row_of(cfg.to_dict()) == "halved_an" and methods.row_title("halved_an") == "Halved AN"
+    assert methods.paper_number("halved_an", "end_to_end", "synthetic") == 50.0
+    with pytest.raises(SystemExit):
+        parse_config(["--list_methods"])
+    out = capsys.readouterr().out
+    assert "loss halved_an: Halved AN" in out and "--halving: synthetic 0.25; pascal" in out
+    # its rules: its flag's check, the LL schemes modify AN's loss only, a dataset without its preset
+    for argv, message in [
+        (["--loss", "halved_an", "--halving", "2"], "--halving must lie in (0, 1]"),
+        (["--loss", "halved_an", "--mod_scheme", "LL-R"], "combine it with --loss an"),
+        (["--loss", "halved_an", "--dataset", "pascal"], "--halving has no preset for --dataset pascal"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            parse_config([*argv, "--exp_name", "x"])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_removed_method_is_gone_everywhere(capsys):
+    methods.register(THROWAWAY)
+    try:
+        assert config.config_defaults()["halving"] == 0.5  # Config has the field while the entry is registered
+    finally:
+        methods.unregister("halved_an")
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--loss", "halved_an", "--exp_name", "x"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert "halving" not in config.config_defaults()
+    with pytest.raises(SystemExit):
+        parse_config(["--halving", "0.5"])
+    assert methods.row_title("halved_an") == "halved_an"  # a report of old runs still prints
+
+
+def test_an_unknown_loss_is_a_clean_error_not_another_method():
+    cfg = types.SimpleNamespace(loss="nope", mod_scheme="AN")
+    with pytest.raises(MethodError, match="unknown loss --loss 'nope': registered are an, wan"):
+        methods.compute_loss(cfg, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), 0.0, None)
+    cfg = types.SimpleNamespace(loss="an", mod_scheme="LL-X")
+    with pytest.raises(MethodError, match="unknown scheme --mod_scheme 'LL-X'"):
+        methods.compute_loss(cfg, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), 0.0, None)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (Method("no_loss", LOSS), "a loss needs its batch loss"),
+        (Method("no_rate", methods.SCHEME), "a scheme needs its batch loss"),
+        (Method("AN", LOSS, loss=_halved_loss), "already registered"),
+        (Method("half_state", LOSS, loss=_halved_loss, save_state=lambda s: {}), "save_state and load_state"),
+        (Method("lost", LOSS, loss=_halved_loss, parameters=lambda s: []), "must be checkpointed"),
+        (Method("bad kind", "trick", loss=_halved_loss), "kind must be one of"),
+        (Method("boost2", methods.MODIFIER, title="B2"), "a modifier needs active"),
+        (Method("a+b", LOSS, loss=_halved_loss), "the name must be"),
+        (Method("clash", LOSS, loss=_halved_loss, flags=(Flag("ls_coef", float, 0.2, "another"),)), "share that Flag"),
+    ],
+)
+def test_a_half_registered_method_is_refused(entry, message):
+    before = dict(methods.REGISTRY)
+    with pytest.raises(MethodError, match=message):
+        methods.register(entry)
+    assert methods.REGISTRY == before
+
+
+def test_a_preset_for_an_unknown_dataset_is_a_clean_error(capsys):
+    methods.register(Method("typo", LOSS, loss=_halved_loss, flags=(Flag("typo_w", float, 1.0, "w"),),
+                            presets={"typo_w": {"voc": 2.0}}))  # fmt: skip
+    try:
+        with pytest.raises(SystemExit) as exc:
+            parse_config(["--exp_name", "x"])
+        assert exc.value.code == 2
+        assert "'typo' presets --typo_w names unknown datasets ['voc']" in capsys.readouterr().err
+    finally:
+        methods.unregister("typo")
+    assert parse_config(["--exp_name", "x"]).loss == "an"
+
+
+def test_per_image_state_hooks_are_called_and_checkpointed():
+    """A method with per-image state: init_state, its checkpoint hooks, after_epoch and the trained-state hooks."""
+    calls = []
+
+    def init(cfg, state):
+        state.extra["counts"] = torch.zeros(3)
+        state.extra["weights"] = torch.nn.Parameter(torch.ones(2))
+
+    def after(cfg, state, epoch, train_scores):
+        state.extra["counts"] += train_scores()
+        calls.append(epoch)
+        return {"counted": float(state.extra["counts"].sum())}
+
+    entry = Method(
+        "stateful", LOSS, loss=_halved_loss, init_state=init, after_epoch=after, scores_train_set=True,
+        save_state=lambda s: {"counts": s.extra["counts"].clone(), "weights": s.extra["weights"].detach().clone()},
+        load_state=lambda s, saved: s.extra.update(counts=saved["counts"].clone()),
+        parameters=lambda s: [s.extra["weights"]],
+    )  # fmt: skip
+    methods.register(entry)
+    try:
+        cfg = types.SimpleNamespace(loss="stateful", mod_scheme="AN", train_set_variant="observed",
+                                    train_mode="end_to_end", boostlu_alpha=0.0, lr=1e-3, lr_mult=10.0)  # fmt: skip
+        store = methods.DenseLabelStore(torch.zeros(3, 2, dtype=torch.int8).numpy(), torch.device("cpu"))
+        used = methods.active(cfg)
+        state = methods.LabelState(store, hooks=tuple(m for m in used if m.save_state))
+        entry.init_state(cfg, state)
+        assert methods.needs_train_scores(cfg)
+        assert methods.after_epoch(cfg, state, 1, lambda: torch.ones(3)) == {"counted": 3.0} and calls == [1]
+        saved = state.checkpoint()
+        assert torch.equal(saved["counts"], torch.ones(3)) and "observed" in saved
+        state.extra["counts"].zero_()
+        state.restore(saved)
+        assert torch.equal(state.extra["counts"], torch.ones(3))
+        groups = methods.extra_param_groups(cfg, state)
+        assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(1e-2) and groups[0]["params"][0] is state.extra[
+            "weights"
+        ]  # fmt: skip
+        assert set(methods.best_model_extras(cfg, state)) == {"counts", "weights"}
+    finally:
+        methods.unregister("stateful")
+
+
+def test_registry_tables_are_complete():
+    assert config._registry_problems() == []
+    for entry in methods.entries():
+        if entry.kind in (methods.LOSS, methods.SCHEME):
+            assert entry.loss is not None, entry.name
+    rows = [key for key, _, _ in methods.rows()]
+    assert rows == ["full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "gr", "LL-R", "LL-Ct", "LL-Cp",
+                    "LL-R+BoostLU", "LL-Ct+BoostLU", "LL-Cp+BoostLU"]  # fmt: skip
+    assert methods.single_process_reason(parse_config(["--loss", "role", "--exp_name", "x"])).startswith(
+        "--loss role runs in a single process"
+    )
+    assert methods.single_process_reason(parse_config(["--loss", "wan", "--exp_name", "x"])) is None
+    assert methods.corrects_labels(parse_config(["--mod_scheme", "LL-Cp", "--exp_name", "x"]))
+    assert not methods.corrects_labels(parse_config(["--mod_scheme", "LL-Ct", "--exp_name", "x"]))
