@@ -11,7 +11,6 @@ head's weights; for BoostLU runs the map before the activation). Each map is ups
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,23 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import config
+import checkpoint
 import datasets
 import models
+from predict import load_run, positive_int
 
 PANEL = 256  # pixels per panel in the figure
-
-
-def load_run(run_dir: Path) -> tuple[config.Config, models.MultiLabelClassifier]:
-    """The run's config and its best-val model (no pretrained download: the checkpoint holds every weight)."""
-    values = json.loads((run_dir / "config.json").read_text())
-    values["from_preset"] = tuple(values.get("from_preset", ()))
-    cfg = config.Config(**values)
-    checkpoint = torch.load(run_dir / "bestmodel.pt", map_location="cpu", weights_only=True)
-    num_classes = checkpoint["model"]["head.weight"].shape[0]
-    model = models.build_model(cfg.arch, num_classes, use_pretrained=False, boostlu_alpha=cfg.boostlu_alpha)
-    model.load_state_dict(checkpoint["model"])
-    return cfg, model.eval()
 
 
 def colour_scale(values: np.ndarray) -> np.ndarray:
@@ -75,25 +63,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("images", nargs="+")
-    parser.add_argument("--top", type=int, default=3, help="how many of the top-scored classes to show")
+    parser.add_argument("--top", type=positive_int, default=3, help="how many of the top-scored classes to show")
     parser.add_argument("--out", type=Path, default=None, help="default: <run_dir>/cam")
     args = parser.parse_args(argv)
-    if not (args.run_dir / "bestmodel.pt").exists():
-        print(f"error: {args.run_dir} holds no bestmodel.pt; point at a run folder of main.py", file=sys.stderr)
-        return 1
-    cfg, model = load_run(args.run_dir)
-    names = datasets.class_names(cfg.dataset, cfg.data_root)
-    out = args.out or args.run_dir / "cam"
-    out.mkdir(parents=True, exist_ok=True)
-    for image in args.images:
+    try:
+        run = load_run(args.run_dir)
+        for image in args.images:
+            if not Path(image).is_file():
+                raise datasets.DataError(f"The image {image} does not exist (or is not a file); name image files.")
+        out = args.out or args.run_dir / "cam"
         try:
-            figure = cam_figure(model, image, cfg.image_size, names, args.top)
-        except datasets.DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        path = out / f"{Path(image).stem}_cam.png"
-        figure.save(path)
-        print(f"wrote {path}")
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise datasets.DataError(f"Cannot create the --out folder {out}: {err.strerror or err}.") from None
+        for image in args.images:
+            figure = cam_figure(run.model, image, run.cfg.image_size, run.class_names, args.top)
+            path = out / f"{Path(image).stem}_cam.png"
+            try:
+                figure.save(path)
+            except OSError as err:
+                raise datasets.DataError(f"Cannot write {path}: {err.strerror or err}.") from None
+            print(f"wrote {path}")
+    except (datasets.DataError, checkpoint.RunFolderError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
