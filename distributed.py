@@ -64,6 +64,12 @@ def share(rows: list[int] | np.ndarray, rank: int, world: int) -> list[int]:
     return part if part else [-1 - int(rows[0])]
 
 
+def share_sizes(global_size: int, world: int) -> list[int]:
+    """The number of rows each process holds of a global batch of ``global_size`` (``share``), known on the host
+    without asking the other processes: a process with no image of its own holds one padding row."""
+    return [max(len(part), 1) for part in np.array_split(np.arange(global_size), world)]
+
+
 def row_counts(num_rows: int, ctx: Context, device: torch.device) -> list[int]:
     """Every process's number of rows, in rank order."""
     counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(ctx.world)]
@@ -124,13 +130,16 @@ class GlobalSelection:
     returns this process's slice.
     """
 
-    def __init__(self, ctx: Context, global_batch_size: int, rate: float, rows: torch.Tensor) -> None:
+    def __init__(
+        self, ctx: Context, global_batch_size: int, rate: float, rows: torch.Tensor, counts: list[int] | None = None
+    ) -> None:
         self.ctx, self.global_batch_size, self.rate, self.rows = ctx, global_batch_size, rate, rows
+        self.counts = counts  # the shares' row counts (``share_sizes``); asked of the processes when not given
         self.global_selected: torch.Tensor | None = None
         self.global_rows: torch.Tensor | None = None
 
     def __call__(self, loss_matrix: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        counts = row_counts(loss_matrix.shape[0], self.ctx, loss_matrix.device)  # once for the three gathers
+        counts = self.counts or row_counts(loss_matrix.shape[0], self.ctx, loss_matrix.device)  # once for 3 gathers
         all_losses = gather_rows(loss_matrix.float(), self.ctx, counts)
         all_candidates = gather_rows(candidates, self.ctx, counts)
         k = losses.num_to_select(self.global_batch_size, loss_matrix.shape[1], self.rate)

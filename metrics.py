@@ -116,3 +116,54 @@ def mean_average_precision(scores, targets, valid=None) -> float:
     with ``valid``, classes without any valid entry are skipped)."""
     ap = _as_tensor(average_precision(scores, targets, valid))
     return 100.0 * float(ap.nanmean())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Threshold metrics: what multi-label papers report beside mAP.
+
+THRESHOLD_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+
+
+def threshold_metrics(scores, targets, valid=None, *, threshold: float = 0.5, top_k: int | None = None) -> dict:
+    """CP, CR, CF1, OP, OR, OF1 in percent, with the literature's definitions (e.g. ML-GCN, Chen et al. CVPR 2019).
+
+    An entry is predicted positive when its score is at least ``threshold``; with ``top_k``, only among the ``top_k``
+    highest scores of its image (ML-GCN's top-3 rule: top k *and* above the threshold). Per class c: precision
+    TP_c / predicted_c, recall TP_c / positives_c, 0 where the denominator is 0 (scikit-learn's ``zero_division=0``).
+    CP and CR are their means over the classes, CF1 = 2 CP CR / (CP + CR); OP, OR and OF1 pool every entry.
+    ``valid`` (N x C bool, optional) scores annotated entries only (OpenImages: unknown labels count neither as
+    predictions nor as positives), and classes without a valid entry are left out of CP and CR.
+    """
+    scores, targets = _as_tensor(scores), _as_tensor(targets)
+    targets = targets.to(scores.device) > 0
+    predicted = scores >= threshold
+    if top_k is not None:
+        k = min(top_k, scores.shape[1])
+        in_top = torch.zeros_like(predicted).scatter_(1, scores.topk(k, dim=1).indices, True)
+        predicted &= in_top
+    if valid is not None:
+        valid = _as_tensor(valid).to(scores.device).bool()
+        predicted, targets = predicted & valid, targets & valid
+    true_pos = (predicted & targets).sum(0).double()
+    num_predicted, num_positive = predicted.sum(0).double(), targets.sum(0).double()
+    counted = valid.any(0) if valid is not None else torch.ones_like(true_pos, dtype=torch.bool)
+    precision = torch.where(num_predicted > 0, true_pos / num_predicted.clamp(min=1), 0.0)
+    recall = torch.where(num_positive > 0, true_pos / num_positive.clamp(min=1), 0.0)
+    cp, cr = float(precision[counted].mean()), float(recall[counted].mean())
+    tp, pred, pos = float(true_pos.sum()), float(num_predicted.sum()), float(num_positive.sum())
+    op, o_r = (tp / pred if pred else 0.0), (tp / pos if pos else 0.0)
+
+    def f1(p: float, r: float) -> float:
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    values = (cp, cr, f1(cp, cr), op, o_r, f1(op, o_r))
+    return {name: 100.0 * v for name, v in zip(THRESHOLD_METRICS, values, strict=True)}
+
+
+def report_metrics(scores, targets, valid=None, *, threshold: float = 0.5, top_k: int = 3) -> dict:
+    """The threshold metrics at ``threshold`` and the same for the top ``top_k`` predictions (keys ``CP_top3``, ...),
+    as ``final.json`` stores them."""
+    out = threshold_metrics(scores, targets, valid, threshold=threshold)
+    top = threshold_metrics(scores, targets, valid, threshold=threshold, top_k=top_k)
+    out.update({f"{name}_top{top_k}": value for name, value in top.items()})
+    return out

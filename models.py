@@ -7,10 +7,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _torchvision_models():
+    """``torchvision.models``, imported on first use: importing torchvision takes about a second (it loads
+    torch._dynamo), which the synthetic runs, ``--help`` and the tools that never build a ResNet need not pay."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 ARCHS = RESNETS + ("smallcnn",)
 
 
@@ -99,9 +108,9 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 def _imagenet_state_dict(arch: str, weights_name: str) -> dict:
     try:
-        weights = torchvision.models.get_model_weights(arch)[weights_name]
+        weights = _torchvision_models().get_model_weights(arch)[weights_name]
     except KeyError:
-        names = [w.name for w in torchvision.models.get_model_weights(arch)]
+        names = [w.name for w in _torchvision_models().get_model_weights(arch)]
         raise PretrainedWeightsUnavailable(f"{arch} has no weights {weights_name!r}; choose one of {names}.") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
@@ -141,7 +150,7 @@ def build_model(
         return MultiLabelClassifier(backbone, SmallCNN.out_channels, num_classes, "max", boostlu_alpha)
     if arch not in RESNETS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    resnet = getattr(torchvision.models, arch)(weights=None)
+    resnet = getattr(_torchvision_models(), arch)(weights=None)
     if use_pretrained:
         resnet.load_state_dict(_imagenet_state_dict(arch, weights_name))
     feat_dim = resnet.fc.in_features

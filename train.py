@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import signal
 import subprocess
@@ -18,17 +19,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import checkpoint
 import datasets
 import distributed
-import losses
+import files
 import methods
 import metrics
 import models
-from config import REPO_DIR, Config
+import synthetic  # registers the synthetic dataset's generator with datasets (datasets never imports synthetic)
+from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config
 
 EARLY_STOP_DROP = 3.0  # stop when val mAP falls more than this many points below the best so far (official rule)
 CHECK_EVERY = 25  # steps between host-side checks of the running loss (and, under torchrun, of a stop request)
@@ -79,15 +82,17 @@ def autocast_for(cfg: Config, device: torch.device):
     return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def build_optimizer(cfg: Config, model: models.MultiLabelClassifier, estimator=None) -> torch.optim.Optimizer:
-    """The official optimiser: backbone at ``lr``, head (and ROLE's label estimator) at ``lr * lr_mult``; Adam without
-    weight decay, or SGD with momentum 0.9 and weight decay 1e-3."""
+def build_optimizer(
+    cfg: Config, model: models.MultiLabelClassifier, state: methods.LabelState | None = None
+) -> torch.optim.Optimizer:
+    """The official optimiser: backbone at ``lr``, head (and what the methods train, e.g. ROLE's label estimator) at
+    ``lr * lr_mult``; Adam without weight decay, or SGD with momentum 0.9 and weight decay 1e-3."""
     groups = [
         {"params": list(model.backbone.parameters()), "lr": cfg.lr},
         {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult},
     ]
-    if estimator is not None:
-        groups.append({"params": list(estimator.parameters()), "lr": cfg.lr * cfg.lr_mult})
+    if state is not None:
+        groups += methods.extra_param_groups(cfg, state)
     return methods.make_optimizer(cfg, groups)
 
 
@@ -130,51 +135,57 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     num_selected = torch.zeros((), dtype=torch.long, device=device)
     diagnostics = methods.Diagnostics(device) if state.clean is not None else None
+    corrects = methods.corrects_labels(cfg)  # LL-Cp: selections become permanent corrections
     num_batches = len(loader)
+    flips = sampler.flips.to(device)  # the epoch's flips, copied once; indexed on the device below
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr, disable=not ctx.is_main)
+    # Nothing in this loop reads a device value back to the host: indices arrive pinned and go to the device
+    # without waiting, masks are applied arithmetically, and the only synchronisation is the periodic check.
     for step, (images, idx) in enumerate(bar, 1):
-        real = idx >= 0  # padding rows (a share of a tiny last batch) carry -1 - row
+        host_rows = torch.where(idx >= 0, idx, -1 - idx)  # padding rows (a share of a tiny last batch) carry -1 - row
+        idx = idx.to(device, non_blocking=True)
+        real = idx >= 0
         rows = torch.where(real, idx, -1 - idx)
-        x = datasets.to_model_input(images.to(device, non_blocking=True), sampler.flips[rows].to(device))
-        batch_observed = state.observed.batch(rows)
-        rows = rows.to(device, non_blocking=True)
+        x = datasets.to_model_input(images.to(device, non_blocking=True), flips[rows])
+        batch_observed = state.observed.batch(rows, host_rows)
         select = reduce = None
         if ctx.enabled:
-            real = real.to(device, non_blocking=True)
             batch_observed = batch_observed.masked_fill(~real[:, None], 1)  # padding is never a candidate
-            select = distributed.GlobalSelection(ctx, sampler.global_sizes[step - 1], rate, torch.where(real, rows, -1))
+            global_size = sampler.global_sizes[step - 1]
+            select = distributed.GlobalSelection(
+                ctx, global_size, rate, torch.where(real, rows, -1), distributed.share_sizes(global_size, ctx.world)
+            )
             # DDP averages gradients over processes: this share of the global batch mean, times the world size
-            weight = real.float()[:, None] * ctx.world / (sampler.global_sizes[step - 1] * batch_observed.shape[1])
+            weight = real.float()[:, None] * ctx.world / (global_size * batch_observed.shape[1])
             reduce = lambda matrix, w=weight: (matrix * w).sum()  # noqa: E731
         with amp():
             logits = model(x)
         loss, selected = methods.compute_loss(
-            cfg, logits, batch_observed, rows, rate, state, select=select, reduce=reduce
+            cfg, logits, batch_observed, rows, rate, state, select=select, reduce=reduce, epoch=epoch
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if select is not None and select.global_selected is not None:  # the whole global batch, on every process
             keep = select.global_rows >= 0
-            corrected_rows, corrected = select.global_rows[keep], select.global_selected[keep]
+            corrected_rows, corrected, corrected_real = select.global_rows, select.global_selected & keep[:, None], keep
         else:
-            corrected_rows, corrected = rows, selected
-        if cfg.mod_scheme == "LL-Cp":  # permanent correction: later epochs see these entries as observed positives
-            state.observed.correct(corrected_rows, corrected)
+            corrected_rows, corrected, corrected_real = rows, selected, None
+        if corrects:  # permanent correction: later epochs see these entries as observed positives
+            state.observed.correct(corrected_rows, corrected, corrected_real)
         if diagnostics is not None:
-            mine = real if ctx.enabled else slice(None)
-            diagnostics.update(logits[mine], state.initial[rows[mine]], state.clean[rows[mine]], selected[mine])
+            diagnostics.update(logits, state.initial[rows], state.clean[rows], selected, real if ctx.enabled else None)
         loss_sum += loss.detach() / ctx.world
         num_selected += corrected.sum()
         if step % CHECK_EVERY == 0 or step == num_batches:
-            _periodic_check(loss_sum, epoch, step, ctx, stop)
+            _periodic_check(loss_sum, epoch, step, ctx, stop)  # synchronises: the loop's one host read-back
     state.observed.end_epoch()
     loss_sum = distributed.all_sum(loss_sum, ctx)
     stats = {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
     if diagnostics is not None:
         distributed.all_sum(diagnostics.sums, ctx)
         stats.update(diagnostics.summary())
-        if cfg.mod_scheme == "LL-Cp":
+        if corrects:
             stats.update(methods.corrected_labels_summary(state))
     return stats
 
@@ -182,21 +193,36 @@ def train_one_epoch(
 @torch.inference_mode()
 def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None) -> torch.Tensor:
     """Sigmoid scores of every image in row order, on the device, without host synchronisation per batch. Under
-    torchrun each process scores its contiguous share and the shares are gathered: every image exactly once."""
+    torchrun each process scores its contiguous share and the shares are gathered: every image exactly once.
+
+    The loader's batches (``bsize`` images, so that every worker delivers its first batch soon) are joined on the
+    device into model batches of ``datasets.EVAL_BATCH_FACTOR`` of them: the model sees the same batches of
+    ``4 x bsize`` images in row order as with one large loader batch, so the scores are the same."""
     ctx = ctx or SINGLE
     model.eval()
-    scores = []
-    for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main):
+    scores, pending = [], []
+
+    def score() -> None:
+        images = torch.cat(pending) if len(pending) > 1 else pending[0]
         with amp():
-            logits = model(datasets.to_model_input(images.to(device, non_blocking=True)))
+            logits = model(datasets.to_model_input(images))
         scores.append(torch.sigmoid(logits.float()))
+        pending.clear()
+
+    for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main):
+        pending.append(images.to(device, non_blocking=True))
+        if len(pending) == datasets.EVAL_BATCH_FACTOR:
+            score()
+    if pending:
+        score()
     local = torch.cat(scores) if scores else torch.zeros((0, _num_outputs(model)), device=device)
     return distributed.gather_rows(local, ctx)
 
 
 def _num_outputs(model: torch.nn.Module) -> int:
-    inner = model.module if hasattr(model, "module") else model
-    return getattr(inner, "_orig_mod", inner).head.out_features
+    while not hasattr(model, "head"):  # unwrap CompiledTrainStep, DistributedDataParallel, torch.compile
+        model = getattr(model, "eager", None) or getattr(model, "module", None) or model._orig_mod
+    return model.head.out_features
 
 
 def ap_against(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> torch.Tensor:
@@ -207,18 +233,38 @@ def ap_against(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabel
     return metrics.average_precision(scores, labels)
 
 
-def evaluate(model, loader, labels, device, desc="eval", class_groups=None, amp=contextlib.nullcontext, ctx=None):
+def threshold_metrics_against(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> dict:
+    """CP, CR, CF1, OP, OR, OF1 at 0.5 and for the top 3 (``metrics.report_metrics``); for partial labels
+    (OpenImages) over the annotated entries only."""
+    if isinstance(labels, datasets.SparseLabels):
+        dense = torch.from_numpy(labels.dense(np.arange(len(labels)))).to(scores.device)
+        return metrics.report_metrics(scores, dense > 0, dense != 0)
+    return metrics.report_metrics(scores, labels)
+
+
+def evaluate(
+    model,
+    loader,
+    labels,
+    device,
+    desc="eval",
+    class_groups=None,
+    amp=contextlib.nullcontext,
+    ctx=None,
+    with_threshold_metrics: bool = False,
+):
     """mAP and per-class AP in percent (NaN-free: a class without scored entries is left out and listed as None);
-    with ``class_groups``, the mAP of each group (G1 the rarest) too; ``images``: how many images were scored.
-    mAP is computed on the device."""
+    with ``class_groups``, the mAP of each group (G1 the rarest) too; ``images``: how many images were scored;
+    ``metrics``: the threshold metrics, when asked for. Computed on the device."""
     scores = predict(model, loader, device, desc, amp, ctx)
+    extra = {"metrics": threshold_metrics_against(scores, labels)} if with_threshold_metrics else {}
     ap = 100.0 * ap_against(scores, labels).cpu().double()
     result = {"map": float(ap.nanmean()), "ap_per_class": [None if a != a else a for a in ap.tolist()]}
     result["images"] = scores.shape[0]
     if class_groups is not None:
         groups = torch.from_numpy(class_groups)
         result["group_map"] = {f"G{g + 1}": float(ap[groups == g].nanmean()) for g in range(int(groups.max()) + 1)}
-    return result
+    return {**result, **extra}
 
 
 def eval_labels(split: datasets.Split, device: torch.device) -> torch.Tensor | datasets.SparseLabels:
@@ -251,8 +297,6 @@ def print_header(cfg: Config, run_dir: Path, device: torch.device, ctx: distribu
 def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
     smallcnn_weights = None
     if cfg.arch == "smallcnn" and cfg.use_pretrained and cfg.dataset == "synthetic":
-        import synthetic
-
         smallcnn_weights = synthetic.ensure_pretrained_backbone(cfg.data_root)
     return models.build_model(
         cfg.arch,
@@ -273,14 +317,14 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
     contiguous share of the rows). With ``--cache disk`` each reads its split's disk cache (built by the first
     process). EM+APL also gets the training images in row order."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
-    if cfg.loss == "em_apl":
+    if methods.needs_train_scores(cfg):
         splits["train_rows"] = data.train
     pin = device.type == "cuda"
     loaders = {}
     for name, split in splits.items():
         cache = None
         if cfg.cache == "disk":
-            cache = datasets.disk_cache_path(split, cfg.image_size, cfg.data_root)
+            cache = datasets.disk_cache_path(split, cfg.image_size, datasets.derived_dir(cfg))
             if ctx.is_main:
                 datasets.build_disk_cache(split, cfg.image_size, cache, cfg.num_workers or 1)
         if name != "train":
@@ -377,16 +421,36 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
     device = resolve_device(cfg, ctx)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if ctx.enabled and cfg.loss in ("role", "epr"):
-        raise TrainingError(
-            f"--loss {cfg.loss} runs in a single process: its regulariser (and ROLE's per-image estimator) needs the "
-            "whole batch in one place. Start it without torchrun."
-        )
+    reason = methods.single_process_reason(cfg)
+    if ctx.enabled and reason:
+        raise TrainingError(reason)
     if ctx.enabled:  # one run folder for all processes, whatever second each one built its default name in
         cfg = dataclasses.replace(cfg, exp_name=distributed.broadcast_object(cfg.exp_name, ctx))
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     data = _main_first(ctx, device, lambda: datasets.build_data(cfg))  # a data error leaves no run folder behind
-    folder = _main_first(ctx, device, lambda: checkpoint.open_run_folder(cfg, resume=cfg.resume))
+    fingerprint = data_fingerprint(data)
+    folder = _main_first(ctx, device, lambda: checkpoint.open_run_folder(
+        cfg, resume=cfg.resume, not_training=NOT_TRAINING_SETTINGS, data_fingerprint=fingerprint, lock=ctx.is_main
+    ))  # fmt: skip
+    try:
+        return _run_in_folder(cfg, ctx, device, data, folder, started)
+    finally:
+        folder.release()  # the run folder's lock
+
+
+def data_fingerprint(data: datasets.Data) -> str:
+    """A digest of what the run trains and is scored on: every split's image names, full and observed labels. A
+    resume on other formatted data is refused (``checkpoint.open_run_folder``)."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.val, data.test):
+        for part in (split.image_names, split.labels, split.observed):
+            arrays = [getattr(part, p) for p in part._PARTS] if isinstance(part, datasets.SparseLabels) else [part]
+            for array in arrays:
+                digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _run_in_folder(cfg: Config, ctx, device, data: datasets.Data, folder: checkpoint.RunFolder, started: float) -> dict:
     if folder.finished is not None:
         if ctx.is_main:
             print(f"{folder.path} holds a finished run (test mAP {folder.finished['test_map']:.2f}); nothing to do.")
@@ -418,36 +482,19 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
 
 def _prepare_and_train(s: Session) -> None:
     """LinearInit's first phase or the resumed state, then the end-to-end epochs."""
-    if s.folder.resume_from is None and s.cfg.train_mode == "linear_init":
+    if s.folder.resume_from is None and methods.before_training_hooks(s.cfg):
         if s.ctx.is_main:
             checkpoint.truncate_log(s.folder.log, 0)  # an unfinished first phase runs again from its start
-        linear_init(s)
-    s.optimizer = build_optimizer(s.cfg, s.model, s.state.estimator)
+        methods.before_training(s, lambda scores: _scores_map(scores, eval_labels(s.data.val, s.device)))
+    s.optimizer = build_optimizer(s.cfg, s.model, s.state)
     if s.folder.resume_from is not None:
         s.progress = restore(s.folder.resume_from, s.model, s.optimizer, s.state)
         if s.ctx.is_main:
-            print(f"resuming after epoch {s.progress.epoch} from {s.folder.path / 'checkpoint.pt'}")
+            print(f"resuming after epoch {s.progress.epoch} from {s.folder.resume_file}")
     if s.ctx.is_main:
         checkpoint.truncate_log(s.folder.log, s.progress.log_lines)  # lines of epochs that will run again
     s.forward = wrap_model(s.cfg, s.model, s.device, s.ctx)
     _train_epochs(s)
-
-
-def linear_init(s: Session) -> None:
-    """LinearInit's first phase (frozen backbone, cached features); the best head is left in the model. The first
-    process computes the features; every process then trains the same head on all of them (same seed, same result)."""
-    cfg, model, data, device = s.cfg, s.model, s.data, s.device
-    if s.ctx.is_main:
-        methods.cached_features(cfg, model, data.train, device)
-        methods.cached_features(cfg, model, data.val, device)
-    distributed.barrier(s.ctx)
-    train_feats = methods.cached_features(cfg, model, data.train, device)
-    val_feats = methods.cached_features(cfg, model, data.val, device)
-    best = methods.train_linear_head(
-        cfg, model, s.state, train_feats, val_feats, eval_labels(data.val, device), _scores_map, s.log, s.stop.check
-    )
-    if s.ctx.is_main:
-        print(f"LinearInit: best head from linear epoch {best['epoch']} (val mAP {best['val_map']:.2f}); fine-tuning")
 
 
 def test_best_model(s: Session) -> dict:
@@ -455,7 +502,10 @@ def test_best_model(s: Session) -> dict:
     best = torch.load(s.folder.path / "bestmodel.pt", map_location=s.device, weights_only=True)
     s.model.load_state_dict(best["model"])
     labels = eval_labels(s.data.test, s.device)
-    return evaluate(s.forward, s.loaders["test"], labels, s.device, "test", s.data.class_groups, s.amp, s.ctx)
+    start = time.time()
+    test = evaluate(s.forward, s.loaders["test"], labels, s.device, "test", s.data.class_groups, s.amp, s.ctx, True)
+    test["seconds"] = time.time() - start
+    return test
 
 
 def write_final(test: dict, s: Session, seconds: float) -> dict:
@@ -466,20 +516,32 @@ def write_final(test: dict, s: Session, seconds: float) -> dict:
         "val_map": progress.best_val_map,
         "test_map": test["map"],
         "test_ap_per_class": test["ap_per_class"],
+        "test_metrics": test["metrics"],
         **({"test_group_map": test["group_map"]} if "group_map" in test else {}),
         "test_images": test["images"],
+        "train_images": len(s.data.train),
+        "val_images": len(s.data.val),
         "epochs_run": progress.epoch,
         "early_stopped": progress.early_stopped,
         "processes": s.ctx.world,
         "seconds": round(seconds, 1),
+        "test_seconds": round(test["seconds"], 3),
     }
+    if isinstance(s.forward, CompiledTrainStep) and s.forward.warmup_s is not None:
+        final["compile_warmup_s"] = round(s.forward.warmup_s, 1)
     if s.ctx.enabled:
         final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(s.state, s.ctx)
     if s.ctx.is_main:
-        checkpoint.write_text_atomic(s.folder.path / "final.json", json.dumps(final, indent=2) + "\n")
+        files.write_text_atomic(s.folder.path / "final.json", json.dumps(final, indent=2) + "\n")
         groups = "".join(f", {g} {m:.2f}" for g, m in test.get("group_map", {}).items())
         print(f"test mAP {test['map']:.2f}{groups} (best val mAP {progress.best_val_map:.2f} at epoch "
               f"{progress.best_epoch}); {s.folder.path}")  # fmt: skip
+        print(
+            "  at 0.5: "
+            + ", ".join(f"{k} {test['metrics'][k]:.1f}" for k in metrics.THRESHOLD_METRICS)
+            + "; top-3: "
+            + ", ".join(f"{k} {test['metrics'][k + '_top3']:.1f}" for k in metrics.THRESHOLD_METRICS)
+        )
     return final
 
 
@@ -502,7 +564,8 @@ def _main_first(ctx: distributed.Context, device: torch.device, make):
 
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
     """What the loop calls: the model, as DistributedDataParallel under torchrun (SyncBatchNorm on CUDA with
-    --sync_bn), optionally compiled. Parameters stay shared with ``model``, whose state_dict is what gets saved."""
+    --sync_bn), optionally compiled for the full training batches (``CompiledTrainStep``). Parameters stay shared
+    with ``model``, whose state_dict is what gets saved."""
     forward = model
     if ctx.enabled:
         if device.type == "cuda" and cfg.sync_bn:
@@ -510,7 +573,41 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return torch.compile(forward) if cfg.compile else forward
+    if not cfg.compile:
+        return forward
+    full_share = distributed.share_sizes(cfg.bsize, ctx.world)[ctx.rank] if ctx.enabled else cfg.bsize
+    return CompiledTrainStep(forward, full_share, verbose=ctx.is_main)
+
+
+class CompiledTrainStep(torch.nn.Module):
+    """``torch.compile`` for the training forward (and backward) of full batches only: the smaller last batch of an
+    epoch and every evaluation run the same module eagerly, so the graph is compiled exactly once (no recompilation
+    for a new batch size or for BatchNorm's eval mode). The compilation's cost, the first compiled step, is timed
+    once (two synchronisations in the whole run) and printed."""
+
+    def __init__(self, module: torch.nn.Module, batch_size: int, verbose: bool = True) -> None:
+        super().__init__()
+        self.eager = module
+        self.compiled = torch.compile(module, dynamic=False)
+        self.batch_size, self.verbose = batch_size, verbose
+        self.calls = 0
+        self.started = 0.0
+        self.warmup_s: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] != self.batch_size:
+            return self.eager(x)
+        self.calls += 1
+        if self.calls <= 2:  # time the first compiled step: from its forward to the next one's (synchronises twice)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            if self.calls == 1:
+                self.started = time.perf_counter()
+            else:
+                self.warmup_s = time.perf_counter() - self.started
+                if self.verbose:
+                    print(f"torch.compile: the first compiled training step took {self.warmup_s:.1f} s", flush=True)
+        return self.compiled(x)
 
 
 def _train_epochs(s: Session) -> None:
@@ -520,28 +617,32 @@ def _train_epochs(s: Session) -> None:
     while progress.epoch < cfg.num_epochs and not progress.early_stopped:
         epoch = progress.epoch + 1
         epoch_start = time.time()
-        rate = losses.modification_rate(cfg.mod_scheme, epoch, cfg.delta_rel)
+        rate = methods.modification_rate(cfg, epoch)
         positives_at_start = s.state.observed.num_positive()
         stats = train_one_epoch(cfg, s.forward, s.loaders["train"], s.optimizer, s.state, rate=rate, epoch=epoch,
                                 device=device, amp=s.amp, ctx=s.ctx, stop=s.stop)  # fmt: skip
-        # APL labels after each epoch from the warm-up on; after the last one the labels would never be used.
-        if cfg.loss == "em_apl" and cfg.apl_warmup <= epoch < cfg.num_epochs:
-            scores = predict(s.forward, s.loaders["train_rows"], device, f"epoch {epoch} APL", s.amp, s.ctx)
-            stats["pseudo_labelled"] = methods.pseudo_label_negatives(scores, s.state)
+        train_seconds = time.time() - epoch_start  # train_one_epoch has read its loss back: the GPU is done
+
+        # The methods' per-epoch hooks (EM+APL's pseudo-labelling), with the training images' scores if they ask.
+        def train_scores(desc=f"epoch {epoch} APL"):  # the loader exists only for methods that ask for scores
+            return predict(s.forward, s.loaders["train_rows"], device, desc, s.amp, s.ctx)
+
+        stats.update(methods.after_epoch(cfg, s.state, epoch, train_scores))
+        val_start = time.time()
         val_map = evaluate(s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp,
                            ctx=s.ctx)["map"]  # fmt: skip
+        val_seconds = time.time() - val_start
         record = {"phase": "end_to_end", "epoch": epoch, "rate": rate, **stats}
         record.update(observed_positives=positives_at_start, val_map=val_map)
         record["seconds"] = round(time.time() - epoch_start, 3)
+        record.update(train_seconds=round(train_seconds, 3), val_seconds=round(val_seconds, 3))
         s.log(record)
         progress.epoch = epoch
         # Order matters for resume: the best weights are on disk before a checkpoint that points at them.
         if val_map > progress.best_val_map:
             progress.best_val_map, progress.best_epoch = val_map, epoch
             if s.ctx.is_main:
-                _save(
-                    checkpoint.save_torch_atomic, best_model_payload(s, epoch, val_map), s.folder.path / "bestmodel.pt"
-                )
+                _save(files.save_torch_atomic, best_model_payload(s, epoch, val_map), s.folder.path / "bestmodel.pt")
         elif progress.best_val_map - val_map > EARLY_STOP_DROP:
             if s.ctx.is_main:
                 print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below "
@@ -556,8 +657,7 @@ def _train_epochs(s: Session) -> None:
 
 def best_model_payload(s: Session, epoch: int, val_map: float) -> dict:
     best = {"model": s.model.state_dict(), "epoch": epoch, "val_map": val_map, "config": s.cfg.to_dict()}
-    if s.state.estimator is not None:
-        best["estimator"] = s.state.estimator.state_dict()
+    best.update(methods.best_model_extras(s.cfg, s.state))
     return best
 
 

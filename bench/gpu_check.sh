@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check (see bench/gpu_check.py): runs as is on the GPU machine with its system python3, from the
-# repository root, and prints one JSON summary. GPU_CHECK_SMALL=1 runs the same steps tiny, on a CPU.
+# repository root, and prints one JSON object. GPU_CHECK_SMALL=1 runs the same steps tiny, on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

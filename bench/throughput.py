@@ -3,7 +3,7 @@
     python bench/throughput.py            # ResNet-50, 448x448, batch 16, 640x480 JPEGs (for a GPU)
     python bench/throughput.py --small    # ResNet-18, 64x64, 128x96 JPEGs: runs on a CPU in under a minute
 
-(a) official-style (PAPER_FACTS section 2, as the released code does it): per item, PIL decode, ``Resize((S, S))``,
+(a) official-style (as the released code, snucml/LargeLossMatters, does it): per item, PIL decode, ``Resize((S, S))``,
 ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` in 4 DataLoader workers; fp32, NCHW.
 (b) this project: PIL decode and resize in the workers (one per core), uint8 batches in pinned memory, flip and
 normalisation on the device, channels-last, bf16 autocast on CUDA (fp32 on CPU); and (c) the same reading the disk
@@ -51,7 +51,12 @@ def _write_jpeg(args: tuple[str, int, int, int]) -> None:
 
 
 def make_jpegs(folder: Path, count: int, width: int, height: int) -> list[str]:
-    paths = [str(folder / f"{i:05d}.jpg") for i in range(count)]
+    return make_jpegs_named(folder, [f"{i:05d}.jpg" for i in range(count)], width, height)
+
+
+def make_jpegs_named(folder: Path, names: list[str], width: int, height: int) -> list[str]:
+    """Photo-like JPEGs with these file names in ``folder``, written by one process per core."""
+    paths = [str(folder / name) for name in names]
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
         pool.map(_write_jpeg, [(p, width, height, i) for i, p in enumerate(paths)])
     return paths

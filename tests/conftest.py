@@ -39,3 +39,11 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     final = json.loads((run_dir / "final.json").read_text())
     return config, log, final
+
+
+def drop_timings(*records: dict) -> None:
+    """Remove the wall-clock entries (``seconds``, ``train_seconds``, ``test_seconds``, ...) that differ between
+    otherwise identical runs."""
+    for record in records:
+        for key in [k for k in record if k.endswith("seconds") or k == "compile_warmup_s"]:
+            record.pop(key)

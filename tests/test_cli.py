@@ -3,7 +3,9 @@
 import json
 
 import pytest
-from conftest import read_run, run_cli
+from conftest import drop_timings, read_run, run_cli
+
+pytestmark = pytest.mark.slow  # every test here runs main.py in a subprocess
 
 TINY = ["--ss_frac_train", "0.1", "--ss_frac_val", "0.2", "--num_epochs", "3", "--num_workers", "0"]
 
@@ -62,9 +64,7 @@ def test_same_seed_same_results(synthetic_root, tmp_path):
         tiny_run(synthetic_root, tmp_path, name, "--mod_scheme", "LL-R", "--delta_rel", "5", "--seed", "3")
     _, log_a, final_a = read_run(tmp_path / "a")
     _, log_b, final_b = read_run(tmp_path / "b")
-    for record in log_a + log_b:
-        record.pop("seconds")
-    final_a.pop("seconds"), final_b.pop("seconds")
+    drop_timings(*log_a, *log_b, final_a, final_b)
     assert log_a == log_b and final_a == final_b
 
 

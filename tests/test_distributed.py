@@ -33,6 +33,7 @@ def _selection_worker(rank: int, world: int, init_file: str, cases: list, result
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # runs main.py or several processes
 def test_two_processes_select_exactly_what_one_process_selects(tmp_path):
     gen = torch.Generator().manual_seed(0)
     cases = []
@@ -81,6 +82,7 @@ TINY = ["--ss_frac_train", "0.05", "--ss_frac_val", "0.2", "--num_epochs", "3", 
         "0", "--mod_scheme", "LL-Cp", "--delta_rel", "5"]  # fmt: skip
 
 
+@pytest.mark.slow  # runs main.py or several processes
 def test_two_process_torchrun_run_matches_one_process(synthetic_root, tmp_path):
     common = ["--data_root", str(synthetic_root), "--save_path", str(tmp_path), *TINY]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -116,6 +118,7 @@ def test_an_empty_share_gets_zero_weight(rate):
     assert torch.equal(selected[:1], single_selected)
 
 
+@pytest.mark.slow  # runs main.py or several processes
 def test_torchrun_with_the_default_run_name_makes_one_run_folder(synthetic_root, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = ["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--ss_frac_train", "0.02",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from metrics import average_precision, mean_average_precision
+from metrics import average_precision, mean_average_precision, report_metrics, threshold_metrics
 
 
 def sklearn_ap(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -70,3 +70,65 @@ def test_non_finite_scores_and_bad_shapes_raise():
         average_precision(np.array([[np.nan], [0.1]]), np.array([[1], [0]]))
     with pytest.raises(ValueError, match="same N x C"):
         average_precision(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Threshold metrics (CP, CR, CF1, OP, OR, OF1; and top-3).
+
+
+def test_threshold_metrics_by_hand():
+    # 3 images x 2 classes. Predicted at 0.5: class 0 -> images 0, 1 (TP 1 of 2 predicted; 1 of 2 positives);
+    # class 1 -> image 2 (TP 1 of 1; 1 of 1 positives).
+    scores = torch.tensor([[0.9, 0.2], [0.6, 0.1], [0.3, 0.7]])
+    targets = torch.tensor([[1, 0], [0, 0], [1, 1]])
+    m = threshold_metrics(scores, targets)
+    cp, cr = (0.5 + 1.0) / 2, (0.5 + 1.0) / 2
+    assert m["CP"] == pytest.approx(100 * cp) and m["CR"] == pytest.approx(100 * cr)
+    assert m["CF1"] == pytest.approx(100 * 2 * cp * cr / (cp + cr))
+    # pooled: TP 2, predicted 3, positives 3
+    assert m["OP"] == pytest.approx(100 * 2 / 3) and m["OR"] == pytest.approx(100 * 2 / 3)
+    assert m["OF1"] == pytest.approx(100 * 2 / 3)
+
+
+def test_top_k_keeps_only_the_k_highest_above_the_threshold():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+    targets = torch.tensor([[0, 0, 1, 1]])
+    top1 = threshold_metrics(scores, targets, top_k=1)  # predicts class 0 only: no TP
+    assert top1["OP"] == 0.0 and top1["OR"] == 0.0
+    top3 = threshold_metrics(scores, targets, top_k=3)  # classes 0, 1, 2: TP 1 of 3 predicted, 1 of 2 positives
+    assert top3["OP"] == pytest.approx(100 / 3) and top3["OR"] == pytest.approx(50.0)
+    low = threshold_metrics(torch.tensor([[0.4, 0.3, 0.2, 0.1]]), targets, top_k=3)  # top 3 but below 0.5
+    assert low["OP"] == 0.0
+
+
+def test_threshold_metrics_equal_scikit_learn_macro_and_micro():
+    from sklearn.metrics import precision_score, recall_score
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((200, 12))
+    targets = (rng.random((200, 12)) < 0.2).astype(int)
+    targets[:, 3] = 0  # a class without positives
+    scores[:, 5] = 0.1  # a class never predicted
+    predicted = (scores >= 0.5).astype(int)
+    m = threshold_metrics(torch.from_numpy(scores), torch.from_numpy(targets))
+    for name, average, fn in (("CP", "macro", precision_score), ("CR", "macro", recall_score),
+                              ("OP", "micro", precision_score), ("OR", "micro", recall_score)):  # fmt: skip
+        expected = 100 * fn(targets, predicted, average=average, zero_division=0)
+        assert m[name] == pytest.approx(expected), name
+    top = np.zeros_like(predicted)
+    np.put_along_axis(top, np.argsort(-scores, axis=1)[:, :3], 1, axis=1)
+    m3 = report_metrics(torch.from_numpy(scores), torch.from_numpy(targets))
+    expected = 100 * precision_score(targets, top & predicted, average="micro", zero_division=0)
+    assert m3["OP_top3"] == pytest.approx(expected) and m3["OP"] == pytest.approx(m["OP"])
+
+
+def test_threshold_metrics_count_annotated_entries_only():
+    scores = torch.tensor([[0.9, 0.9], [0.9, 0.1]])
+    targets = torch.tensor([[1, 0], [0, 0]])
+    valid = torch.tensor([[True, False], [False, True]])  # the false positive at (0, 1) is unknown: not counted
+    m = threshold_metrics(scores, targets, valid)
+    # class 0: predicted {0}, TP 1; class 1: predicted nothing, no positive -> precision 0, recall 0
+    assert m["OP"] == 100.0 and m["OR"] == 100.0
+    assert m["CP"] == pytest.approx(50.0)
+    only_class0 = threshold_metrics(scores, targets, torch.tensor([[True, False], [True, False]]))
+    assert only_class0["CP"] == 50.0  # class 1 has no valid entry: left out; class 0: TP 1 of 2 predicted

@@ -2,6 +2,7 @@
 an interruption and refuses a short disk, bf16 and fp32 select the same entries; the throughput benchmark runs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -115,6 +116,7 @@ def test_bf16_autocast_model_selects_like_fp32_on_a_separated_batch():
     assert torch.equal(selected_bf16, selected_fp32)
 
 
+@pytest.mark.slow  # runs main.py or several processes
 def test_throughput_benchmark_small_prints_both_pipelines_and_the_ratio():
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "throughput.py"), "--small", "--images", "32", "--batches", "2"],
@@ -127,3 +129,21 @@ def test_throughput_benchmark_small_prints_both_pipelines_and_the_ratio():
     assert result["ratio_train"] == pytest.approx(
         result["project"]["train_img_s"] / result["official"]["train_img_s"], rel=0.02
     )
+
+
+@pytest.mark.slow  # about a minute: two tiny main.py runs, one of them compiled
+def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
+    """The prepared GPU check, tiny, on a CPU: every step runs and the JSON has the keys the GPU note quotes."""
+    env = {**os.environ, "GPU_CHECK_SMALL": "1", "PY": sys.executable, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("train_img_s", "eval_img_s"):
+        assert out["roof"][key] > 0
+    assert out["official_style"]["train_img_s"] > 0
+    assert {"train_img_s", "eval_img_s", "first_epoch_s"} <= out["main_py"].keys()
+    assert {"train_img_s", "warmup_s"} <= out["main_py_compile"].keys()
+    assert {"train_vs_roof", "train_vs_official", "compile_train_vs_official", "eval_vs_limit"} <= out["ratios"].keys()
+    assert {"project", "project_compile", "official_style"} <= out["coco_run_minutes"].keys()
+    assert out["main_py"]["epochs_run"] == 2 and out["main_py_compile"]["epochs_run"] == 2
