@@ -428,6 +428,7 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
         cfg = dataclasses.replace(cfg, exp_name=distributed.broadcast_object(cfg.exp_name, ctx))
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     data = _main_first(ctx, device, lambda: datasets.build_data(cfg))  # a data error leaves no run folder behind
+    check_last_batch(cfg, data, ctx)
     fingerprint = data_fingerprint(data)
     folder = _main_first(ctx, device, lambda: checkpoint.open_run_folder(
         cfg, resume=cfg.resume, not_training=NOT_TRAINING_SETTINGS, data_fingerprint=fingerprint, lock=ctx.is_main
@@ -634,6 +635,11 @@ def _train_epochs(s: Session) -> None:
         val_seconds = time.time() - val_start
         record = {"phase": "end_to_end", "epoch": epoch, "rate": rate, **stats}
         record.update(observed_positives=positives_at_start, val_map=val_map)
+        if not s.folder.path.is_dir():
+            raise TrainingError(
+                f"The run folder {s.folder.path} was deleted or moved while the run was training: nothing more can be "
+                "saved there. Run the same command again to start the run over."
+            )
         record["seconds"] = round(time.time() - epoch_start, 3)
         record.update(train_seconds=round(train_seconds, 3), val_seconds=round(val_seconds, 3))
         s.log(record)
@@ -659,6 +665,29 @@ def best_model_payload(s: Session, epoch: int, val_map: float) -> dict:
     best = {"model": s.model.state_dict(), "epoch": epoch, "val_map": val_map, "config": s.cfg.to_dict()}
     best.update(methods.best_model_extras(s.cfg, s.state))
     return best
+
+
+def check_last_batch(cfg: Config, data: datasets.Data, ctx: distributed.Context) -> None:
+    """A training batch (or a process's share of one) of a single image cannot pass BatchNorm in training mode when
+    the feature maps have shrunk to one value per channel (small images): the official code stops there with
+    PyTorch's "Expected more than 1 value per channel". When the last batch has one image, try it once on a
+    throwaway model of the same architecture, before the run folder is made, and say what to do."""
+    num_train = len(data.train)
+    last = num_train % cfg.bsize or cfg.bsize
+    shares = distributed.share_sizes(last, ctx.world) if ctx.enabled else [last]
+    if 1 not in shares:
+        return
+    probe = models.build_model(cfg.arch, data.num_classes, use_pretrained=False).train()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros((1, 3, cfg.image_size, cfg.image_size)))
+    except ValueError as err:
+        raise TrainingError(
+            f"--bsize {cfg.bsize} leaves a last training batch of one image ({num_train} training images"
+            f"{', shared among ' + str(ctx.world) + ' processes' if ctx.enabled else ''}), and BatchNorm cannot "
+            f"normalise one image at --image_size {cfg.image_size} ({err}). Choose another --bsize (e.g. "
+            f"{cfg.bsize + 1}) or --ss_frac_train."
+        ) from None
 
 
 def _save(write, *args) -> None:

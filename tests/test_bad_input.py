@@ -233,3 +233,33 @@ def test_two_unreadable_checkpoints_are_refused(synthetic_root, tmp_path, capsys
         (tmp_path / "x" / name).write_bytes(b"not a checkpoint")
     code, out, err = run_main(capsys, *argv)
     assert code == 1 and "No checkpoint in" in err and "move that folder away" in err and "epoch" not in out
+
+
+@pytest.mark.slow  # trains once with the fix
+def test_a_last_batch_of_one_image_that_batchnorm_cannot_take_is_refused_up_front(small_data, tmp_path, capsys):
+    # 32 training images, --bsize 31: the last batch holds one image, and ResNet-18 at 32x32 ends in 1x1 feature maps
+    argv = [*common(small_data, tmp_path, "one"), "--arch", "resnet18", "--bsize", "31"]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 1 and "--bsize 31 leaves a last training batch of one image" in err and "--bsize (e.g. 32)" in err
+    assert not (tmp_path / "runs" / "one").exists()  # refused before the run folder is made
+    code, _, _ = run_main(capsys, *common(small_data, tmp_path, "one"), "--arch", "resnet18", "--bsize", "8")
+    assert code == 0
+
+
+@pytest.mark.slow  # trains
+def test_a_run_folder_deleted_while_training_stops_with_a_message(small_data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import train
+
+    real = train.train_one_epoch
+
+    def delete_in_epoch_2(cfg, *args, epoch, **kwargs):
+        if epoch == 2:
+            shutil.rmtree(cfg.run_dir)
+        return real(cfg, *args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", delete_in_epoch_2)
+    argv = [*common(small_data, tmp_path, "gone"), "--num_epochs", "3"]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 1 and "was deleted or moved while the run was training" in err
