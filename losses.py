@@ -326,6 +326,11 @@ def gr_schedule(
                            num_epochs=num_epochs)  # fmt: skip
     if problems:
         raise ValueError("; ".join(problems))
+    return _gr_schedule_checked(epoch, num_epochs, w=w, b=b, mu=mu, sigma=sigma, linear_init=linear_init)
+
+
+def _gr_schedule_checked(epoch: int, num_epochs: int, *, w, b, mu, sigma, linear_init: int) -> GRSchedule:
+    """``gr_schedule`` for a setting ``gr_problems`` has already accepted (the epoch is still checked)."""
     if not 1 <= epoch <= num_epochs:
         raise ValueError(f"epoch is 1-indexed and at most num_epochs={num_epochs}, got {epoch}")
     span = num_epochs - linear_init
@@ -400,6 +405,6 @@ def gr_loss(
     problems = gr_problems(w=w, b=b, mu=mu, sigma=sigma, q2=q2, q3=q3, linear_init=linear_init, num_epochs=num_epochs)
     if problems:
         raise ValueError("; ".join(problems))
-    now = gr_schedule(epoch, num_epochs, w=w, b=b, mu=mu, sigma=sigma, linear_init=linear_init)
+    now = _gr_schedule_checked(epoch, num_epochs, w=w, b=b, mu=mu, sigma=sigma, linear_init=linear_init)
     matrix = gr_loss_matrix(logits, observed, w=now.w, b=now.b, mu=now.mu, sigma=now.sigma, q2=q2, q3=q3)
     return _reduce(matrix, reduce)
