@@ -27,6 +27,7 @@ OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("auto", "bf16", "fp32")
 CACHES = ("none", "disk")
 DEVICES = ("auto", "cpu", "cuda")
+CUDA_GRAPHS = ("auto", "on", "off")
 # Dataset-level presets, from ``datasets.DATASET_INFO[dataset].defaults``, in the order ``from_preset`` lists them.
 DATASET_PRESETS = ("arch", "image_size", "num_epochs", "optimizer", "lr")
 # 16 pixels is the smallest input every backbone still reduces to a feature map (ResNet's stride 32 and SmallCNN's
@@ -40,7 +41,7 @@ MAX_EXP_NAME = 200  # characters; file systems allow 255 bytes per name
 # this constant from its caller (it does not import this module).
 NOT_TRAINING_SETTINGS = frozenset(
     {"num_workers", "cache", "cache_dir", "data_root", "save_path", "exp_name", "device", "gpu_num", "compile",
-     "debug", "resume", "from_preset"}
+     "cuda_graph", "debug", "resume", "from_preset"}
 )  # fmt: skip
 
 
@@ -88,6 +89,7 @@ class ConfigCore:
     label_proportion: float | None = None
     precision: str = "auto"
     compile: bool = False
+    cuda_graph: str = "auto"
     cache: str = "none"
     cache_dir: str | None = None
     sync_bn: bool = True
@@ -196,7 +198,12 @@ def validate(cfg) -> list[str]:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
-    for name, allowed in (("precision", PRECISIONS), ("cache", CACHES), ("device", DEVICES)):
+    for name, allowed in (
+        ("precision", PRECISIONS),
+        ("cache", CACHES),
+        ("device", DEVICES),
+        ("cuda_graph", CUDA_GRAPHS),
+    ):
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {getattr(cfg, name)!r})")
     for name in ("lr", "lr_mult"):
@@ -371,9 +378,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         default=False,
-        help="torch.compile the training step (full batches; the last batch and evaluation run eagerly). On an H100 at "
-        "batch 16 it was about 2%% faster than eager after about a minute of compilation: it does not pay for the "
-        "paper's runs (docs/performance.md)",
+        help="torch.compile the training step (full batches; the last batch and evaluation run eagerly), after about a "
+        "minute of compilation; measured against eager in docs/performance.md",
+    )
+    speed.add_argument(
+        "--cuda_graph",
+        default="auto",
+        choices=CUDA_GRAPHS,
+        help="replay the training forward and backward of full batches as a CUDA graph (same kernels, one launch); "
+        "auto: on a single CUDA device, else off",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"

@@ -1311,22 +1311,80 @@ class EpochBatches(torch.utils.data.Sampler):
 EVAL_BATCH_FACTOR = 4
 
 
-def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None, ctx=None):
-    """Batches of ``(uint8 images, row indices)``: ``EpochBatches`` order, decoding in ``cfg.num_workers`` processes,
-    pinned memory for the copy to the GPU, workers kept across epochs and several batches prefetched. Training
-    batches are shares of the global batches under torchrun (``ctx``)."""
-    batch_size = cfg.bsize
-    rank, world = (ctx.rank, ctx.world) if (train and ctx is not None) else (0, 1)
-    sampler = EpochBatches(len(split), batch_size, shuffle=train, seed=cfg.seed, rank=rank, world=world)
+def make_loaders(parts: dict[str, tuple[Split, bool, Path | None]], cfg, *, pin_memory: bool, ctx=None) -> dict:
+    """Batches of ``(uint8 images, row indices)`` of each split in ``parts`` (name -> (split, train, disk cache or
+    None)), in ``EpochBatches`` order, all from one pool of ``cfg.num_workers`` worker processes: pinned memory for the
+    copy to the GPU, workers kept for the whole run and several batches prefetched. One pool, not one per split: the
+    test split's (or the first validation's) workers do not start from scratch, which on a large process costs as much
+    as scoring a thousand images. Training batches are shares of the global batches under torchrun (``ctx``).
+
+    Returns name -> ``SplitLoader``, iterated like a DataLoader; iterate one at a time (each new iteration ends the
+    previous one)."""
+    samplers, items = [], []
+    for split, train, cache in parts.values():
+        rank, world = (ctx.rank, ctx.world) if (train and ctx is not None) else (0, 1)
+        samplers.append(EpochBatches(len(split), cfg.bsize, shuffle=train, seed=cfg.seed, rank=rank, world=world))
+        items.append(ImageDataset(split, cfg.image_size, cache))
     workers = cfg.num_workers
-    return torch.utils.data.DataLoader(
-        ImageDataset(split, cfg.image_size, cache),
-        batch_sampler=sampler,
+    pool = torch.utils.data.DataLoader(
+        _PoolItems(items),
+        batch_sampler=_PoolBatches(samplers),
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
+    return {name: SplitLoader(pool, part) for part, name in enumerate(parts)}
+
+
+def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None, ctx=None):
+    """One split's loader (``make_loaders`` with one part)."""
+    return make_loaders({"split": (split, train, cache)}, cfg, pin_memory=pin_memory, ctx=ctx)["split"]
+
+
+class SplitLoader:
+    """One split's batches from a shared DataLoader (``make_loaders``): ``len``, iteration and ``batch_sampler`` (the
+    split's ``EpochBatches``) as a DataLoader's."""
+
+    def __init__(self, pool: torch.utils.data.DataLoader, part: int) -> None:
+        self.pool, self.part = pool, part
+        self.batch_sampler: EpochBatches = pool.batch_sampler.samplers[part]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        self.pool.batch_sampler.part = self.part  # read when the pool's iteration starts, below
+        return iter(self.pool)
+
+
+class _PoolItems(torch.utils.data.Dataset):
+    """Several splits' ``ImageDataset``s behind one set of workers: item ``(part, index)`` is ``parts[part][index]``."""
+
+    def __init__(self, parts: list[ImageDataset]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        part, index = key
+        return self.parts[part][index]
+
+
+class _PoolBatches(torch.utils.data.Sampler):
+    """The batches of the part being iterated (``part``), as ``(part, index)`` keys."""
+
+    def __init__(self, samplers: list[EpochBatches]) -> None:
+        self.samplers, self.part = samplers, 0
+
+    def __len__(self) -> int:
+        return len(self.samplers[self.part])
+
+    def __iter__(self):
+        part = self.part
+        for batch in self.samplers[part]:
+            yield [(part, index) for index in batch]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

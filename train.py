@@ -31,6 +31,7 @@ import methods
 import metrics
 import models
 import synthetic  # registers the synthetic dataset's generator with datasets (datasets never imports synthetic)
+import trainstep
 from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config
 
 EARLY_STOP_DROP = 3.0  # stop when val mAP falls more than this many points below the best so far (official rule)
@@ -220,7 +221,7 @@ def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None) -
 
 
 def _num_outputs(model: torch.nn.Module) -> int:
-    while not hasattr(model, "head"):  # unwrap CompiledTrainStep, DistributedDataParallel, torch.compile
+    while not hasattr(model, "head"):  # unwrap FastTrainStep, DistributedDataParallel, torch.compile
         model = getattr(model, "eager", None) or getattr(model, "module", None) or model._orig_mod
     return model.head.out_features
 
@@ -314,13 +315,12 @@ def _scores_map(scores: torch.Tensor, labels) -> float:
 
 def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: distributed.Context) -> dict:
     """train (shuffled, flipped; each process its share of every global batch), and val and test (each process a
-    contiguous share of the rows). With ``--cache disk`` each reads its split's disk cache (built by the first
-    process). EM+APL also gets the training images in row order."""
+    contiguous share of the rows), all from one pool of workers. With ``--cache disk`` each reads its split's disk
+    cache (built by the first process). EM+APL also gets the training images in row order."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
     if methods.needs_train_scores(cfg):
         splits["train_rows"] = data.train
-    pin = device.type == "cuda"
-    loaders = {}
+    parts = {}
     for name, split in splits.items():
         cache = None
         if cfg.cache == "disk":
@@ -329,7 +329,8 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
                 datasets.build_disk_cache(split, cfg.image_size, cache, cfg.num_workers or 1)
         if name != "train":
             split = split.share(ctx.rank, ctx.world)
-        loaders[name] = datasets.make_loader(split, cfg, train=name == "train", pin_memory=pin, cache=cache, ctx=ctx)
+        parts[name] = (split, name == "train", cache)
+    loaders = datasets.make_loaders(parts, cfg, pin_memory=device.type == "cuda", ctx=ctx)
     distributed.barrier(ctx)
     return loaders
 
@@ -528,8 +529,10 @@ def write_final(test: dict, s: Session, seconds: float) -> dict:
         "seconds": round(seconds, 1),
         "test_seconds": round(test["seconds"], 3),
     }
-    if isinstance(s.forward, CompiledTrainStep) and s.forward.warmup_s is not None:
-        final["compile_warmup_s"] = round(s.forward.warmup_s, 1)
+    if isinstance(s.forward, trainstep.FastTrainStep):
+        final["fast_step"] = s.forward.what
+        if s.forward.warmup_s is not None:
+            final["fast_step_warmup_s"] = round(s.forward.warmup_s, 1)
     if s.ctx.enabled:
         final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(s.state, s.ctx)
     if s.ctx.is_main:
@@ -565,8 +568,9 @@ def _main_first(ctx: distributed.Context, device: torch.device, make):
 
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
     """What the loop calls: the model, as DistributedDataParallel under torchrun (SyncBatchNorm on CUDA with
-    --sync_bn), optionally compiled for the full training batches (``CompiledTrainStep``). Parameters stay shared
-    with ``model``, whose state_dict is what gets saved."""
+    --sync_bn), and for full training batches compiled (--compile) and/or replayed as a CUDA graph (--cuda_graph; auto:
+    on a single CUDA device), see ``trainstep.py``. Parameters stay shared with ``model``, whose state_dict is what gets
+    saved."""
     forward = model
     if ctx.enabled:
         if device.type == "cuda" and cfg.sync_bn:
@@ -574,41 +578,16 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if not cfg.compile:
+    reason = trainstep.cuda_graph_reason(device, ctx.enabled)
+    if cfg.cuda_graph == "on" and reason:
+        raise TrainingError(reason + "; use --cuda_graph auto or off.")
+    graph = cfg.cuda_graph != "off" and reason is None
+    if not (cfg.compile or graph):
         return forward
     full_share = distributed.share_sizes(cfg.bsize, ctx.world)[ctx.rank] if ctx.enabled else cfg.bsize
-    return CompiledTrainStep(forward, full_share, verbose=ctx.is_main)
-
-
-class CompiledTrainStep(torch.nn.Module):
-    """``torch.compile`` for the training forward (and backward) of full batches only: the smaller last batch of an
-    epoch and every evaluation run the same module eagerly, so the graph is compiled exactly once (no recompilation
-    for a new batch size or for BatchNorm's eval mode). The compilation's cost, the first compiled step, is timed
-    once (two synchronisations in the whole run) and printed."""
-
-    def __init__(self, module: torch.nn.Module, batch_size: int, verbose: bool = True) -> None:
-        super().__init__()
-        self.eager = module
-        self.compiled = torch.compile(module, dynamic=False)
-        self.batch_size, self.verbose = batch_size, verbose
-        self.calls = 0
-        self.started = 0.0
-        self.warmup_s: float | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.shape[0] != self.batch_size:
-            return self.eager(x)
-        self.calls += 1
-        if self.calls <= 2:  # time the first compiled step: from its forward to the next one's (synchronises twice)
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            if self.calls == 1:
-                self.started = time.perf_counter()
-            else:
-                self.warmup_s = time.perf_counter() - self.started
-                if self.verbose:
-                    print(f"torch.compile: the first compiled training step took {self.warmup_s:.1f} s", flush=True)
-        return self.compiled(x)
+    return trainstep.FastTrainStep(
+        forward, full_share, compile=cfg.compile, cuda_graph=graph, required=cfg.cuda_graph == "on", verbose=ctx.is_main
+    )
 
 
 def _train_epochs(s: Session) -> None:

@@ -5,15 +5,21 @@
 
 Steps, all in one process tree on one machine, so every ratio compares numbers measured together:
 1. ``roof``: the model alone, eager (ResNet-50, 448x448, batch 16, bf16 autocast, channels-last, Adam and
-   ``losses.large_loss``; evaluation at batch 64), batches already on the GPU.
+   ``losses.large_loss``; evaluation at batch 64), batches already on the GPU; ``train_graph_img_s``: the same step
+   with the forward and backward replayed as a CUDA graph (``trainstep.FastTrainStep``), the GPU's own limit when the
+   eager step is bound by the host's kernel launches. ``graph_check``: after the same 12 steps from the same weights,
+   the largest difference of any parameter or BatchNorm statistic between two eager copies, and between eager and
+   graphed (GPU only).
 2. ``official_style``: the released code's data path and precision (PIL transforms per item in 4 workers, fp32, NCHW)
    training the same model (``bench/throughput.py``), and its evaluation.
 3. a generated COCO-2014 tree (``train2014``, ``val2014`` and ``annotations/instances_*2014.json``; 640x480 JPEGs),
    formatted by ``main.py`` on first use as any real COCO folder;
    ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory).
 4. ``main_py``: ``python main.py --dataset coco --mod_scheme LL-R`` on it (no pretrained weights: no network there),
-   rates from the epochs after the first (``log.jsonl``'s ``train_seconds`` and ``val_seconds``);
-   ``main_py_compile``: the same with ``--compile`` (``compile_warmup_s`` from ``final.json``).
+   as a user runs it (on one GPU the training step is a CUDA graph), rates from the epochs after the first
+   (``log.jsonl``'s ``train_seconds`` and ``val_seconds``; ``final.json``'s ``test_seconds``); ``main_py_eager``: the
+   same with ``--cuda_graph off``; ``main_py_compile``: with ``--compile`` (``warmup_s``: the first fast step, from
+   ``final.json``).
 5. ``ratios`` and ``coco_run_minutes``: the paper's COCO run (10 epochs of 65,665 train + 16,416 val images, then
    40,137 test images) at the measured rates.
 Prints one JSON object on stdout (progress on stderr).
@@ -41,6 +47,7 @@ import throughput  # noqa: E402
 import datasets  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+import trainstep  # noqa: E402
 
 COCO = throughput.COCO
 SMALL = os.environ.get("GPU_CHECK_SMALL") == "1"
@@ -75,20 +82,15 @@ def cores() -> int:
 
 
 def roof(device: torch.device) -> dict:
-    """Eager training and evaluation rates of the model alone on batches already on the device."""
-    torch.manual_seed(0)
-    model = models.build_model(SETTINGS["arch"], NUM_CLASSES, use_pretrained=False)
-    model = model.to(device, memory_format=torch.channels_last)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    size = SETTINGS["size"]
-    images = torch.randint(0, 256, (BSIZE, 3, size, size), dtype=torch.uint8, device=device)
-    observed = (torch.rand(BSIZE, NUM_CLASSES, device=device) < 0.05).to(torch.int8)
+    """Eager training and evaluation rates of the model alone on batches already on the device, and (CUDA) the
+    training rate with the forward and backward replayed as a CUDA graph."""
+    model, optimizer, amp, images, observed = roof_model(device)
     x = datasets.to_model_input(images)
+    graphed = trainstep.FastTrainStep(model, BSIZE, compile=False, cuda_graph=True, required=True, verbose=False)
 
-    def train_step() -> None:
+    def train_step(forward=model) -> None:
         with amp:
-            logits = model(x)
+            logits = forward(x)
         loss, _ = losses.large_loss(logits, observed, "LL-R", 0.004)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,10 +104,55 @@ def roof(device: torch.device) -> dict:
             torch.sigmoid(model(eval_x).float())
 
     model.train()
-    train_img_s = timed(train_step, device, BSIZE)
+    result = {"train_img_s": timed(train_step, device, BSIZE)}
+    if device.type == "cuda":
+        graphed.train()
+        try:
+            result["train_graph_img_s"] = timed(lambda: train_step(graphed), device, BSIZE)
+        except RuntimeError as err:  # reported, so that the rest of the check still runs
+            result["train_graph_error"] = str(err).splitlines()[0][:300]
     model.eval()
-    eval_img_s = timed(eval_step, device, eval_x.shape[0])
-    return {"train_img_s": train_img_s, "eval_img_s": eval_img_s}
+    result["eval_img_s"] = timed(eval_step, device, eval_x.shape[0])
+    return result
+
+
+def roof_model(device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    model = models.build_model(SETTINGS["arch"], NUM_CLASSES, use_pretrained=False)
+    model = model.to(device, memory_format=torch.channels_last)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    size = SETTINGS["size"]
+    images = torch.randint(0, 256, (BSIZE, 3, size, size), dtype=torch.uint8, device=device)
+    observed = (torch.rand(BSIZE, NUM_CLASSES, device=device) < 0.05).to(torch.int8)
+    return model, optimizer, amp, images, observed
+
+
+def graph_check(device: torch.device, steps: int = 12) -> dict:
+    """Largest difference of any parameter or buffer after ``steps`` training steps from the same weights on the same
+    batches: two eager copies (cuDNN's own run-to-run variation), and eager against the CUDA graph."""
+    finals = []
+    for use_graph in (False, False, True):
+        model, optimizer, amp, images, observed = roof_model(device)
+        forward = trainstep.FastTrainStep(model, BSIZE, compile=False, cuda_graph=use_graph, required=True,
+                                          verbose=False) if use_graph else model  # fmt: skip
+        forward.train()
+        generator = torch.Generator(device=device).manual_seed(1)
+        for _ in range(steps):
+            x = datasets.to_model_input(images, torch.rand(BSIZE, device=device, generator=generator) < 0.5)
+            with amp:
+                logits = forward(x)
+            loss, _ = losses.large_loss(logits, observed, "LL-R", 0.004)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        finals.append([t.detach().float().clone() for t in (*model.parameters(), *model.buffers())])
+
+    def largest(a, b):
+        return max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
+
+    eager_vs_eager, graph_vs_eager = largest(finals[0], finals[1]), largest(finals[0], finals[2])
+    return {"steps": steps, "eager_vs_eager": eager_vs_eager, "graph_vs_eager": graph_vs_eager}
 
 
 def timed(step, device: torch.device, batch_size: int) -> float:
@@ -217,8 +264,11 @@ def main_py(data_root: Path, save: Path, name: str, *extra: str) -> dict:
         "test_map": final["test_map"],
         "wall_s": time.time() - start,
     }
-    if "compile_warmup_s" in final:
-        result["warmup_s"] = final["compile_warmup_s"]
+    result["val_img_s"] = len(later) * val_images / sum(r["val_seconds"] for r in later)
+    result["test_img_s"] = final["test_images"] / final["test_seconds"]
+    result["fast_step"] = final.get("fast_step", "eager")
+    if "fast_step_warmup_s" in final:
+        result["warmup_s"] = final["fast_step_warmup_s"]
     return result
 
 
@@ -248,6 +298,12 @@ def main() -> None:
     }
     log(f"roof on {out['device']}")
     roof_start = roof(device)
+    if cuda:
+        log("graph check")
+        try:
+            out["graph_check"] = graph_check(device)
+        except RuntimeError as err:
+            out["graph_check"] = {"error": str(err).splitlines()[0][:300]}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "coco"
         log("generating the COCO-2014 tree")
@@ -259,27 +315,36 @@ def main() -> None:
         log("data path")
         out["data_path"] = {"eval_img_s": data_path_rate(test_paths, device)}
         device_flag = ["--device", "cuda" if cuda else "cpu"]
-        out["main_py"] = main_py(root, Path(tmp) / "runs", "eager", *device_flag)
+        out["main_py"] = main_py(root, Path(tmp) / "runs", "default", *device_flag)
+        out["main_py_eager"] = main_py(root, Path(tmp) / "runs", "eager", "--cuda_graph", "off", *device_flag)
         out["main_py_compile"] = main_py(root, Path(tmp) / "runs", "compiled", "--compile", "true", *device_flag)
     log("roof again, on the warm GPU")
     roof_end = roof(device)
     # The roof is the faster of two measurements (before and after the runs: clocks, cuDNN's choices), so that the
     # ratios against it are the conservative ones.
-    out["roof"] = {k: max(roof_start[k], roof_end[k]) for k in roof_start}
+    both = (roof_start, roof_end)
+    rates = sorted({k for d in both for k, v in d.items() if isinstance(v, float)})
+    out["roof"] = {k: max(d[k] for d in both if isinstance(d.get(k), float)) for k in rates}
     out["roof_measurements"] = {"start": roof_start, "end": roof_end}
     roof_train, roof_eval = out["roof"]["train_img_s"], out["roof"]["eval_img_s"]
     official, project, compiled = out["official_style"], out["main_py"], out["main_py_compile"]
+    eager = out["main_py_eager"]
     eval_limit = min(roof_eval, out["data_path"]["eval_img_s"])
     out["ratios"] = {
         "train_vs_roof": project["train_img_s"] / roof_train,
+        "eager_train_vs_roof": eager["train_img_s"] / roof_train,
         "compile_train_vs_roof": compiled["train_img_s"] / roof_train,
         "train_vs_official": project["train_img_s"] / official["train_img_s"],
         "compile_train_vs_official": compiled["train_img_s"] / official["train_img_s"],
-        "compile_train_vs_eager": compiled["train_img_s"] / project["train_img_s"],
+        "compile_train_vs_default": compiled["train_img_s"] / project["train_img_s"],
+        "default_train_vs_eager": project["train_img_s"] / eager["train_img_s"],
         "eval_vs_limit": project["eval_img_s"] / eval_limit,
     }
+    if "train_graph_img_s" in out["roof"]:
+        out["ratios"]["train_vs_graph_roof"] = project["train_img_s"] / out["roof"]["train_graph_img_s"]
     out["coco_run_minutes"] = {
         "project": coco_minutes(project["train_img_s"], project["eval_img_s"]),
+        "project_eager": coco_minutes(eager["train_img_s"], eager["eval_img_s"]),
         "project_compile": coco_minutes(compiled["train_img_s"], compiled["eval_img_s"])
         + compiled.get("warmup_s", 0.0) / 60,
         "official_style": coco_minutes(official["train_img_s"], official["eval_img_s"]),

@@ -138,7 +138,7 @@ def test_throughput_benchmark_small_prints_both_pipelines_and_the_ratio():
     )
 
 
-@pytest.mark.slow  # about a minute: two tiny main.py runs, one of them compiled
+@pytest.mark.slow  # about 30 s: three tiny main.py runs, one of them compiled
 def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     """The prepared GPU check, tiny, on a CPU: every step runs and the JSON has the keys the GPU note quotes."""
     env = {**os.environ, "GPU_CHECK_SMALL": "1", "PY": sys.executable, "TMPDIR": str(tmp_path)}
@@ -149,8 +149,10 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     for key in ("train_img_s", "eval_img_s"):
         assert out["roof"][key] > 0
     assert out["official_style"]["train_img_s"] > 0
-    assert {"train_img_s", "eval_img_s", "first_epoch_s"} <= out["main_py"].keys()
+    for run in ("main_py", "main_py_eager"):
+        assert {"train_img_s", "eval_img_s", "val_img_s", "test_img_s", "first_epoch_s"} <= out[run].keys()
+    assert out["main_py"]["fast_step"] == "eager"  # no CUDA graph on a CPU
     assert {"train_img_s", "warmup_s"} <= out["main_py_compile"].keys()
     assert {"train_vs_roof", "train_vs_official", "compile_train_vs_official", "eval_vs_limit"} <= out["ratios"].keys()
-    assert {"project", "project_compile", "official_style"} <= out["coco_run_minutes"].keys()
+    assert {"project", "project_eager", "project_compile", "official_style"} <= out["coco_run_minutes"].keys()
     assert out["main_py"]["epochs_run"] == 2 and out["main_py_compile"]["epochs_run"] == 2

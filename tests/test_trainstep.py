@@ -1,0 +1,116 @@
+"""The training step's fast path (trainstep.py) and the shared pool of loader workers, on a CPU: which batches take
+the captured graph, that the capture leaves BatchNorm's statistics as an eager run has them, the fallback, and that
+one pool of workers serves every split with the batches separate loaders give."""
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import distributed
+import models
+import train
+import trainstep
+from config import parse_config
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return models.build_model("smallcnn", 16, use_pretrained=False)
+
+
+class FakeCapture:
+    """Stands in for ``torch.cuda.make_graphed_callables`` on a CPU: runs the warm-up passes it runs (which move
+    BatchNorm's running statistics) and returns a callable that counts its replays and computes eagerly."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.captures, self.replays, self.fail = 0, 0, fail
+
+    def __call__(self, module, sample_args):
+        self.captures += 1
+        for _ in range(3):
+            module(*sample_args).sum().backward()
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+        def replay(x):
+            self.replays += 1
+            return module(x)
+
+        return replay
+
+
+def test_only_full_training_batches_replay_and_the_capture_restores_batchnorm(monkeypatch):
+    fake = FakeCapture()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake)
+    model, reference = tiny_model(), tiny_model()
+    step = trainstep.FastTrainStep(model, 4, compile=False, cuda_graph=True, verbose=False)
+    step.train()
+    reference.train()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(step(x), reference(x))  # captured on this batch, then replayed once
+    for a, b in zip(model.buffers(), reference.buffers(), strict=True):
+        assert torch.equal(a, b)  # the warm-up's three extra BatchNorm updates are undone
+    step(torch.randn(3, 3, 32, 32))  # a smaller last batch: eager
+    step.eval()
+    step(torch.randn(4, 3, 32, 32))  # evaluation: eager
+    step.train()
+    step(x)
+    assert (fake.captures, fake.replays) == (1, 2)
+    assert step.warmup_s is not None and step.what == "CUDA graph"
+
+
+def test_a_failed_capture_falls_back_under_auto_and_stops_under_on(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", FakeCapture(fail=True))
+    model, reference = tiny_model(), tiny_model()
+    step = trainstep.FastTrainStep(model, 4, compile=False, cuda_graph=True, verbose=False)
+    step.train()
+    reference.train()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(step(x), reference(x))  # runs eagerly, statistics as eager
+    assert not step.use_graph and step.what == "eager"
+    assert "could not be captured (operation not permitted when stream is capturing)" in capsys.readouterr().out
+    required = trainstep.FastTrainStep(tiny_model(), 4, compile=False, cuda_graph=True, required=True, verbose=False)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        required.train()(x)
+
+
+def test_cuda_graph_is_auto_on_one_cuda_device_and_refused_where_it_cannot_run():
+    assert trainstep.cuda_graph_reason(torch.device("cuda", 0), distributed=False) is None
+    assert "CUDA device" in trainstep.cuda_graph_reason(torch.device("cpu"), distributed=False)
+    assert "torchrun" in trainstep.cuda_graph_reason(torch.device("cuda", 0), distributed=True)
+    model, cpu, single = tiny_model(), torch.device("cpu"), distributed.Context()
+    assert train.wrap_model(parse_config(["--exp_name", "x"]), model, cpu, single) is model  # auto: off on a CPU
+    with pytest.raises(train.TrainingError, match="needs a CUDA device .* use --cuda_graph auto or off"):
+        train.wrap_model(parse_config(["--exp_name", "x", "--cuda_graph", "on"]), model, cpu, single)
+
+
+def split_of(synthetic_root, first: int, n: int) -> datasets.Split:
+    names = np.array([f"train/train_{i:06d}.png" for i in range(first, first + n)])
+    return datasets.Split(str(synthetic_root / "images"), names, None, None)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_pool_of_workers_gives_each_split_the_batches_of_its_own_loader(synthetic_root, workers):
+    cfg = parse_config(["--exp_name", "x", "--num_workers", str(workers), "--bsize", "4"])
+    splits = {"train": split_of(synthetic_root, 0, 10), "val": split_of(synthetic_root, 10, 6),
+              "test": split_of(synthetic_root, 16, 5)}  # fmt: skip
+    parts = {name: (split, name == "train", None) for name, split in splits.items()}
+    pooled = datasets.make_loaders(parts, cfg, pin_memory=False)
+    assert len({id(loader.pool) for loader in pooled.values()}) == 1
+    alone = {name: datasets.make_loader(split, cfg, train=name == "train", pin_memory=False)
+             for name, split in splits.items()}  # fmt: skip
+
+    def batches(loader):
+        return [(images.clone(), rows.clone()) for images, rows in loader]
+
+    for epoch in (1, 2):
+        for name in ("train", "val", "test"):
+            for loader in (pooled[name], alone[name]):
+                loader.batch_sampler.set_epoch(epoch)
+            got, expected = batches(pooled[name]), batches(alone[name])
+            assert len(got) == len(pooled[name]) == len(alone[name])
+            for (a, rows_a), (b, rows_b) in zip(got, expected, strict=True):
+                assert torch.equal(rows_a, rows_b) and torch.equal(a, b)
+        next(iter(pooled["train"]))  # an iteration left unfinished does not leak into the next split's
+    assert [rows.tolist() for _, rows in pooled["test"]] == [[0, 1, 2, 3], [4]]

@@ -1,0 +1,132 @@
+"""What the training loop calls for the model: eagerly, ``torch.compile``d, or replayed as a CUDA graph.
+
+At the paper's batch of 16 a ResNet-50 training step launches several hundred small kernels (forward, backward,
+autocast's casts); issuing them one by one from Python can take the host about as long as the GPU takes to run them,
+so the GPU waits. A CUDA graph records the forward and backward kernels once and replays them with one launch each:
+the host's cost per step no longer depends on the model, and the GPU stays busy. The replayed kernels are the ones
+eager PyTorch chose (cuDNN's, with the same inputs), so the arithmetic is eager's.
+
+Only full training batches take the fast path: the smaller last batch of an epoch and every evaluation run the same
+module eagerly, so one capture (or one compilation) serves the whole run. The loss, LL's selection and the optimiser
+stay eager: they differ per method and are a small part of the step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def cuda_graph_reason(device: torch.device, distributed: bool) -> str | None:
+    """Why the training step cannot be replayed as a CUDA graph here (None: it can)."""
+    if device.type != "cuda":
+        return f"--cuda_graph on needs a CUDA device (this run uses {device.type})"
+    if distributed:
+        return "--cuda_graph on is not supported under torchrun (DistributedDataParallel's gradient hooks)"
+    return None
+
+
+class _Call(torch.nn.Module):
+    """``module(x)`` as a module of its own, so that the graph's wrapper replaces this one's ``forward`` (not the
+    model's) and still finds the model's parameters."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class FastTrainStep(torch.nn.Module):
+    """The model for full training batches of ``batch_size``: compiled (``compile``) and/or replayed as a CUDA graph
+    (``cuda_graph``) captured on the first such batch; anything else (the last batch, evaluation) runs ``module``
+    eagerly. Parameters stay the model's own.
+
+    The capture runs the step a few times on that batch (``torch.cuda.make_graphed_callables``' warm-up); BatchNorm's
+    running statistics are put back afterwards, so they have seen exactly the batches of an eager run. The first fast
+    step's cost (compilation and/or capture) is timed once, with a synchronisation at each end, and printed:
+    ``warmup_s``. The graph's outputs live in its own memory and are overwritten by the next replay: the loop uses a
+    step's logits within that step only."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        batch_size: int,
+        *,
+        compile: bool,
+        cuda_graph: bool,
+        required: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.eager = module
+        self.compiled = torch.compile(module, dynamic=False) if compile else None
+        self.batch_size, self.use_graph, self.required, self.verbose = batch_size, cuda_graph, required, verbose
+        self._graphed = None  # the captured callable (not a registered submodule: no second copy in state_dict)
+        self.calls = 0
+        self.started = 0.0
+        self.warmup_s: float | None = None
+
+    @property
+    def what(self) -> str:
+        parts = ([] if self.compiled is None else ["torch.compile"]) + (["CUDA graph"] if self.use_graph else [])
+        return " + ".join(parts) or "eager"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] != self.batch_size:
+            return self.eager(x)
+        fast = self.compiled if self.compiled is not None else self.eager
+        if not self.use_graph:
+            self._time_first_calls(x)
+            return fast(x)
+        if self._graphed is None:
+            try:
+                self._capture(fast, x)
+            except (RuntimeError, AssertionError) as err:  # an operation that cannot be captured
+                if self.required:
+                    raise
+                self.use_graph = False
+                print(f"CUDA graph: the training step could not be captured ({str(err).splitlines()[0]}); it runs "
+                      "without (--cuda_graph off skips the attempt)", flush=True)  # fmt: skip
+                return fast(x)
+        return self._graphed(x)
+
+    def _time_first_calls(self, x: torch.Tensor) -> None:
+        """Compilation only: the first compiled step, from its forward to the next one's (synchronises twice)."""
+        self.calls += 1
+        if self.calls > 2 or self.compiled is None:
+            return
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        if self.calls == 1:
+            self.started = time.perf_counter()
+        else:
+            self._report(time.perf_counter() - self.started)
+
+    def _capture(self, fast: torch.nn.Module, x: torch.Tensor) -> None:
+        """Record the forward and backward of ``fast`` on (a copy of) ``x``; synchronises, once per run."""
+        started = time.perf_counter()
+        saved = [b.detach().clone() for b in self.eager.buffers()]
+        kind = x.device.type
+        # make_graphed_callables refuses autocast's weight cache; without it autocast casts the same weights the same
+        # way, once per use, so the kernels and the values are the same.
+        amp = torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind),
+                             cache_enabled=False)  # fmt: skip
+        try:
+            with amp:
+                graphed = torch.cuda.make_graphed_callables(_Call(fast), (x.detach().clone(),))
+        finally:
+            with torch.no_grad():  # the warm-up's BatchNorm updates are undone
+                for buffer, value in zip(self.eager.buffers(), saved, strict=True):
+                    buffer.copy_(value)
+        self.__dict__["_graphed"] = graphed
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self._report(time.perf_counter() - started)
+
+    def _report(self, seconds: float) -> None:
+        self.warmup_s = seconds
+        if self.verbose:
+            print(f"{self.what}: the first fast training step took {seconds:.1f} s", flush=True)
