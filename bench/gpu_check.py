@@ -51,6 +51,7 @@ import trainstep  # noqa: E402
 
 COCO = throughput.COCO
 SMALL = os.environ.get("GPU_CHECK_SMALL") == "1"
+SKIP_COMPILE = os.environ.get("GPU_CHECK_SKIP_COMPILE") == "1"  # leaves out the --compile run (about 100 s on a GPU)
 # Full: the paper's model and image size on 5,000 + 1,000 COCO-sized JPEGs (4,000 train, 1,000 val, 1,000 test).
 # Small: a tiny model and images, so the same steps run on a CPU in a minute or two.
 SETTINGS = (
@@ -64,8 +65,12 @@ BSIZE = 16
 NUM_CLASSES = 80
 
 
-def log(message: str) -> None:
+def log(message: str, out: dict | None = None) -> None:
+    """Progress on stderr; with GPU_CHECK_PARTIAL=<file>, the results so far are written there too (a check cut
+    short still leaves them)."""
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    if out is not None and os.environ.get("GPU_CHECK_PARTIAL"):
+        Path(os.environ["GPU_CHECK_PARTIAL"]).write_text(json.dumps(rounded(out)) + "\n")
 
 
 def sync(device: torch.device) -> None:
@@ -81,9 +86,11 @@ def cores() -> int:
 # 1. The roof: the model alone.
 
 
-def roof(device: torch.device) -> dict:
-    """Eager training and evaluation rates of the model alone on batches already on the device, and (CUDA) the
-    training rate with the forward and backward replayed as a CUDA graph."""
+def roof(device: torch.device, graph: bool) -> dict:
+    """Eager training and evaluation rates of the model alone on batches already on the device, and (``graph``) the
+    training rate with the forward and backward replayed as a CUDA graph. A process must not fork after a capture (a
+    child that frees a captured tensor aborts), so the graphed measurements come after every step that starts
+    workers."""
     model, optimizer, amp, images, observed = roof_model(device)
     x = datasets.to_model_input(images)
     graphed = trainstep.FastTrainStep(model, BSIZE, compile=False, cuda_graph=True, required=True, verbose=False)
@@ -105,7 +112,7 @@ def roof(device: torch.device) -> dict:
 
     model.train()
     result = {"train_img_s": timed(train_step, device, BSIZE)}
-    if device.type == "cuda":
+    if graph:
         graphed.train()
         try:
             result["train_graph_img_s"] = timed(lambda: train_step(graphed), device, BSIZE)
@@ -129,30 +136,40 @@ def roof_model(device: torch.device, seed: int = 0):
 
 
 def graph_check(device: torch.device, steps: int = 12) -> dict:
-    """Largest difference of any parameter or buffer after ``steps`` training steps from the same weights on the same
-    batches: two eager copies (cuDNN's own run-to-run variation), and eager against the CUDA graph."""
-    finals = []
+    """How far a CUDA-graph run drifts from an eager one: ``steps`` training steps from the same weights on the same
+    batches, for two eager copies (cuDNN's own run-to-run variation) and for eager against the graph. Reports the
+    largest difference of the first step's logits, and over every parameter and BatchNorm statistic at the end: the
+    largest absolute difference, and the tensor whose difference is largest relative to its own largest magnitude."""
+    runs = []
     for use_graph in (False, False, True):
         model, optimizer, amp, images, observed = roof_model(device)
         forward = trainstep.FastTrainStep(model, BSIZE, compile=False, cuda_graph=use_graph, required=True,
                                           verbose=False) if use_graph else model  # fmt: skip
         forward.train()
         generator = torch.Generator(device=device).manual_seed(1)
+        first_logits = None
         for _ in range(steps):
             x = datasets.to_model_input(images, torch.rand(BSIZE, device=device, generator=generator) < 0.5)
             with amp:
                 logits = forward(x)
+            if first_logits is None:
+                first_logits = logits.detach().float().clone()
             loss, _ = losses.large_loss(logits, observed, "LL-R", 0.004)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        finals.append([t.detach().float().clone() for t in (*model.parameters(), *model.buffers())])
+        tensors = {n: t.detach().float().clone() for n, t in (*model.named_parameters(), *model.named_buffers())}
+        runs.append((first_logits, tensors))
 
-    def largest(a, b):
-        return max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
+    def compare(a, b) -> dict:
+        diffs = {n: float((a[1][n] - b[1][n]).abs().max()) for n in a[1]}
+        scale = {n: float(a[1][n].abs().max()) for n in a[1]}
+        worst = max(diffs, key=lambda n: diffs[n] / max(scale[n], 1e-12))
+        relative = {"tensor": worst, "abs": diffs[worst], "its_largest_magnitude": scale[worst]}
+        return {"first_logits": float((a[0] - b[0]).abs().max()), "largest_abs": max(diffs.values()),
+                "worst_relative": relative}  # fmt: skip
 
-    eager_vs_eager, graph_vs_eager = largest(finals[0], finals[1]), largest(finals[0], finals[2])
-    return {"steps": steps, "eager_vs_eager": eager_vs_eager, "graph_vs_eager": graph_vs_eager}
+    return {"steps": steps, "eager_vs_eager": compare(runs[0], runs[1]), "graph_vs_eager": compare(runs[0], runs[2])}
 
 
 def timed(step, device: torch.device, batch_size: int) -> float:
@@ -297,38 +314,41 @@ def main() -> None:
         "settings": {**SETTINGS, "batch_size": BSIZE},
     }
     log(f"roof on {out['device']}")
-    roof_start = roof(device)
+    roof_start = roof(device, graph=False)
+    out["roof_measurements"] = {"start": roof_start}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "coco"
+        log("generating the COCO-2014 tree", out)
+        t = time.time()
+        test_paths = make_coco_tree(root)
+        out["tree"] = {"train2014": SETTINGS["train2014"], "val2014": SETTINGS["val2014"], "seconds": time.time() - t}
+        log("official-style pipeline", out)
+        out["official_style"] = official_style(test_paths, device)
+        log("data path", out)
+        out["data_path"] = {"eval_img_s": data_path_rate(test_paths, device)}
+        device_flag = ["--device", "cuda" if cuda else "cpu"]
+        out["main_py"] = main_py(root, Path(tmp) / "runs", "default", *device_flag)
+        log("main.py with --cuda_graph off", out)
+        out["main_py_eager"] = main_py(root, Path(tmp) / "runs", "eager", "--cuda_graph", "off", *device_flag)
+        if not SKIP_COMPILE:
+            out["main_py_compile"] = main_py(root, Path(tmp) / "runs", "compiled", "--compile", "true", *device_flag)
+    log("roof again, on the warm GPU", out)
+    roof_end = roof(device, graph=cuda)
     if cuda:
-        log("graph check")
+        log("graph check", out)
         try:
             out["graph_check"] = graph_check(device)
         except RuntimeError as err:
             out["graph_check"] = {"error": str(err).splitlines()[0][:300]}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "coco"
-        log("generating the COCO-2014 tree")
-        t = time.time()
-        test_paths = make_coco_tree(root)
-        out["tree"] = {"train2014": SETTINGS["train2014"], "val2014": SETTINGS["val2014"], "seconds": time.time() - t}
-        log("official-style pipeline")
-        out["official_style"] = official_style(test_paths, device)
-        log("data path")
-        out["data_path"] = {"eval_img_s": data_path_rate(test_paths, device)}
-        device_flag = ["--device", "cuda" if cuda else "cpu"]
-        out["main_py"] = main_py(root, Path(tmp) / "runs", "default", *device_flag)
-        out["main_py_eager"] = main_py(root, Path(tmp) / "runs", "eager", "--cuda_graph", "off", *device_flag)
-        out["main_py_compile"] = main_py(root, Path(tmp) / "runs", "compiled", "--compile", "true", *device_flag)
-    log("roof again, on the warm GPU")
-    roof_end = roof(device)
     # The roof is the faster of two measurements (before and after the runs: clocks, cuDNN's choices), so that the
     # ratios against it are the conservative ones.
     both = (roof_start, roof_end)
     rates = sorted({k for d in both for k, v in d.items() if isinstance(v, float)})
     out["roof"] = {k: max(d[k] for d in both if isinstance(d.get(k), float)) for k in rates}
-    out["roof_measurements"] = {"start": roof_start, "end": roof_end}
+    out["roof_measurements"]["end"] = roof_end
     roof_train, roof_eval = out["roof"]["train_img_s"], out["roof"]["eval_img_s"]
-    official, project, compiled = out["official_style"], out["main_py"], out["main_py_compile"]
-    eager = out["main_py_eager"]
+    official, project, eager = out["official_style"], out["main_py"], out["main_py_eager"]
+    compiled = out.get("main_py_compile", {"train_img_s": float("nan"), "eval_img_s": float("nan")})
     eval_limit = min(roof_eval, out["data_path"]["eval_img_s"])
     out["ratios"] = {
         "train_vs_roof": project["train_img_s"] / roof_train,
@@ -349,6 +369,8 @@ def main() -> None:
         + compiled.get("warmup_s", 0.0) / 60,
         "official_style": coco_minutes(official["train_img_s"], official["eval_img_s"]),
     }
+    for part in ("ratios", "coco_run_minutes"):  # without the --compile run: no compile entries
+        out[part] = {k: v for k, v in out[part].items() if v == v}
     out["total_seconds"] = time.time() - started
     print(json.dumps(rounded(out)))
 
