@@ -385,8 +385,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--cuda_graph",
         default="auto",
         choices=CUDA_GRAPHS,
-        help="replay the training forward and backward of full batches as a CUDA graph (same kernels, one launch); "
-        "auto: on a single CUDA device, else off",
+        help="replay the training forward and backward of full batches as a CUDA graph (one launch instead of "
+        "hundreds; 1.9x the eager training rate on an H100, docs/performance.md); auto: on a single CUDA device "
+        "without --compile, else off",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"

@@ -425,6 +425,9 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
     reason = methods.single_process_reason(cfg)
     if ctx.enabled and reason:
         raise TrainingError(reason)
+    reason = trainstep.cuda_graph_reason(device, ctx.enabled)
+    if cfg.cuda_graph == "on" and reason:  # before anything is written
+        raise TrainingError(reason + "; use --cuda_graph auto or off.")
     if ctx.enabled:  # one run folder for all processes, whatever second each one built its default name in
         cfg = dataclasses.replace(cfg, exp_name=distributed.broadcast_object(cfg.exp_name, ctx))
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
@@ -569,7 +572,7 @@ def _main_first(ctx: distributed.Context, device: torch.device, make):
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
     """What the loop calls: the model, as DistributedDataParallel under torchrun (SyncBatchNorm on CUDA with
     --sync_bn), and for full training batches compiled (--compile) and/or replayed as a CUDA graph (--cuda_graph; auto:
-    on a single CUDA device), see ``trainstep.py``. Parameters stay shared with ``model``, whose state_dict is what gets
+    on a single CUDA device without --compile), see ``trainstep.py``. Parameters stay shared with ``model``, whose state_dict is what gets
     saved."""
     forward = model
     if ctx.enabled:
@@ -578,10 +581,9 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
-    reason = trainstep.cuda_graph_reason(device, ctx.enabled)
-    if cfg.cuda_graph == "on" and reason:
-        raise TrainingError(reason + "; use --cuda_graph auto or off.")
-    graph = cfg.cuda_graph != "off" and reason is None
+    reason = trainstep.cuda_graph_reason(device, ctx.enabled)  # "on" where it cannot run was refused in _run
+    # auto: not with --compile, whose capture has not been measured on a GPU yet (docs/performance.md)
+    graph = reason is None and (cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and not cfg.compile))
     if not (cfg.compile or graph):
         return forward
     full_share = distributed.share_sizes(cfg.bsize, ctx.world)[ctx.rank] if ctx.enabled else cfg.bsize

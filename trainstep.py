@@ -3,12 +3,16 @@
 At the paper's batch of 16 a ResNet-50 training step launches several hundred small kernels (forward, backward,
 autocast's casts); issuing them one by one from Python can take the host about as long as the GPU takes to run them,
 so the GPU waits. A CUDA graph records the forward and backward kernels once and replays them with one launch each:
-the host's cost per step no longer depends on the model, and the GPU stays busy. The replayed kernels are the ones
-eager PyTorch chose (cuDNN's, with the same inputs), so the arithmetic is eager's.
+the host's cost per step no longer depends on the model, and the GPU stays busy. The same operations run on the same
+inputs, but the results are not bit-identical to eager on an H100 (the kernels recorded under capture may round
+differently; the measured drift is in docs/protocol.md); ``--cuda_graph off`` is eager.
 
 Only full training batches take the fast path: the smaller last batch of an epoch and every evaluation run the same
 module eagerly, so one capture (or one compilation) serves the whole run. The loss, LL's selection and the optimiser
 stay eager: they differ per method and are a small part of the step.
+
+Start worker processes before the capture, never after: a forked child that frees memory the capture holds aborts
+(the trainer's loader workers start with the first epoch, before its first step).
 """
 
 from __future__ import annotations

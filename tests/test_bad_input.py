@@ -121,6 +121,12 @@ def test_cuda_asked_for_without_a_gpu(tmp_path, capsys, monkeypatch):
     assert code == 1 and "sees no CUDA device" in err
 
 
+def test_a_cuda_graph_asked_for_on_a_cpu_stops_before_anything_is_written(tmp_path, capsys):
+    code, _, err = run_main(capsys, "--device", "cpu", "--cuda_graph", "on", "--save_path", str(tmp_path))
+    assert code == 1 and "--cuda_graph on needs a CUDA device (this run uses cpu)" in err and "auto or off" in err
+    assert not list(tmp_path.iterdir())  # no run folder
+
+
 def test_debug_shows_the_traceback(tmp_path):
     import datasets
 
