@@ -572,8 +572,8 @@ def _main_first(ctx: distributed.Context, device: torch.device, make):
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
     """What the loop calls: the model, as DistributedDataParallel under torchrun (SyncBatchNorm on CUDA with
     --sync_bn), and for full training batches compiled (--compile) and/or replayed as a CUDA graph (--cuda_graph; auto:
-    on a single CUDA device without --compile), see ``trainstep.py``. Parameters stay shared with ``model``, whose state_dict is what gets
-    saved."""
+    on a single CUDA device without --compile), see ``trainstep.py``. Parameters stay shared with ``model``, whose
+    state_dict is what gets saved."""
     forward = model
     if ctx.enabled:
         if device.type == "cuda" and cfg.sync_bn:
