@@ -82,8 +82,14 @@ def test_cuda_graph_is_auto_on_one_cuda_device_and_refused_where_it_cannot_run()
     assert "torchrun" in trainstep.cuda_graph_reason(torch.device("cuda", 0), distributed=True)
     model, cpu, single = tiny_model(), torch.device("cpu"), distributed.Context()
     assert train.wrap_model(parse_config(["--exp_name", "x"]), model, cpu, single) is model  # auto: off on a CPU
-    with pytest.raises(train.TrainingError, match="needs a CUDA device .* use --cuda_graph auto or off"):
-        train.wrap_model(parse_config(["--exp_name", "x", "--cuda_graph", "on"]), model, cpu, single)
+    compiled = train.wrap_model(parse_config(["--exp_name", "x", "--compile"]), model, cpu, single)
+    assert compiled.what == "torch.compile" and not compiled.use_graph
+    # (--cuda_graph on where it cannot run stops the run before anything is written: tests/test_bad_input.py)
+    gpu = torch.device("cuda", 0)  # nothing touches the device before the first step
+    for flags, graph in (([], True), (["--compile"], False), (["--compile", "--cuda_graph", "on"], True),
+                         (["--cuda_graph", "off"], None)):  # fmt: skip
+        step = train.wrap_model(parse_config(["--exp_name", "x", *flags]), model, gpu, single)
+        assert (step is model) if graph is None else (step.use_graph is graph and step.batch_size == 16), flags
 
 
 def split_of(synthetic_root, first: int, n: int) -> datasets.Split:
