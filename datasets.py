@@ -1314,9 +1314,10 @@ EVAL_BATCH_FACTOR = 4
 def make_loaders(parts: dict[str, tuple[Split, bool, Path | None]], cfg, *, pin_memory: bool, ctx=None) -> dict:
     """Batches of ``(uint8 images, row indices)`` of each split in ``parts`` (name -> (split, train, disk cache or
     None)), in ``EpochBatches`` order, all from one pool of ``cfg.num_workers`` worker processes: pinned memory for the
-    copy to the GPU, workers kept for the whole run and several batches prefetched. One pool, not one per split: the
-    test split's (or the first validation's) workers do not start from scratch, which on a large process costs as much
-    as scoring a thousand images. Training batches are shares of the global batches under torchrun (``ctx``).
+    copy to the GPU, workers kept for the whole run and several batches prefetched. One pool, not one per split: no
+    split waits for its own workers to start (the test split's would start only for the final test), and a CUDA graph
+    captured after the first training batch never sees a worker forked after it (``trainstep.py``). Training batches
+    are shares of the global batches under torchrun (``ctx``).
 
     Returns name -> ``SplitLoader``, iterated like a DataLoader; iterate one at a time (each new iteration ends the
     previous one)."""

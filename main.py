@@ -13,6 +13,7 @@ import datasets
 import files
 import models
 import train
+import trainstep
 
 USER_ERRORS = (
     datasets.DataError,
@@ -21,6 +22,7 @@ USER_ERRORS = (
     checkpoint.RunFolderError,
     files.LockError,
     train.Interrupted,
+    trainstep.GraphCaptureError,
 )
 INTERRUPTED = (
     "Interrupted (Ctrl-C). Every file written so far is complete (files are replaced whole, never half-written): run "

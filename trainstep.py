@@ -22,6 +22,10 @@ import time
 import torch
 
 
+class GraphCaptureError(Exception):
+    """``--cuda_graph on`` and the training step cannot be captured; the message says why and what to use instead."""
+
+
 def cuda_graph_reason(device: torch.device, distributed: bool) -> str | None:
     """Why the training step cannot be replayed as a CUDA graph here (None: it can)."""
     if device.type != "cuda":
@@ -89,11 +93,15 @@ class FastTrainStep(torch.nn.Module):
             try:
                 self._capture(fast, x)
             except (RuntimeError, AssertionError) as err:  # an operation that cannot be captured
+                why = str(err).splitlines()[0] if str(err) else type(err).__name__
                 if self.required:
-                    raise
+                    raise GraphCaptureError(
+                        f"The training step could not be captured as a CUDA graph ({why}). Run with --cuda_graph auto "
+                        "(which then trains without it) or --cuda_graph off."
+                    ) from err
                 self.use_graph = False
-                print(f"CUDA graph: the training step could not be captured ({str(err).splitlines()[0]}); it runs "
-                      "without (--cuda_graph off skips the attempt)", flush=True)  # fmt: skip
+                print(f"CUDA graph: the training step could not be captured ({why}); it runs without (--cuda_graph "
+                      "off skips the attempt)", flush=True)  # fmt: skip
                 return fast(x)
         return self._graphed(x)
 

@@ -72,7 +72,7 @@ def test_a_failed_capture_falls_back_under_auto_and_stops_under_on(monkeypatch, 
     assert not step.use_graph and step.what == "eager"
     assert "could not be captured (operation not permitted when stream is capturing)" in capsys.readouterr().out
     required = trainstep.FastTrainStep(tiny_model(), 4, compile=False, cuda_graph=True, required=True, verbose=False)
-    with pytest.raises(RuntimeError, match="stream is capturing"):
+    with pytest.raises(trainstep.GraphCaptureError, match=r"captured as a CUDA graph \(operation not permitted .*\)"):
         required.train()(x)
 
 
