@@ -7,9 +7,10 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
 1. ``roof``: the model alone, eager (ResNet-50, 448x448, batch 16, bf16 autocast, channels-last, Adam and
    ``losses.large_loss``; evaluation at batch 64), batches already on the GPU; ``train_graph_img_s``: the same step
    with the forward and backward replayed as a CUDA graph (``trainstep.FastTrainStep``), the GPU's own limit when the
-   eager step is bound by the host's kernel launches. ``graph_check``: after the same 12 steps from the same weights,
-   the largest difference of any parameter or BatchNorm statistic between two eager copies, and between eager and
-   graphed (GPU only).
+   eager step is bound by the host's kernel launches, measured at the end (after every step that starts worker
+   processes: a child forked after a capture aborts when it frees captured memory). ``graph_check`` (GPU only): 12
+   steps from the same weights on the same batches, two eager copies against each other and eager against the graph:
+   the first step's logits, and the parameters and BatchNorm statistics at the end (see ``graph_check``).
 2. ``official_style``: the released code's data path and precision (PIL transforms per item in 4 workers, fp32, NCHW)
    training the same model (``bench/throughput.py``), and its evaluation.
 3. a generated COCO-2014 tree (``train2014``, ``val2014`` and ``annotations/instances_*2014.json``; 640x480 JPEGs),
