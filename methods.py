@@ -267,7 +267,9 @@ class Method:
         ``loss(LossInputs)`` (the batch loss, a scalar, or ``(loss, selected)`` for the schemes; required for losses
         and schemes), ``combines_with_schemes`` (a loss that ``--mod_scheme`` may modify: only AN's),
         ``rate(cfg, epoch)`` and ``corrects_labels`` (schemes: the modification rate; LL-Cp's permanent corrections),
-        ``single_process`` (why it cannot run under torchrun; empty: it can).
+        ``single_process`` (why it cannot run under torchrun; empty: it can), ``eager_forward`` (why the model's
+        training forward must run as Python every step, e.g. a forward hook or a branch on the data: a CUDA graph
+        replays only what its capture recorded; empty: it may be replayed).
     Per-image state:
         ``init_state(cfg, state)`` (puts its state in ``state.extra``), ``save_state(state) -> dict`` and
         ``load_state(state, saved)`` (checkpoint hooks; both or neither), ``parameters(state)`` (state trained by the
@@ -298,6 +300,7 @@ class Method:
     rate: Callable[[Any, int], float] | None = None
     corrects_labels: bool = False
     single_process: str = ""
+    eager_forward: str = ""
     init_state: Callable[[Any, LabelState], None] | None = None
     save_state: Callable[[LabelState], dict] | None = None
     load_state: Callable[[LabelState, dict], None] | None = None
@@ -564,6 +567,14 @@ def single_process_reason(cfg) -> str | None:
         if method.single_process:
             return (f"{' '.join(method.selected_by)} runs in a single process: {method.single_process}. Start it "
                     "without torchrun.")  # fmt: skip
+    return None
+
+
+def eager_forward_reason(cfg) -> str | None:
+    """Why the config's training forward cannot be replayed as a CUDA graph (None: it can)."""
+    for method in active(cfg):
+        if method.eager_forward:
+            return f"{' '.join(method.selected_by)} needs the model's forward run eagerly: {method.eager_forward}"
     return None
 
 

@@ -425,7 +425,7 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
     reason = methods.single_process_reason(cfg)
     if ctx.enabled and reason:
         raise TrainingError(reason)
-    reason = trainstep.cuda_graph_reason(device, ctx.enabled)
+    reason = cuda_graph_refusal(cfg, device, ctx)
     if cfg.cuda_graph == "on" and reason:  # before anything is written
         raise TrainingError(reason + "; use --cuda_graph auto or off.")
     if ctx.enabled:  # one run folder for all processes, whatever second each one built its default name in
@@ -569,6 +569,12 @@ def _main_first(ctx: distributed.Context, device: torch.device, make):
     return result if ctx.is_main else make()
 
 
+def cuda_graph_refusal(cfg: Config, device: torch.device, ctx: distributed.Context) -> str | None:
+    """Why this run's training step cannot be replayed as a CUDA graph: the device, torchrun, or a method that needs
+    the eager forward (None: it can)."""
+    return trainstep.cuda_graph_reason(device, ctx.enabled) or methods.eager_forward_reason(cfg)
+
+
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
     """What the loop calls: the model, as DistributedDataParallel under torchrun (SyncBatchNorm on CUDA with
     --sync_bn), and for full training batches compiled (--compile) and/or replayed as a CUDA graph (--cuda_graph; auto:
@@ -581,7 +587,7 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
-    reason = trainstep.cuda_graph_reason(device, ctx.enabled)  # "on" where it cannot run was refused in _run
+    reason = cuda_graph_refusal(cfg, device, ctx)  # "on" where it cannot run was refused in _run
     # auto: not with --compile, whose capture has not been measured on a GPU yet (docs/performance.md)
     graph = reason is None and (cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and not cfg.compile))
     if not (cfg.compile or graph):

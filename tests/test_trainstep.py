@@ -145,3 +145,25 @@ def test_epochs_through_the_fast_step_equal_eager_epochs(synthetic_root, monkeyp
     assert stats_a == stats_b and torch.equal(labels_a, labels_b)
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+def test_a_method_that_needs_the_eager_forward_keeps_it():
+    """A registry entry with ``eager_forward`` turns the graph off under auto; under on the run is refused with it."""
+    an = methods.get("an", methods.LOSS)
+    entry = methods.Method("hooked", methods.LOSS, summary="AN with a forward hook (a test method)", loss=an.loss,
+                           eager_forward="it reads a forward hook's output every step")  # fmt: skip
+    methods.register(entry)
+    try:
+        cfg, gpu, single = (
+            parse_config(["--exp_name", "x", "--loss", "hooked"]),
+            torch.device("cuda", 0),
+            distributed.Context(),
+        )
+        assert train.cuda_graph_refusal(cfg, gpu, single) == (
+            "--loss hooked needs the model's forward run eagerly: it reads a forward hook's output every step"
+        )
+        model = tiny_model()
+        assert train.wrap_model(cfg, model, gpu, single) is model
+    finally:
+        methods.unregister("hooked")
+    assert train.cuda_graph_refusal(parse_config(["--exp_name", "x"]), gpu, single) is None
