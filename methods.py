@@ -561,21 +561,22 @@ def corrects_labels(cfg) -> bool:
     return get(cfg.mod_scheme, SCHEME).corrects_labels
 
 
+def _first_active_with(cfg, reason_field: str) -> tuple[str, str] | None:
+    """(the flags that select it, its reason) of the first active entry whose ``reason_field`` is set, or None."""
+    method = next((m for m in active(cfg) if getattr(m, reason_field)), None)
+    return None if method is None else (" ".join(method.selected_by), getattr(method, reason_field))
+
+
 def single_process_reason(cfg) -> str | None:
     """Why the config cannot run under torchrun (None: it can)."""
-    for method in active(cfg):
-        if method.single_process:
-            return (f"{' '.join(method.selected_by)} runs in a single process: {method.single_process}. Start it "
-                    "without torchrun.")  # fmt: skip
-    return None
+    found = _first_active_with(cfg, "single_process")
+    return None if found is None else f"{found[0]} runs in a single process: {found[1]}. Start it without torchrun."
 
 
 def eager_forward_reason(cfg) -> str | None:
     """Why the config's training forward cannot be replayed as a CUDA graph (None: it can)."""
-    for method in active(cfg):
-        if method.eager_forward:
-            return f"{' '.join(method.selected_by)} needs the model's forward run eagerly: {method.eager_forward}"
-    return None
+    found = _first_active_with(cfg, "eager_forward")
+    return None if found is None else f"{found[0]} needs the model's forward run eagerly: {found[1]}"
 
 
 def build_label_state(cfg, split: datasets.Split, device: torch.device) -> LabelState:

@@ -94,7 +94,6 @@ def roof(device: torch.device, graph: bool) -> dict:
     workers."""
     model, optimizer, amp, images, observed = roof_model(device)
     x = datasets.to_model_input(images)
-    graphed = trainstep.FastTrainStep(model, BSIZE, compile=False, cuda_graph=True, required=True, verbose=False)
 
     def train_step(forward=model) -> None:
         with amp:
@@ -114,6 +113,7 @@ def roof(device: torch.device, graph: bool) -> dict:
     model.train()
     result = {"train_img_s": timed(train_step, device, BSIZE)}
     if graph:
+        graphed = trainstep.FastTrainStep(model, BSIZE, compile=False, cuda_graph=True, required=True, verbose=False)
         graphed.train()
         try:
             result["train_graph_img_s"] = timed(lambda: train_step(graphed), device, BSIZE)
