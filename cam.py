@@ -40,7 +40,7 @@ def colour_scale(values: np.ndarray) -> np.ndarray:
 def cam_figure(model: models.MultiLabelClassifier, image_path: str, image_size: int, names: list[str], top: int):
     """The figure for one image: the image, then one overlay per top class with its name and score."""
     pixels = datasets.load_image(image_path, image_size)
-    x = datasets.to_model_input(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    x = datasets.to_model_input(datasets.pixels_to_tensor(pixels)[None])
     fmap = model.backbone(x)
     scores = torch.sigmoid(model(x))[0]
     cams = model.class_activation_map(fmap)[0]

@@ -1094,7 +1094,10 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 def to_rgb(image: Image.Image) -> Image.Image:
     """An 8-bit RGB image. 16-bit grayscale (PIL modes ``I;16*``, and ``I``, which older Pillow gives 16-bit PNGs) is
     scaled to 8 bits (v / 257, rounded), never clipped as ``convert("RGB")`` would (it maps nearly every pixel to
-    255); every other mode (L, P, LA, RGBA, CMYK, 1, ...) goes through ``convert("RGB")``, as the paper's loader."""
+    255); every other mode (L, P, LA, RGBA, CMYK, 1, ...) goes through ``convert("RGB")``, as the paper's loader.
+    An RGB image is returned as it is (``convert`` would only copy it)."""
+    if image.mode == "RGB":
+        return image
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")
@@ -1111,8 +1114,28 @@ def load_image(path: str, size: int) -> np.ndarray:
         raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from None
 
 
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 pixels as a C x H x W tensor that views them: channels-last strides, the layout the model runs
+    in (``to_model_input``), so no image is ever transposed on the host."""
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """C x H x W images (``pixels_to_tensor``) -> one N x C x H x W batch with channels-last strides: a straight copy
+    of each image's pixels, into shared memory when in a DataLoader worker (``default_collate``). Any other layout
+    gives the same values, only transposed on the way."""
+    return torch.utils.data.default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+
+
+def collate_images(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ImageDataset`` items -> (uint8 batch, as ``stack_images``; int64 row indices)."""
+    images, indices = zip(*items, strict=True)
+    return stack_images(list(images)), torch.tensor(indices)
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Items are ``(uint8 image C x H x W, row index)``; labels stay with the trainer, which owns them.
+    """Items are ``(uint8 image C x H x W, row index)`` (``pixels_to_tensor``; batched by ``collate_images``); labels
+    stay with the trainer, which owns them.
 
     Decodes and resizes each image with PIL (in the DataLoader's workers), or, with ``cache``, reads the already
     resized pixels from a disk cache (``build_disk_cache``): the same bytes either way.
@@ -1136,7 +1159,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 size = self.split.whole_size or len(self.split)
                 self._pixels = _open_cache(self.cache, size, self.image_size, "r")
             image = np.array(self._pixels[self.split.offset + row])
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), index
+        return pixels_to_tensor(image), index
 
     def __getstate__(self) -> dict:  # never pickle an open memory map into a worker
         return {**self.__dict__, "_pixels": None}
@@ -1251,7 +1274,7 @@ def _build_disk_cache(split: Split, image_size: int, path: Path, num_workers: in
 def to_model_input(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 N x 3 x H x W -> normalised float: ``RandomHorizontalFlip`` (where ``flip``), ``ToTensor``, ``Normalize``.
     Same arithmetic as torchvision's transforms, run on whatever device the batch is on; channels-last layout, which
-    the convolutions run fastest on (CPU and GPU alike)."""
+    the convolutions run fastest on (CPU and GPU alike), and in which the loader's batches already arrive."""
     if flip is not None:
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
     x = images.float().div(255)
@@ -1330,6 +1353,7 @@ def make_loaders(parts: dict[str, tuple[Split, bool, Path | None]], cfg, *, pin_
     pool = torch.utils.data.DataLoader(
         _PoolItems(items),
         batch_sampler=_PoolBatches(samplers),
+        collate_fn=collate_images,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,

@@ -208,14 +208,14 @@ class ImageFiles(torch.utils.data.Dataset):
             return None, index, str(err)
         except Exception as err:  # e.g. PIL's DecompressionBombError: still just an unreadable file here
             return None, index, f"Cannot decode image {self.files[index]}: {type(err).__name__}: {_first_line(err)}"
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), index, None
+        return datasets.pixels_to_tensor(pixels), index, None
 
 
 def collate(items):
     """-> (uint8 batch of the readable images or None, their indices, [(index, error)] of the unreadable ones)."""
     good = [(image, index) for image, index, error in items if error is None]
     bad = [(index, error) for _, index, error in items if error is not None]
-    images = torch.stack([image for image, _ in good]) if good else None
+    images = datasets.stack_images([image for image, _ in good]) if good else None
     return images, [index for _, index in good], bad
 
 

@@ -215,8 +215,8 @@ def main() -> None:
 
         def project_loader(cache):
             return torch.utils.data.DataLoader(
-                datasets.ImageDataset(split, size, cache), batch_sampler=sampler, num_workers=workers,
-                pin_memory=cuda, persistent_workers=True, prefetch_factor=4,
+                datasets.ImageDataset(split, size, cache), batch_sampler=sampler, collate_fn=datasets.collate_images,
+                num_workers=workers, pin_memory=cuda, persistent_workers=True, prefetch_factor=4,
             )  # fmt: skip
 
         project = run_pipeline("project", project_loader(None), project_prepare, model, device, amp, args)
@@ -226,7 +226,8 @@ def main() -> None:
         )
         eval_loader = torch.utils.data.DataLoader(
             datasets.ImageDataset(split, size), batch_sampler=datasets.EpochBatches(len(paths), args.bsize * 4,
-            shuffle=False), num_workers=workers, pin_memory=cuda, persistent_workers=True, prefetch_factor=4,
+            shuffle=False), collate_fn=datasets.collate_images, num_workers=workers, pin_memory=cuda,
+            persistent_workers=True, prefetch_factor=4,
         )  # fmt: skip
         eval_img_s = eval_throughput(model, eval_loader, lambda b: project_prepare((b[0], b[1])), device, amp, args)
 

@@ -1,6 +1,8 @@
 """Observed labels, split and subsampling against cases traced by hand with the official rules; formatted files;
 the image path against torchvision's transforms."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,29 @@ def test_image_path_is_bit_identical_to_the_paper_transforms(odd_images):
         assert torch.equal(ours, reference)
         flipped = datasets.to_model_input(image[None], torch.tensor([True]))[0]
         assert torch.equal(flipped, transforms.functional.hflip(reference))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_are_the_paper_pixels_in_channels_last_layout(odd_images, workers):
+    """The workers hand over each image's pixels as decoded (H x W x C), never transposed: the batch is N x C x H x W
+    with channels-last strides, the model's layout, and its values are the paper's."""
+    size = 20
+    split = datasets.Split("", np.array(odd_images), np.zeros((4, 1)), np.zeros((4, 1)))
+    cfg = SimpleNamespace(bsize=3, seed=0, num_workers=workers, image_size=size)
+    loader = datasets.make_loader(split, cfg, train=False, pin_memory=False)
+    batches = list(loader)
+    assert [b[1].tolist() for b in batches] == [[0, 1, 2], [3]]
+    for images, rows in batches:
+        assert images.shape == (len(rows), 3, size, size) and images.dtype == torch.uint8
+        assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        for image, row in zip(images, rows.tolist(), strict=True):
+            with Image.open(odd_images[row]) as raw:
+                reference = transforms.functional.pil_to_tensor(transforms.Resize((size, size))(raw.convert("RGB")))
+            assert torch.equal(image, reference)
+        assert torch.equal(
+            datasets.to_model_input(images),
+            datasets.to_model_input(images.contiguous()),  # the layout changes nothing but the layout
+        )
 
 
 def test_undecodable_image_names_the_file(tmp_path):
