@@ -379,7 +379,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         const=True,
         default=False,
         help="torch.compile the training step (full batches; the last batch and evaluation run eagerly), after about a "
-        "minute of compilation; measured against eager in docs/performance.md",
+        "minute of compilation, and replay it as a CUDA graph under --cuda_graph auto. Not a promise of speed: alone "
+        "it did not beat eager on an H100, and with the graph it has not been measured yet (docs/performance.md)",
     )
     speed.add_argument(
         "--cuda_graph",
@@ -387,7 +388,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=CUDA_GRAPHS,
         help="replay the training forward and backward of full batches as a CUDA graph (one launch instead of "
         "hundreds; 1.9x the eager training rate on an H100, docs/performance.md); auto: on a single CUDA device "
-        "without --compile, else off",
+        "(with --compile too), else off",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"

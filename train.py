@@ -578,7 +578,7 @@ def cuda_graph_refusal(cfg: Config, device: torch.device, ctx: distributed.Conte
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
     """What the loop calls: the model, as DistributedDataParallel under torchrun (SyncBatchNorm on CUDA with
     --sync_bn), and for full training batches compiled (--compile) and/or replayed as a CUDA graph (--cuda_graph; auto:
-    on a single CUDA device without --compile), see ``trainstep.py``. Parameters stay shared with ``model``, whose
+    on a single CUDA device, compiled or not), see ``trainstep.py``. Parameters stay shared with ``model``, whose
     state_dict is what gets saved."""
     forward = model
     if ctx.enabled:
@@ -588,8 +588,9 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
     reason = cuda_graph_refusal(cfg, device, ctx)  # "on" where it cannot run was refused in _run
-    # auto: not with --compile, whose capture has not been measured on a GPU yet (docs/performance.md)
-    graph = reason is None and (cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and not cfg.compile))
+    # With --compile too: compiled kernels are still launched one by one from Python, and the graph removes exactly
+    # that cost (torch's own "reduce-overhead" mode is the same pairing); a capture that fails under auto falls back.
+    graph = reason is None and cfg.cuda_graph != "off"
     if not (cfg.compile or graph):
         return forward
     full_share = distributed.share_sizes(cfg.bsize, ctx.world)[ctx.rank] if ctx.enabled else cfg.bsize

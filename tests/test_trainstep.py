@@ -86,10 +86,13 @@ def test_cuda_graph_is_auto_on_one_cuda_device_and_refused_where_it_cannot_run()
     assert compiled.what == "torch.compile" and not compiled.use_graph
     # (--cuda_graph on where it cannot run stops the run before anything is written: tests/test_bad_input.py)
     gpu = torch.device("cuda", 0)  # nothing touches the device before the first step
-    for flags, graph in (([], True), (["--compile"], False), (["--compile", "--cuda_graph", "on"], True),
-                         (["--cuda_graph", "off"], None)):  # fmt: skip
+    for flags, graph, what in (([], True, "CUDA graph"), (["--compile"], True, "torch.compile + CUDA graph"),
+                               (["--compile", "--cuda_graph", "on"], True, "torch.compile + CUDA graph"),
+                               (["--compile", "--cuda_graph", "off"], False, "torch.compile"),
+                               (["--cuda_graph", "off"], None, "eager")):  # fmt: skip
         step = train.wrap_model(parse_config(["--exp_name", "x", *flags]), model, gpu, single)
         assert (step is model) if graph is None else (step.use_graph is graph and step.batch_size == 16), flags
+        assert getattr(step, "what", "eager") == what, flags
 
 
 def split_of(synthetic_root, first: int, n: int) -> datasets.Split:
