@@ -1,5 +1,8 @@
-"""Shared fixtures: the repo on sys.path, the synthetic dataset generated once per session, a CLI runner."""
+"""Shared fixtures: the repo on sys.path, the synthetic dataset generated once per session, CLI runners (a
+subprocess, and in this process)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -31,6 +34,25 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subproce
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"main.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_main(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``main.main(ARGS)`` in this process, stdout and stderr captured, the exit code as ``returncode``: the command
+    line's own code from its argument parsing on, without a new interpreter (each start imports torch and the
+    compiler stack that its optimisers load, several seconds on a 2-core machine). Signals, environment variables and
+    the interpreter's own exit need ``run_cli``."""
+    import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main.main(list(args))
+        except SystemExit as exit_:  # argparse's errors
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    proc = subprocess.CompletedProcess(["main.py", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"main.py {' '.join(args)} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 

@@ -3,23 +3,32 @@
 import json
 
 import pytest
-from conftest import drop_timings, read_run, run_cli
+from conftest import drop_timings, read_run, run_cli, run_main
 
-pytestmark = pytest.mark.slow  # every test here runs main.py in a subprocess
+pytestmark = pytest.mark.slow  # every test here runs main.py: in this process (run_main), or a subprocess (run_cli)
 
 TINY = ["--ss_frac_train", "0.1", "--ss_frac_val", "0.2", "--num_epochs", "3", "--num_workers", "0"]
 
 
 def tiny_run(synthetic_root, save_path, name, *extra, check=True):
     args = ["--data_root", str(synthetic_root), "--save_path", str(save_path), "--exp_name", name, *TINY, *extra]
-    return run_cli(*args, check=check)
+    return run_main(*args, check=check)
 
 
-@pytest.mark.parametrize("scheme", ["AN", "LL-R", "LL-Ct", "LL-Cp"])
-def test_every_scheme_runs_and_writes_its_run_folder(synthetic_root, tmp_path, scheme):
-    # delta_rel 5 (percent): large enough that the tiny run selects entries from epoch 2 on
-    tiny_run(synthetic_root, tmp_path, scheme, "--mod_scheme", scheme, "--delta_rel", "5")
-    run_dir = tmp_path / scheme
+SCHEMES = ["AN", "LL-R", "LL-Ct", "LL-Cp"]
+
+
+@pytest.fixture(scope="module")
+def scheme_runs(synthetic_root, tmp_path_factory):
+    """One tiny run per scheme, shared by the tests below: scheme -> (run folder, its completed process). delta_rel 5
+    (percent): large enough that the tiny run selects entries from epoch 2 on."""
+    save = tmp_path_factory.mktemp("schemes")
+    return {s: (save / s, tiny_run(synthetic_root, save, s, "--mod_scheme", s, "--delta_rel", "5")) for s in SCHEMES}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_scheme_runs_and_writes_its_run_folder(scheme_runs, scheme):
+    run_dir = scheme_runs[scheme][0]
     config, log, final = read_run(run_dir)
     assert config["mod_scheme"] == scheme and config["delta_rel"] == 5.0
     assert [r["epoch"] for r in log] == [1, 2, 3]
@@ -34,9 +43,8 @@ def test_every_scheme_runs_and_writes_its_run_folder(synthetic_root, tmp_path, s
     assert len(final["test_ap_per_class"]) == 16
 
 
-def test_ll_cp_corrections_persist_into_later_epochs(synthetic_root, tmp_path):
-    tiny_run(synthetic_root, tmp_path, "cp", "--mod_scheme", "LL-Cp", "--delta_rel", "5")
-    _, log, _ = read_run(tmp_path / "cp")
+def test_ll_cp_corrections_persist_into_later_epochs(scheme_runs):
+    _, log, _ = read_run(scheme_runs["LL-Cp"][0])
     # observed_positives is counted at the start of each epoch: epoch 2's corrections are there in epoch 3
     assert log[1]["observed_positives"] == log[0]["observed_positives"]
     assert (
@@ -46,9 +54,8 @@ def test_ll_cp_corrections_persist_into_later_epochs(synthetic_root, tmp_path):
     )
 
 
-def test_ll_ct_corrections_are_temporary(synthetic_root, tmp_path):
-    tiny_run(synthetic_root, tmp_path, "ct", "--mod_scheme", "LL-Ct", "--delta_rel", "5")
-    _, log, _ = read_run(tmp_path / "ct")
+def test_ll_ct_corrections_are_temporary(scheme_runs):
+    _, log, _ = read_run(scheme_runs["LL-Ct"][0])
     assert len({r["observed_positives"] for r in log}) == 1
 
 
@@ -59,11 +66,10 @@ def test_clean_labels_run(synthetic_root, tmp_path):
     assert log[0]["observed_positives"] > 400  # every true positive is observed (2.5 per image on 400 images)
 
 
-def test_same_seed_same_results(synthetic_root, tmp_path):
-    for name in ("a", "b"):
-        tiny_run(synthetic_root, tmp_path, name, "--mod_scheme", "LL-R", "--delta_rel", "5", "--seed", "3")
-    _, log_a, final_a = read_run(tmp_path / "a")
-    _, log_b, final_b = read_run(tmp_path / "b")
+def test_same_seed_same_results(synthetic_root, scheme_runs, tmp_path):
+    tiny_run(synthetic_root, tmp_path, "again", "--mod_scheme", "LL-R", "--delta_rel", "5")
+    _, log_a, final_a = read_run(scheme_runs["LL-R"][0])
+    _, log_b, final_b = read_run(tmp_path / "again")
     drop_timings(*log_a, *log_b, final_a, final_b)
     assert log_a == log_b and final_a == final_b
 
@@ -104,8 +110,8 @@ def test_bad_flag_is_an_argparse_error_not_a_traceback(tmp_path):
     assert proc.returncode == 2 and "--bsize" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_config_json_is_the_printed_config(synthetic_root, tmp_path):
-    proc = tiny_run(synthetic_root, tmp_path, "printed", "--mod_scheme", "AN")
-    config = json.loads((tmp_path / "printed" / "config.json").read_text())
+def test_config_json_is_the_printed_config(scheme_runs):
+    run_dir, proc = scheme_runs["AN"]
+    config = json.loads((run_dir / "config.json").read_text())
     assert "lr                 0.001   (preset)" in proc.stdout
     assert config["from_preset"] and "lr" in config["from_preset"]

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_main
 from fixtures_raw import (
     COCO_IDS_80,
     VOC_CLASSES,
@@ -453,7 +453,7 @@ END_TO_END = {
 def test_cli_end_to_end_on_the_fixture_tree(tmp_path, dataset):
     root = make_tree(dataset, tmp_path / dataset)
     args = ["--dataset", dataset, "--data_root", str(root), "--save_path", str(tmp_path / "runs"), "--exp_name", "r"]
-    proc = run_cli(*args, *CLI, "--num_workers", "0")
+    proc = run_main(*args, *CLI, "--num_workers", "0")
     num_classes, sizes = END_TO_END[dataset]
     assert sizes in proc.stdout
     final = json.loads((tmp_path / "runs/r/final.json").read_text())
@@ -496,7 +496,7 @@ def test_a_missing_listed_image_is_counted_and_shown(tmp_path):
     root = make_pascal(tmp_path / "pascal")
     (root / "VOCdevkit/VOC2012/JPEGImages/2009_000001.jpg").unlink()
     args = ["--dataset", "pascal", "--data_root", str(root), "--save_path", str(tmp_path / "runs"), "--exp_name", "m"]
-    proc = run_cli(*args, *CLI, "--num_workers", "0", check=False)
+    proc = run_main(*args, *CLI, "--num_workers", "0", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     # train 4 + val 1 + test 3 = 8 listed images, one of them missing
     assert "1 of 8 listed images are missing" in proc.stderr

@@ -155,11 +155,11 @@ def test_apl_state_and_quota(synthetic_root, tmp_path):
 
 @pytest.mark.slow
 def test_role_estimator_is_trained_and_checkpointed(synthetic_root, tmp_path):
-    from conftest import run_cli
+    from conftest import run_main
 
     args = ["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "role", "--loss", "role",
             "--ss_frac_train", "0.05", "--ss_frac_val", "0.1", "--num_epochs", "2", "--num_workers", "0"]  # fmt: skip
-    run_cli(*args)
+    run_main(*args)
     checkpoint = torch.load(tmp_path / "role" / "bestmodel.pt", weights_only=True)
     estimator = checkpoint["estimator"]["logits"]
     assert estimator.shape == (200, 16)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_main
 from PIL import Image
 
 import datasets
@@ -30,7 +30,7 @@ def names(synthetic_root) -> list[str]:
 @pytest.fixture(scope="module")
 def run_dir(synthetic_root, tmp_path_factory) -> Path:
     save = tmp_path_factory.mktemp("predict_runs")
-    run_cli("--data_root", str(synthetic_root), "--save_path", str(save), "--exp_name", "p", "--num_epochs", "1",
+    run_main("--data_root", str(synthetic_root), "--save_path", str(save), "--exp_name", "p", "--num_epochs", "1",
             "--ss_frac_train", "0.05", "--num_workers", "0")  # fmt: skip
     return save / "p"
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_main
 
 import main
 
@@ -20,11 +20,11 @@ pytestmark = pytest.mark.slow  # every test here trains or runs main.py in a sub
 
 ARGS = [
     "--ss_frac_train",
-    "0.25",
+    "0.15",
     "--ss_frac_val",
     "0.2",
     "--num_epochs",
-    "4",
+    "3",
     "--num_workers",
     "0",
     "--delta_rel",
@@ -104,7 +104,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(synthetic_root, t
     proc = subprocess.run(command(synthetic_root, tmp_path, "damaged", "LL-Cp"), capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "cannot be read" in proc.stdout and "resuming after epoch 3" in proc.stdout
+    assert "cannot be read" in proc.stdout and "resuming after epoch 2" in proc.stdout
     assert without_timings(folder) == without_timings(reference / "LL-Cp")
 
 
@@ -115,7 +115,7 @@ def test_a_run_from_before_a_new_config_field_resumes_to_the_same_result(synthet
     shutil.copytree(reference / "LL-Cp", folder)
     (folder / "final.json").unlink()
     (folder / "data.json").unlink(missing_ok=True)
-    os.replace(folder / "checkpoint_prev.pt", folder / "checkpoint.pt")  # stopped after epoch 3
+    os.replace(folder / "checkpoint_prev.pt", folder / "checkpoint.pt")  # stopped after epoch 2
     saved = json.loads((folder / "config.json").read_text())
     payload = torch.load(folder / "checkpoint.pt", weights_only=True)
     for name in ("boostlu_alpha", "ls_coef"):
@@ -125,7 +125,7 @@ def test_a_run_from_before_a_new_config_field_resumes_to_the_same_result(synthet
     proc = subprocess.run(command(synthetic_root, tmp_path, "old", "LL-Cp"), capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resuming after epoch 3" in proc.stdout
+    assert "resuming after epoch 2" in proc.stdout
     assert without_timings(folder) == without_timings(reference / "LL-Cp")
 
 
@@ -138,23 +138,23 @@ def test_a_finished_run_is_not_run_again(synthetic_root, reference):
 
 
 def test_a_run_folder_with_another_config_is_refused(synthetic_root, reference):
-    proc = run_cli("--data_root", str(synthetic_root), "--save_path", str(reference), "--exp_name", "LL-R",
+    proc = run_main("--data_root", str(synthetic_root), "--save_path", str(reference), "--exp_name", "LL-R",
                    "--mod_scheme", "LL-R", *ARGS[:-2], "--delta_rel", "3", check=False)  # fmt: skip
     assert proc.returncode == 1 and "different config (delta_rel differ)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_resume_without_a_run_says_so(synthetic_root, tmp_path):
-    proc = run_cli("--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "nothing",
+    proc = run_main("--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "nothing",
                    "--resume", check=False)  # fmt: skip
     assert proc.returncode == 1 and "no run to resume" in proc.stderr
     # a run folder whose run died before its first checkpoint: --resume says so (without it, the run starts over)
     args = ["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "early", "--num_epochs",
             "1", "--ss_frac_train", "0.05"]  # fmt: skip
-    run_cli(*args)
+    run_main(*args)
     for name in ("final.json", "checkpoint.pt", "checkpoint_prev.pt"):
         (tmp_path / "early" / name).unlink(missing_ok=True)
-    proc = run_cli(*args, "--resume", check=False)
+    proc = run_main(*args, "--resume", check=False)
     assert proc.returncode == 1 and "holds no readable checkpoint yet" in proc.stderr
 
 

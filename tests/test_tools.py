@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, read_run, run_cli
+from conftest import REPO, read_run, run_main
 
 import report
 
@@ -15,7 +15,7 @@ TINY = ["--ss_frac_train", "0.05", "--ss_frac_val", "0.1", "--num_epochs", "2", 
 
 
 def tiny(synthetic_root, save, name, *extra):
-    run_cli("--data_root", str(synthetic_root), "--save_path", str(save), "--exp_name", name, *TINY, *extra)
+    run_main("--data_root", str(synthetic_root), "--save_path", str(save), "--exp_name", name, *TINY, *extra)
     return read_run(save / name)
 
 
