@@ -90,6 +90,7 @@ class FastTrainStep(torch.nn.Module):
             self._time_first_calls(x)
             return fast(x)
         if self._graphed is None:
+            started = time.perf_counter()
             try:
                 self._capture(fast, x)
             except (RuntimeError, AssertionError) as err:  # an operation that cannot be captured
@@ -102,6 +103,9 @@ class FastTrainStep(torch.nn.Module):
                 self.use_graph = False
                 print(f"CUDA graph: the training step could not be captured ({why}); it runs without (--cuda_graph "
                       "off skips the attempt)", flush=True)  # fmt: skip
+                if self.compiled is not None:  # the attempt compiled the step: its time is the compilation's
+                    self.calls = 2
+                    self._report(time.perf_counter() - started)
                 return fast(x)
         return self._graphed(x)
 

@@ -76,6 +76,26 @@ def test_a_failed_capture_falls_back_under_auto_and_stops_under_on(monkeypatch, 
         required.train()(x)
 
 
+def test_a_failed_capture_of_a_compiled_step_keeps_it_compiled_and_times_the_attempt(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", FakeCapture(fail=True))
+    compiled_calls = []
+
+    def fake_compile(module, **kwargs):  # a stand-in that records its calls (a real compilation takes long on a CPU)
+        return lambda x: compiled_calls.append(x.shape[0]) or module(x)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    step = trainstep.FastTrainStep(tiny_model(), 4, compile=True, cuda_graph=True, verbose=False).train()
+    assert step.what == "torch.compile + CUDA graph"
+    x = torch.randn(4, 3, 32, 32)
+    step(x)
+    step(x)
+    assert step.what == "torch.compile" and step.warmup_s is not None  # the attempt, compilation included
+    first = step.warmup_s
+    step(x)
+    assert step.warmup_s == first  # not replaced by a later step's time
+    assert len(compiled_calls) == 3 + 3  # the capture's warm-up passes, then every full batch compiled
+
+
 def test_cuda_graph_is_auto_on_one_cuda_device_and_refused_where_it_cannot_run():
     assert trainstep.cuda_graph_reason(torch.device("cuda", 0), distributed=False) is None
     assert "CUDA device" in trainstep.cuda_graph_reason(torch.device("cpu"), distributed=False)
