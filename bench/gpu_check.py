@@ -272,8 +272,8 @@ def main_py(data_root: Path, save: Path, name: str, *extra: str, required: bool 
         if required:
             sys.exit(message)
         log(message)
-        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1][:300] if proc.stdout + proc.stderr
-                else f"exit {proc.returncode}"}  # fmt: skip
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        return {"error": lines[-1][:300] if lines else f"exit {proc.returncode}"}
     records = [json.loads(line) for line in (save / name / "log.jsonl").read_text().splitlines()]
     final = json.loads((save / name / "final.json").read_text())
     train_images, val_images = final["train_images"], final["val_images"]
