@@ -15,7 +15,8 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    training the same model (``bench/throughput.py``), and its evaluation.
 3. a generated COCO-2014 tree (``train2014``, ``val2014`` and ``annotations/instances_*2014.json``; 640x480 JPEGs),
    formatted by ``main.py`` on first use as any real COCO folder;
-   ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory).
+   ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory),
+   and whether its batches reach the device channels-last, as the workers lay them out.
 4. ``main_py``: ``python main.py --dataset coco --mod_scheme LL-R`` on it (no pretrained weights: no network there),
    as a user runs it (on one GPU the training step is a CUDA graph), rates from the epochs after the first
    (``log.jsonl``'s ``train_seconds`` and ``val_seconds``; ``final.json``'s ``test_seconds``); ``main_py_eager``: the
@@ -237,20 +238,23 @@ def make_coco_tree(root: Path) -> list[str]:
     return test_paths
 
 
-def data_path_rate(paths: list[str], device: torch.device) -> float:
+def data_path_rate(paths: list[str], device: torch.device) -> dict:
     """This project's evaluation data path alone (decode and resize in one worker per core, batches of 16 in pinned
-    memory, copied to the device and normalised), in images per second over one pass after a warm-up pass."""
+    memory, copied to the device and normalised), in images per second over one pass after a warm-up pass; and
+    whether the batches reach the device as the workers laid them out (channels-last: nothing transposed on the way)."""
     split = datasets.Split("/", np.array(paths), None, None)
     cfg = SimpleNamespace(bsize=BSIZE, seed=0, num_workers=cores(), image_size=SETTINGS["size"])
     loader = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda")
-    rates = []
+    rates, layouts = [], set()
     for _ in range(2):
         start = time.perf_counter()
         for images, _ in loader:
-            datasets.to_model_input(images.to(device, non_blocking=True))
+            on_device = images.to(device, non_blocking=True)
+            layouts.add(on_device.is_contiguous(memory_format=torch.channels_last))
+            datasets.to_model_input(on_device)
         sync(device)
         rates.append(len(paths) / (time.perf_counter() - start))
-    return rates[-1]
+    return {"eval_img_s": rates[-1], "channels_last_on_device": layouts == {True}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,7 +337,7 @@ def main() -> None:
         log("official-style pipeline", out)
         out["official_style"] = official_style(test_paths, device)
         log("data path", out)
-        out["data_path"] = {"eval_img_s": data_path_rate(test_paths, device)}
+        out["data_path"] = data_path_rate(test_paths, device)
         device_flag = ["--device", "cuda" if cuda else "cpu"]
         out["main_py"] = main_py(root, Path(tmp) / "runs", "default", *device_flag)
         log("main.py with --cuda_graph off", out)
