@@ -16,7 +16,8 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
 3. a generated COCO-2014 tree (``train2014``, ``val2014`` and ``annotations/instances_*2014.json``; 640x480 JPEGs),
    formatted by ``main.py`` on first use as any real COCO folder;
    ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory),
-   and whether its batches reach the device channels-last, as the workers lay them out.
+   whether its batches reach the device channels-last, as the workers lay them out, and ``predict_img_s``: the same
+   loader through main.py's scoring loop (``train.predict``) with the model, outside main.py.
 4. ``main_py``: ``python main.py --dataset coco --mod_scheme LL-R`` on it (no pretrained weights: no network there),
    as a user runs it (on one GPU the training step is a CUDA graph), rates from the epochs after the first
    (``log.jsonl``'s ``train_seconds`` and ``val_seconds``; ``final.json``'s ``test_seconds``); ``main_py_eager``: the
@@ -50,6 +51,7 @@ import throughput  # noqa: E402
 import datasets  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+import train  # noqa: E402
 import trainstep  # noqa: E402
 
 COCO = throughput.COCO
@@ -254,7 +256,19 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
             datasets.to_model_input(on_device)
         sync(device)
         rates.append(len(paths) / (time.perf_counter() - start))
-    return {"eval_img_s": rates[-1], "channels_last_on_device": layouts == {True}}
+    # The same loader through main.py's own scoring loop (train.predict) with the model, outside main.py: if main.py's
+    # evaluation is slower than this, the difference is in main.py; if this is already slower than the data path alone,
+    # it is the pipeline itself (e.g. the batches of a pass arriving in waves, the last one scored after the workers
+    # are done).
+    model = roof_model(device)[0].eval()
+    predict_rates = []
+    for _ in range(2):
+        start = time.perf_counter()
+        train.predict(model, loader, device, "predict", lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                      enabled=device.type == "cuda"))  # fmt: skip
+        sync(device)
+        predict_rates.append(len(paths) / (time.perf_counter() - start))
+    return {"eval_img_s": rates[-1], "predict_img_s": predict_rates[-1], "channels_last_on_device": layouts == {True}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -373,6 +387,7 @@ def main() -> None:
         "compile_train_vs_default": compiled["train_img_s"] / project["train_img_s"],
         "default_train_vs_eager": project["train_img_s"] / eager["train_img_s"],
         "eval_vs_limit": project["eval_img_s"] / eval_limit,
+        "eval_vs_predict_alone": project["eval_img_s"] / out["data_path"]["predict_img_s"],
     }
     if "train_graph_img_s" in out["roof"]:
         out["ratios"]["train_vs_graph_roof"] = project["train_img_s"] / out["roof"]["train_graph_img_s"]

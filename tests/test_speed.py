@@ -152,7 +152,7 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     for run in ("main_py", "main_py_eager"):
         assert {"train_img_s", "eval_img_s", "val_img_s", "test_img_s", "first_epoch_s"} <= out[run].keys()
     assert out["main_py"]["fast_step"] == "eager"  # no CUDA graph on a CPU
-    assert out["data_path"]["channels_last_on_device"] is True
+    assert out["data_path"]["channels_last_on_device"] is True and out["data_path"]["predict_img_s"] > 0
     assert {"train_img_s", "warmup_s"} <= out["main_py_compile"].keys()
     assert {"train_vs_roof", "train_vs_official", "compile_train_vs_official", "eval_vs_limit"} <= out["ratios"].keys()
     assert {"project", "project_eager", "project_compile", "official_style"} <= out["coco_run_minutes"].keys()
