@@ -161,9 +161,12 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
 
 @pytest.mark.slow  # one main.py start (it stops at its arguments)
 def test_gpu_check_records_a_failed_optional_run_and_goes_on(tmp_path, monkeypatch):
-    """The --compile run is optional in the GPU check: if it fails, its error is the result, not the check's end."""
+    """The --compile run is optional in the GPU check: if it fails or runs out of time, that is its result, not the
+    check's end."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import gpu_check
 
     result = gpu_check.main_py(tmp_path, tmp_path / "runs", "bad", "--cuda_graph", "sometimes", required=False)
     assert "error" in result and "sometimes" in result["error"]
+    result = gpu_check.main_py(tmp_path, tmp_path / "runs", "slow", required=False, timeout=1)  # starting takes longer
+    assert result == {"error": "stopped after 1 s"}
