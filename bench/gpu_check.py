@@ -22,8 +22,8 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    as a user runs it (on one GPU the training step is a CUDA graph), rates from the epochs after the first
    (``log.jsonl``'s ``train_seconds`` and ``val_seconds``; ``final.json``'s ``test_seconds``); ``main_py_eager``: the
    same with ``--cuda_graph off``; ``main_py_compile``: with ``--compile`` (on a GPU compiled and replayed as a CUDA
-   graph, ``fast_step`` says which; ``warmup_s``: the first fast step, from ``final.json``; a failure is recorded as
-   its ``error`` and the check goes on).
+   graph, ``fast_step`` says which; ``warmup_s``: the first fast step, from ``final.json``; a failure, or a run over
+   200 s, is recorded as its ``error`` and the check goes on).
 5. ``ratios`` and ``coco_run_minutes``: the paper's COCO run (10 epochs of 65,665 train + 16,416 val images, then
    40,137 test images) at the measured rates.
 Prints one JSON object on stdout (progress on stderr).
