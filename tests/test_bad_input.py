@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 from conftest import REPO
@@ -22,11 +23,10 @@ import main
 import synthetic
 
 
-def run_main(capsys, *argv):
-    code = main.main(list(argv))
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out, captured.err
+def run_main(*argv):
+    proc = conftest.run_main(*argv, check=False)
+    assert "Traceback" not in proc.stderr
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -62,67 +62,67 @@ def common(root, tmp_path, name):
             "--use_pretrained", "false", "--num_workers", "0"]  # fmt: skip
 
 
-def test_missing_data_folder(tmp_path, capsys):
-    code, _, err = run_main(capsys, "--dataset", "cub", "--data_root", str(tmp_path / "none"))
+def test_missing_data_folder(tmp_path):
+    code, _, err = run_main("--dataset", "cub", "--data_root", str(tmp_path / "none"))
     assert code == 1 and "No formatted cub data" in err and "data/README.md" in err
 
 
-def test_formatted_files_whose_lengths_disagree(small_data, tmp_path, capsys):
+def test_formatted_files_whose_lengths_disagree(small_data, tmp_path):
     np.save(small_data / "formatted_val_images.npy", np.load(small_data / "formatted_val_images.npy")[:5])
-    code, _, err = run_main(capsys, *common(small_data, tmp_path, "x"))
+    code, _, err = run_main(*common(small_data, tmp_path, "x"))
     assert code == 1 and "The formatted files disagree" in err and "formatted_val_labels.npy" in err
 
 
-def test_labels_not_in_the_expected_values(small_data, tmp_path, capsys):
+def test_labels_not_in_the_expected_values(small_data, tmp_path):
     labels = np.load(small_data / "formatted_train_labels.npy")
     labels[3, 2] = 0.5
     np.save(small_data / "formatted_train_labels.npy", labels)
-    code, _, err = run_main(capsys, *common(small_data, tmp_path, "x"))
+    code, _, err = run_main(*common(small_data, tmp_path, "x"))
     assert code == 1 and "holds values other than (0, 1)" in err
 
 
-def test_missing_images(small_data, tmp_path, capsys):
+def test_missing_images(small_data, tmp_path):
     (small_data / "images" / "train" / "train_000007.png").unlink()
-    code, _, err = run_main(capsys, *common(small_data, tmp_path, "x"))
+    code, _, err = run_main(*common(small_data, tmp_path, "x"))
     assert code == 1 and "1 of 50 listed images are missing" in err and "train_000007.png" in err
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
 @pytest.mark.slow  # trains
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_an_undecodable_image_names_the_file(small_data, tmp_path, capsys, workers):
+def test_an_undecodable_image_names_the_file(small_data, tmp_path, workers):
     (small_data / "images" / "test" / "test_000003.png").write_bytes(b"not a png")
     argv = common(small_data, tmp_path, f"x{workers}")
     argv[argv.index("--num_workers") + 1] = workers
-    code, _, err = run_main(capsys, *argv)
+    code, _, err = run_main(*argv)
     assert code == 1 and "Cannot decode image" in err and "test_000003.png" in err
 
 
 @pytest.mark.slow  # trains
-def test_images_without_positives_are_kept_and_counted(small_data, tmp_path, capsys):
+def test_images_without_positives_are_kept_and_counted(small_data, tmp_path):
     labels = np.load(small_data / "formatted_train_labels.npy")
     labels[:4] = 0  # four images of the official train split with no positive label
     np.save(small_data / "formatted_train_labels.npy", labels)
-    code, out, _ = run_main(capsys, *common(small_data, tmp_path, "x"))
+    code, out, _ = run_main(*common(small_data, tmp_path, "x"))
     assert code == 0 and "images without any positive label (kept, as the official tools keep them)" in out
 
 
 @pytest.mark.slow  # trains
-def test_a_non_finite_loss_stops_the_run(small_data, tmp_path, capsys):
-    code, _, err = run_main(capsys, *common(small_data, tmp_path, "nan"), "--lr", "1e30", "--mod_scheme", "AN")
+def test_a_non_finite_loss_stops_the_run(small_data, tmp_path):
+    code, _, err = run_main(*common(small_data, tmp_path, "nan"), "--lr", "1e30", "--mod_scheme", "AN")
     assert code == 1 and "became NaN or infinite" in err and "Lower --lr" in err
 
 
-def test_cuda_asked_for_without_a_gpu(tmp_path, capsys, monkeypatch):
+def test_cuda_asked_for_without_a_gpu(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, _, err = run_main(capsys, "--device", "cuda", "--save_path", str(tmp_path))
+    code, _, err = run_main("--device", "cuda", "--save_path", str(tmp_path))
     assert code == 1 and "sees no CUDA device" in err
 
 
-def test_a_cuda_graph_asked_for_on_a_cpu_stops_before_anything_is_written(tmp_path, capsys):
-    code, _, err = run_main(capsys, "--device", "cpu", "--cuda_graph", "on", "--save_path", str(tmp_path))
+def test_a_cuda_graph_asked_for_on_a_cpu_stops_before_anything_is_written(tmp_path):
+    code, _, err = run_main("--device", "cpu", "--cuda_graph", "on", "--save_path", str(tmp_path))
     assert code == 1 and "--cuda_graph on needs a CUDA device (this run uses cpu)" in err and "auto or off" in err
     assert not list(tmp_path.iterdir())  # no run folder
 
@@ -148,9 +148,9 @@ def interrupt(*args, **kwargs):
 
 @pytest.mark.slow  # runs main.py or several processes
 @pytest.mark.parametrize("where", ["build_data", "build_disk_cache"])
-def test_ctrl_c_before_training_exits_130_with_a_message(synthetic_root, tmp_path, capsys, monkeypatch, where):
+def test_ctrl_c_before_training_exits_130_with_a_message(synthetic_root, tmp_path, monkeypatch, where):
     monkeypatch.setattr(datasets, where, interrupt)  # Ctrl-C while the data is prepared, or the disk cache built
-    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path, "x", "--cache", "disk"))
+    code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path, "x", "--cache", "disk"))
     assert code == 130 and "Interrupted (Ctrl-C)" in err and "run the same command again" in err
 
 
@@ -176,25 +176,25 @@ def test_ctrl_c_while_the_synthetic_data_is_generated(tmp_path):
     assert proc.returncode == 130 and "Interrupted (Ctrl-C)" in err and "Traceback" not in err
 
 
-def test_a_save_path_that_is_a_file(synthetic_root, tmp_path, capsys):
+def test_a_save_path_that_is_a_file(synthetic_root, tmp_path):
     (tmp_path / "afile").write_text("")
-    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / "afile"))
+    code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path / "afile"))
     assert code == 1 and f"Cannot create or write the run folder {tmp_path / 'afile' / 'x'}" in err
     assert "is a file, not a folder" in err and "--save_path" in err
 
 
-def test_a_data_root_that_is_a_file(tmp_path, capsys):
+def test_a_data_root_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("")
-    code, _, err = run_main(capsys, *on_synthetic(tmp_path / "afile", tmp_path / "runs"))
+    code, _, err = run_main(*on_synthetic(tmp_path / "afile", tmp_path / "runs"))
     assert code == 1 and f"Cannot use {tmp_path / 'afile'}" in err and "Check --data_root" in err
 
 
-def test_a_too_long_folder_name(synthetic_root, tmp_path, capsys):
-    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / ("n" * 300)))
+def test_a_too_long_folder_name(synthetic_root, tmp_path):
+    code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path / ("n" * 300)))
     assert code == 1 and "File name too long" in err and "a folder name in it is too long: shorten --save_path" in err
 
 
-def test_a_read_only_save_path(synthetic_root, tmp_path, capsys, monkeypatch):
+def test_a_read_only_save_path(synthetic_root, tmp_path, monkeypatch):
     """As root, chmod does not stop writes: the refusal of a read-only file system is simulated."""
     real_mkdir = Path.mkdir
 
@@ -204,56 +204,56 @@ def test_a_read_only_save_path(synthetic_root, tmp_path, capsys, monkeypatch):
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / "ro"))
+    code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path / "ro"))
     assert code == 1 and "Read-only file system" in err and "is not writable here: choose a writable --save_path" in err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_save_path_without_write_permission(synthetic_root, tmp_path, capsys):
+def test_a_save_path_without_write_permission(synthetic_root, tmp_path):
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o555)
-    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path / "ro"))
+    code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path / "ro"))
     assert code == 1 and "is not writable here: choose a writable --save_path" in err
 
 
-def test_a_config_json_that_is_not_json(synthetic_root, tmp_path, capsys):
+def test_a_config_json_that_is_not_json(synthetic_root, tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text('{"lr": 0.001, "ar')
-    code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path))
+    code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path))
     assert code == 1 and "config.json is not valid JSON" in err and "another --exp_name" in err
 
 
-def test_a_run_folder_in_use(synthetic_root, tmp_path, capsys):
+def test_a_run_folder_in_use(synthetic_root, tmp_path):
     (tmp_path / "x").mkdir()
     with files.lock(tmp_path / "x" / checkpoint.LOCK_NAME, "The run folder"):
-        code, _, err = run_main(capsys, *on_synthetic(synthetic_root, tmp_path))
+        code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path))
     assert code == 1 and "is in use by another process" in err and "wait for it to finish" in err
 
 
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
-def test_two_unreadable_checkpoints_are_refused(synthetic_root, tmp_path, capsys, resume):
+def test_two_unreadable_checkpoints_are_refused(synthetic_root, tmp_path, resume):
     argv = on_synthetic(synthetic_root, tmp_path, "x", *resume)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text(config.parse_config(argv).to_json())
     for name in ("checkpoint.pt", "checkpoint_prev.pt"):
         (tmp_path / "x" / name).write_bytes(b"not a checkpoint")
-    code, out, err = run_main(capsys, *argv)
+    code, out, err = run_main(*argv)
     assert code == 1 and "No checkpoint in" in err and "move that folder away" in err and "epoch" not in out
 
 
 @pytest.mark.slow  # trains once with the fix
-def test_a_last_batch_of_one_image_that_batchnorm_cannot_take_is_refused_up_front(small_data, tmp_path, capsys):
+def test_a_last_batch_of_one_image_that_batchnorm_cannot_take_is_refused_up_front(small_data, tmp_path):
     # 32 training images, --bsize 31: the last batch holds one image, and ResNet-18 at 32x32 ends in 1x1 feature maps
     argv = [*common(small_data, tmp_path, "one"), "--arch", "resnet18", "--bsize", "31"]
-    code, _, err = run_main(capsys, *argv)
+    code, _, err = run_main(*argv)
     assert code == 1 and "--bsize 31 leaves a last training batch of one image" in err and "--bsize (e.g. 32)" in err
     assert not (tmp_path / "runs" / "one").exists()  # refused before the run folder is made
-    code, _, _ = run_main(capsys, *common(small_data, tmp_path, "one"), "--arch", "resnet18", "--bsize", "8")
+    code, _, _ = run_main(*common(small_data, tmp_path, "one"), "--arch", "resnet18", "--bsize", "8")
     assert code == 0
 
 
 @pytest.mark.slow  # trains
-def test_a_run_folder_deleted_while_training_stops_with_a_message(small_data, tmp_path, capsys, monkeypatch):
+def test_a_run_folder_deleted_while_training_stops_with_a_message(small_data, tmp_path, monkeypatch):
     import shutil
 
     import train
@@ -267,5 +267,5 @@ def test_a_run_folder_deleted_while_training_stops_with_a_message(small_data, tm
 
     monkeypatch.setattr(train, "train_one_epoch", delete_in_epoch_2)
     argv = [*common(small_data, tmp_path, "gone"), "--num_epochs", "3"]
-    code, _, err = run_main(capsys, *argv)
+    code, _, err = run_main(*argv)
     assert code == 1 and "was deleted or moved while the run was training" in err
