@@ -104,16 +104,16 @@ class FastTrainStep(torch.nn.Module):
                 print(f"CUDA graph: the training step could not be captured ({why}); it runs without (--cuda_graph "
                       "off skips the attempt)", flush=True)  # fmt: skip
                 if self.compiled is not None:  # the attempt compiled the step: its time is the compilation's
-                    self.calls = 2
                     self._report(time.perf_counter() - started)
                 return fast(x)
         return self._graphed(x)
 
     def _time_first_calls(self, x: torch.Tensor) -> None:
-        """Compilation only: the first compiled step, from its forward to the next one's (synchronises twice)."""
-        self.calls += 1
-        if self.calls > 2 or self.compiled is None:
+        """Compilation only: the first compiled step, from its forward to the next one's (synchronises twice), unless a
+        warm-up was already timed."""
+        if self.compiled is None or self.warmup_s is not None:
             return
+        self.calls += 1
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         if self.calls == 1:

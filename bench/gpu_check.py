@@ -260,12 +260,12 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
     # evaluation is slower than this, the difference is in main.py; if this is already slower than the data path alone,
     # it is the pipeline itself (e.g. the batches of a pass arriving in waves, the last one scored after the workers
     # are done).
-    model = roof_model(device)[0].eval()
+    model, _, amp, _, _ = roof_model(device)
+    model.eval()
     predict_rates = []
     for _ in range(2):
         start = time.perf_counter()
-        train.predict(model, loader, device, "predict", lambda: torch.autocast(device.type, dtype=torch.bfloat16,
-                      enabled=device.type == "cuda"))  # fmt: skip
+        train.predict(model, loader, device, "predict", lambda: amp)
         sync(device)
         predict_rates.append(len(paths) / (time.perf_counter() - start))
     return {"eval_img_s": rates[-1], "predict_img_s": predict_rates[-1], "channels_last_on_device": layouts == {True}}
