@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 CACHES = ("none", "disk")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_GRAPHS = ("auto", "on", "off")
+EVAL_RESIZES = ("workers", "device")
 # Dataset-level presets, from ``datasets.DATASET_INFO[dataset].defaults``, in the order ``from_preset`` lists them.
 DATASET_PRESETS = ("arch", "image_size", "num_epochs", "optimizer", "lr")
 # 16 pixels is the smallest input every backbone still reduces to a feature map (ResNet's stride 32 and SmallCNN's
@@ -41,7 +42,7 @@ MAX_EXP_NAME = 200  # characters; file systems allow 255 bytes per name
 # this constant from its caller (it does not import this module).
 NOT_TRAINING_SETTINGS = frozenset(
     {"num_workers", "cache", "cache_dir", "data_root", "save_path", "exp_name", "device", "gpu_num", "compile",
-     "cuda_graph", "debug", "resume", "from_preset"}
+     "cuda_graph", "eval_resize", "debug", "resume", "from_preset"}
 )  # fmt: skip
 
 
@@ -90,6 +91,7 @@ class ConfigCore:
     precision: str = "auto"
     compile: bool = False
     cuda_graph: str = "auto"
+    eval_resize: str = "workers"
     cache: str = "none"
     cache_dir: str | None = None
     sync_bn: bool = True
@@ -203,6 +205,7 @@ def validate(cfg) -> list[str]:
         ("cache", CACHES),
         ("device", DEVICES),
         ("cuda_graph", CUDA_GRAPHS),
+        ("eval_resize", EVAL_RESIZES),
     ):
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {getattr(cfg, name)!r})")
@@ -226,6 +229,9 @@ def validate(cfg) -> list[str]:
             p.append(f"--{name} must lie in [0, 2**32 - 1 = {MAX_SEED}] (got {getattr(cfg, name)})")
     if cfg.num_workers < 0:
         p.append(f"--num_workers must be >= 0 (got {cfg.num_workers})")
+    if cfg.eval_resize == "device" and cfg.cache == "disk":
+        p.append("--eval_resize device has nothing to resize with --cache disk (the cache holds resized images): "
+                 "choose one of them")  # fmt: skip
     p += _regime_problems(cfg)
     p += _exp_name_problems(cfg.exp_name)
     for flag in methods.flags().values():
@@ -389,6 +395,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="replay the training forward and backward of full batches as a CUDA graph (one launch instead of "
         "hundreds; 1.9x the eager training rate on an H100, docs/performance.md); auto: on a single CUDA device "
         "(with --compile too), else off",
+    )
+    speed.add_argument(
+        "--eval_resize",
+        default="workers",
+        choices=EVAL_RESIZES,
+        help="where validation and test images are resized to --image_size: workers (PIL, as the paper) or device "
+        "(the loader's workers only decode, and the model's device resizes with PIL's arithmetic: the same pixels, "
+        "checked against the installed Pillow at start). For a GPU; on a CPU it is much slower than PIL",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"

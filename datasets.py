@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import distributed
 import files
+import resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -1107,9 +1108,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str, size: int) -> np.ndarray:
     """RGB uint8 H x W x 3, resized to size x size with PIL bilinear: the paper's ``Resize((size, size))`` before
     ``ToTensor``, pixel for pixel (``to_rgb`` first)."""
+    return _decoded(path, lambda image: np.array(image.resize((size, size), Image.BILINEAR)))
+
+
+def decode_image(path: str) -> np.ndarray:
+    """RGB uint8 H x W x 3 at the image's own size (``to_rgb``): ``load_image`` without the resize, which
+    ``--eval_resize device`` does on the device (``resize.py``)."""
+    return _decoded(path, np.array)
+
+
+def _decoded(path: str, pixels: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
     try:
         with Image.open(path) as raw:
-            return np.array(to_rgb(raw).resize((size, size), Image.BILINEAR))
+            return pixels(to_rgb(raw))
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from None
 
@@ -1127,10 +1138,20 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.utils.data.default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
 
 
-def collate_images(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ImageDataset`` items -> (uint8 batch, as ``stack_images``; int64 row indices)."""
+def collate_images(items: list[tuple]) -> tuple[torch.Tensor | resize.DecodedBatch, torch.Tensor]:
+    """``ImageDataset`` items -> (uint8 batch, as ``stack_images``, or the decoded images of ``--eval_resize device``
+    as a ``resize.DecodedBatch``; int64 row indices)."""
     images, indices = zip(*items, strict=True)
+    if isinstance(images[0], resize.Decoded):
+        return resize.DecodedBatch.collate(list(images)), torch.tensor(indices)
     return stack_images(list(images)), torch.tensor(indices)
+
+
+def batch_to_device(images: torch.Tensor | resize.DecodedBatch, device: torch.device) -> torch.Tensor:
+    """A loader batch as uint8 N x 3 x H x W on ``device``, copied without waiting (pinned memory); a
+    ``resize.DecodedBatch`` is resized there, to the pixels the workers would have made."""
+    images = images.to(device, non_blocking=True)
+    return images.resize() if isinstance(images, resize.DecodedBatch) else images
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -1138,13 +1159,16 @@ class ImageDataset(torch.utils.data.Dataset):
     stay with the trainer, which owns them.
 
     Decodes and resizes each image with PIL (in the DataLoader's workers), or, with ``cache``, reads the already
-    resized pixels from a disk cache (``build_disk_cache``): the same bytes either way.
+    resized pixels from a disk cache (``build_disk_cache``): the same bytes either way. With ``pass_order`` (a key of
+    ``resize.PASS_ORDERS``: the installed Pillow's, ``resize.pass_order()``) it only decodes, and the item is a
+    ``resize.Decoded`` that the device resizes to the same bytes (``--eval_resize device``).
     """
 
-    def __init__(self, split: Split, image_size: int, cache: Path | None = None) -> None:
+    def __init__(self, split: Split, image_size: int, cache: Path | None = None, pass_order: str | None = None):
         self.split = split
         self.image_size = image_size
         self.cache = cache
+        self.vertical_first = resize.PASS_ORDERS[pass_order] if pass_order is not None else None
         self._pixels: np.ndarray | None = None  # the cache's memory map, opened lazily in each worker process
 
     def __len__(self) -> int:
@@ -1152,6 +1176,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = index if index >= 0 else -1 - index  # -1 - row: a padding copy of ``row`` (distributed.share)
+        if self.vertical_first is not None:
+            pixels = decode_image(self.split.image_path(row))
+            h, w, size = pixels.shape[0], pixels.shape[1], self.image_size
+            return resize.Decoded(pixels, size, self.vertical_first(w, h, size, size)), index
         if self.cache is None:
             image = load_image(self.split.image_path(row), self.image_size)
         else:
@@ -1334,7 +1362,9 @@ class EpochBatches(torch.utils.data.Sampler):
 EVAL_BATCH_FACTOR = 4
 
 
-def make_loaders(parts: dict[str, tuple[Split, bool, Path | None]], cfg, *, pin_memory: bool, ctx=None) -> dict:
+def make_loaders(
+    parts: dict[str, tuple[Split, bool, Path | None]], cfg, *, pin_memory: bool, ctx=None, eval_resize: str = "workers"
+) -> dict:
     """Batches of ``(uint8 images, row indices)`` of each split in ``parts`` (name -> (split, train, disk cache or
     None)), in ``EpochBatches`` order, all from one pool of ``cfg.num_workers`` worker processes: pinned memory for the
     copy to the GPU, workers kept for the whole run and several batches prefetched. One pool, not one per split: no
@@ -1342,13 +1372,18 @@ def make_loaders(parts: dict[str, tuple[Split, bool, Path | None]], cfg, *, pin_
     captured after the first training batch never sees a worker forked after it (``trainstep.py``). Training batches
     are shares of the global batches under torchrun (``ctx``).
 
+    With ``eval_resize="device"`` the workers of the splits that are not trained on (and have no disk cache) only
+    decode: their batches are ``resize.DecodedBatch``es (``batch_to_device``). ``resize.ResizeUnavailable`` if the
+    installed Pillow resizes differently from ``resize.py``.
+
     Returns name -> ``SplitLoader``, iterated like a DataLoader; iterate one at a time (each new iteration ends the
     previous one)."""
     samplers, items = [], []
     for split, train, cache in parts.values():
         rank, world = (ctx.rank, ctx.world) if (train and ctx is not None) else (0, 1)
         samplers.append(EpochBatches(len(split), cfg.bsize, shuffle=train, seed=cfg.seed, rank=rank, world=world))
-        items.append(ImageDataset(split, cfg.image_size, cache))
+        order = resize.checked_pass_order() if eval_resize == "device" and not train and cache is None else None
+        items.append(ImageDataset(split, cfg.image_size, cache, order))
     workers = cfg.num_workers
     pool = torch.utils.data.DataLoader(
         _PoolItems(items),
@@ -1362,9 +1397,12 @@ def make_loaders(parts: dict[str, tuple[Split, bool, Path | None]], cfg, *, pin_
     return {name: SplitLoader(pool, part) for part, name in enumerate(parts)}
 
 
-def make_loader(split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None, ctx=None):
+def make_loader(
+    split: Split, cfg, *, train: bool, pin_memory: bool, cache: Path | None = None, ctx=None, eval_resize="workers"
+):
     """One split's loader (``make_loaders`` with one part)."""
-    return make_loaders({"split": (split, train, cache)}, cfg, pin_memory=pin_memory, ctx=ctx)["split"]
+    parts = {"split": (split, train, cache)}
+    return make_loaders(parts, cfg, pin_memory=pin_memory, ctx=ctx, eval_resize=eval_resize)["split"]
 
 
 class SplitLoader:

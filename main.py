@@ -12,6 +12,7 @@ import config
 import datasets
 import files
 import models
+import resize
 import train
 import trainstep
 
@@ -23,6 +24,7 @@ USER_ERRORS = (
     files.LockError,
     train.Interrupted,
     trainstep.GraphCaptureError,
+    resize.ResizeUnavailable,
 )
 INTERRUPTED = (
     "Interrupted (Ctrl-C). Every file written so far is complete (files are replaced whole, never half-written): run "

@@ -750,9 +750,13 @@ def cached_features(
         print(f"LinearInit: cached features {path}")
         return torch.from_numpy(np.load(path)).to(device)
     model.eval()
-    loader = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda")
+    loader = datasets.make_loader(
+        split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize=cfg.eval_resize
+    )
     feats = [
-        model.pool_features(model.backbone(datasets.to_model_input(images.to(device)))).float().cpu()
+        model.pool_features(model.backbone(datasets.to_model_input(datasets.batch_to_device(images, device))))
+        .float()
+        .cpu()
         for images, _ in tqdm(loader, desc=f"features {path.name}", leave=False, file=sys.stderr)
     ]
     array = torch.cat(feats).numpy()

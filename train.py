@@ -211,7 +211,7 @@ def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None) -
         pending.clear()
 
     for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main):
-        pending.append(images.to(device, non_blocking=True))
+        pending.append(datasets.batch_to_device(images, device))
         if len(pending) == datasets.EVAL_BATCH_FACTOR:
             score()
     if pending:
@@ -330,7 +330,7 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
         if name != "train":
             split = split.share(ctx.rank, ctx.world)
         parts[name] = (split, name == "train", cache)
-    loaders = datasets.make_loaders(parts, cfg, pin_memory=device.type == "cuda", ctx=ctx)
+    loaders = datasets.make_loaders(parts, cfg, pin_memory=device.type == "cuda", ctx=ctx, eval_resize=cfg.eval_resize)
     distributed.barrier(ctx)
     return loaders
 

@@ -17,11 +17,16 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    formatted by ``main.py`` on first use as any real COCO folder;
    ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory),
    whether its batches reach the device channels-last, as the workers lay them out, and ``predict_img_s``: the same
-   loader through main.py's scoring loop (``train.predict``) with the model, outside main.py.
+   loader through main.py's scoring loop (``train.predict``) with the model, outside main.py. The same two with
+   ``--eval_resize device`` (workers only decode; ``device_resize_img_s``, ``predict_device_resize_img_s``), whether
+   that gives the workers' pixels on this device (``device_resize_same_pixels``, every test image) and the installed
+   Pillow's ``pass_order``.
 4. ``main_py``: ``python main.py --dataset coco --mod_scheme LL-R`` on it (no pretrained weights: no network there),
    as a user runs it (on one GPU the training step is a CUDA graph), rates from the epochs after the first
    (``log.jsonl``'s ``train_seconds`` and ``val_seconds``; ``final.json``'s ``test_seconds``); ``main_py_eager``: the
-   same with ``--cuda_graph off``; ``main_py_compile``: with ``--compile`` (on a GPU compiled and replayed as a CUDA
+   same with ``--cuda_graph off`` and ``--eval_resize device`` (evaluation runs eagerly in every run, so its
+   evaluation rate is main.py's with the device resize; without it when the installed Pillow fails the start check,
+   ``eval_resize`` says which); ``main_py_compile``: with ``--compile`` (on a GPU compiled and replayed as a CUDA
    graph, ``fast_step`` says which; ``warmup_s``: the first fast step, from ``final.json``; a failure, or a run over
    200 s, is recorded as its ``error`` and the check goes on).
 5. ``ratios`` and ``coco_run_minutes``: the paper's COCO run (10 epochs of 65,665 train + 16,416 val images, then
@@ -51,6 +56,7 @@ import throughput  # noqa: E402
 import datasets  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+import resize  # noqa: E402
 import train  # noqa: E402
 import trainstep  # noqa: E402
 
@@ -262,13 +268,34 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
     # are done).
     model, _, amp, _, _ = roof_model(device)
     model.eval()
-    predict_rates = []
-    for _ in range(2):
-        start = time.perf_counter()
-        train.predict(model, loader, device, "predict", lambda: amp)
-        sync(device)
-        predict_rates.append(len(paths) / (time.perf_counter() - start))
-    return {"eval_img_s": rates[-1], "predict_img_s": predict_rates[-1], "channels_last_on_device": layouts == {True}}
+
+    def predict_rate(scored) -> float:
+        rates = []
+        for _ in range(2):
+            start = time.perf_counter()
+            train.predict(model, scored, device, "predict", lambda: amp)
+            sync(device)
+            rates.append(len(paths) / (time.perf_counter() - start))
+        return rates[-1]
+
+    out = {"eval_img_s": rates[-1], "predict_img_s": predict_rate(loader), "channels_last_on_device": layouts == {True}}
+    out["pass_order"] = resize.pass_order()
+    if out["pass_order"] is None:
+        return out
+    # --eval_resize device: the first pass (a warm-up) also compares every batch with the workers' (one read-back per
+    # batch, outside the timed pass); the second is timed alone.
+    decoded = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize="device")
+    same = True
+    for (expected, _), (images, _) in zip(loader, decoded, strict=True):
+        same &= torch.equal(datasets.batch_to_device(images, device), expected.to(device))
+    start = time.perf_counter()
+    for images, _ in decoded:
+        datasets.to_model_input(datasets.batch_to_device(images, device))
+    sync(device)
+    out["device_resize_img_s"] = len(paths) / (time.perf_counter() - start)
+    out["device_resize_same_pixels"] = same
+    out["predict_device_resize_img_s"] = predict_rate(decoded)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -361,8 +388,12 @@ def main() -> None:
         out["data_path"] = data_path_rate(test_paths, device)
         device_flag = ["--device", "cuda" if cuda else "cpu"]
         out["main_py"] = main_py(root, Path(tmp) / "runs", "default", *device_flag)
-        log("main.py with --cuda_graph off", out)
-        out["main_py_eager"] = main_py(root, Path(tmp) / "runs", "eager", "--cuda_graph", "off", *device_flag)
+        # evaluation is eager in every run: this one's is main.py's with the device resize (when Pillow allows it)
+        eval_resize = "device" if out["data_path"]["pass_order"] is not None else "workers"
+        log(f"main.py with --cuda_graph off --eval_resize {eval_resize}", out)
+        out["main_py_eager"] = main_py(root, Path(tmp) / "runs", "eager", "--cuda_graph", "off", "--eval_resize",
+                                       eval_resize, *device_flag)  # fmt: skip
+        out["main_py_eager"]["eval_resize"] = eval_resize
         if not SKIP_COMPILE:
             log("main.py with --compile", out)  # with the CUDA graph on a GPU (--cuda_graph auto)
             # compilation took about 50 s and the run about 100 s before: 200 s keeps the whole check near 6 minutes
@@ -397,6 +428,11 @@ def main() -> None:
         "eval_vs_limit": project["eval_img_s"] / eval_limit,
         "eval_vs_predict_alone": project["eval_img_s"] / out["data_path"]["predict_img_s"],
     }
+    if eager["eval_resize"] == "device":  # main.py's evaluation with the device resize, against the workers' resize
+        path = out["data_path"]
+        out["ratios"]["eval_device_resize_vs_workers"] = eager["eval_img_s"] / project["eval_img_s"]
+        out["ratios"]["eval_device_resize_vs_limit"] = eager["eval_img_s"] / min(roof_eval, path["device_resize_img_s"])
+        out["ratios"]["predict_device_resize_vs_workers"] = path["predict_device_resize_img_s"] / path["predict_img_s"]
     if "train_graph_img_s" in out["roof"]:
         out["ratios"]["train_vs_graph_roof"] = project["train_img_s"] / out["roof"]["train_graph_img_s"]
     out["coco_run_minutes"] = {
@@ -406,6 +442,8 @@ def main() -> None:
         + compiled.get("warmup_s", 0.0) / 60,
         "official_style": coco_minutes(official["train_img_s"], official["eval_img_s"]),
     }
+    if eager["eval_resize"] == "device":  # the default run's training, the device-resize run's evaluation
+        out["coco_run_minutes"]["project_device_resize"] = coco_minutes(project["train_img_s"], eager["eval_img_s"])
     for part in ("ratios", "coco_run_minutes"):  # without a --compile result: no compile entries
         out[part] = {k: v for k, v in out[part].items() if v == v}
     out["total_seconds"] = time.time() - started

@@ -15,6 +15,7 @@ from torchvision import transforms
 
 import datasets
 import losses
+import resize
 
 
 @pytest.fixture()
@@ -153,6 +154,11 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
         assert {"train_img_s", "eval_img_s", "val_img_s", "test_img_s", "first_epoch_s"} <= out[run].keys()
     assert out["main_py"]["fast_step"] == "eager"  # no CUDA graph on a CPU
     assert out["data_path"]["channels_last_on_device"] is True and out["data_path"]["predict_img_s"] > 0
+    assert out["data_path"]["pass_order"] in resize.PASS_ORDERS and out["data_path"]["device_resize_same_pixels"]
+    assert out["data_path"]["device_resize_img_s"] > 0 and out["data_path"]["predict_device_resize_img_s"] > 0
+    assert out["main_py_eager"]["eval_resize"] == "device"
+    assert {"eval_device_resize_vs_workers", "predict_device_resize_vs_workers"} <= out["ratios"].keys()
+    assert "project_device_resize" in out["coco_run_minutes"]
     assert {"train_img_s", "warmup_s"} <= out["main_py_compile"].keys()
     assert {"train_vs_roof", "train_vs_official", "compile_train_vs_official", "eval_vs_limit"} <= out["ratios"].keys()
     assert {"project", "project_eager", "project_compile", "official_style"} <= out["coco_run_minutes"].keys()

@@ -1,0 +1,172 @@
+"""``--eval_resize device``: PIL's bilinear resize reproduced on a torch device, checked pixel for pixel against the
+installed Pillow, and the same evaluation as the workers' PIL resize through main.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import drop_timings, read_run, run_main
+from fixtures_raw import COCO_IDS_80, make_coco
+from PIL import Image
+
+import datasets
+import resize
+
+
+def pil_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
+
+
+def test_weights_of_a_hand_computed_case():
+    # 4 -> 2 pixels: scale 2, support 2, 5 taps. Output pixel 0 is centred at 1.0 and covers inputs 0..2 with the
+    # triangle 1 - |x + 0.5 - 1| / 2: 0.75, 0.75, 0.25, normalised by 1.75 and rounded to 22 bits:
+    # 3/7 * 2**22 = 1797558.86 -> 1797559, 1/7 * 2**22 = 599186.29 -> 599186. Pixel 1 (centre 3.0) mirrors it.
+    first, weights = resize.coefficients(4, 2)
+    assert first.tolist() == [0, 1]
+    assert weights.tolist() == [[1797559, 1797559, 599186, 0, 0], [599186, 1797559, 1797559, 0, 0]]
+    # same size: the identity (weight 1.0 on the pixel itself)
+    first, weights = resize.coefficients(3, 3)
+    assert first.tolist() == [0, 1, 2] and weights[:, 0].tolist() == [1 << 22] * 3 and weights[:, 1:].sum() == 0
+
+
+def test_the_installed_pillow_follows_one_known_pass_order():
+    assert resize.pass_order() in resize.PASS_ORDERS
+    # the probes tell the rules apart: the other rule misses PIL's pixels on an image it orders differently
+    rules = resize.PASS_ORDERS
+    assert rules[resize.pass_order()] is not None
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)  # 40 x 64 -> 32 x 32: the rules disagree
+    orders = {name: rule(40, 64, 32, 32) for name, rule in rules.items()}
+    assert len(set(orders.values())) == 2
+    expected = pil_resize(a, 32, 32)
+    matches = {
+        name: np.array_equal(resize.resize_image(torch.from_numpy(a), 32, 32, v).numpy(), expected)
+        for name, v in orders.items()
+    }
+    assert matches[resize.pass_order()] and sum(matches.values()) == 1
+
+
+SHAPES = [(640, 480), (480, 640), (500, 375), (375, 500), (37, 23), (1, 1), (28, 28), (29, 27), (300, 40), (40, 300)]
+
+
+@pytest.mark.parametrize("out", [(28, 28), (48, 48), (35, 20)])
+def test_every_pixel_is_pils(out):
+    rule = resize.PASS_ORDERS[resize.pass_order()]
+    rng = np.random.default_rng(out[0])
+    shapes = SHAPES + [tuple(int(v) for v in rng.integers(1, 200, 2)) for _ in range(20)]
+    for w, h in shapes:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        got = resize.resize_image(torch.from_numpy(a), *out, rule(w, h, *out)).numpy()
+        assert np.array_equal(got, pil_resize(a, *out)), (w, h, out)
+
+
+def test_a_pillow_that_resizes_otherwise_is_refused(monkeypatch):
+    """A Pillow whose resize gives other pixels (stand-in: nearest instead of bilinear) matches no rule, and the
+    device resize stops with what to do instead of giving other pixels."""
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, resample=None, **kw: real(self, size, Image.NEAREST))
+    resize.pass_order.cache_clear()
+    try:
+        assert resize.pass_order() is None
+        with pytest.raises(resize.ResizeUnavailable, match="--eval_resize workers"):
+            resize.checked_pass_order()
+    finally:
+        monkeypatch.undo()
+        resize.pass_order.cache_clear()
+    assert resize.pass_order() is not None
+
+
+@pytest.fixture()
+def mixed_images(tmp_path):
+    """JPEGs and PNGs of both orientations, both pass orders, up- and downscaled, and a grayscale one."""
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, (w, h) in enumerate([(64, 48), (48, 64), (20, 16), (30, 90), (90, 30), (24, 24), (41, 77)]):
+        mode = "L" if i == 5 else "RGB"
+        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image = Image.fromarray(array[..., 0] if mode == "L" else array, mode=mode)
+        path = tmp_path / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_resized_batches_are_the_workers_batches(mixed_images, workers):
+    size = 32
+    n = len(mixed_images)
+    split = datasets.Split("", np.array(mixed_images), np.zeros((n, 1)), np.zeros((n, 1)))
+    cfg = SimpleNamespace(bsize=4, seed=0, num_workers=workers, image_size=size)
+    host = list(datasets.make_loader(split, cfg, train=False, pin_memory=False))
+    device = list(datasets.make_loader(split, cfg, train=False, pin_memory=False, eval_resize="device"))
+    assert [rows.tolist() for _, rows in device] == [rows.tolist() for _, rows in host] == [[0, 1, 2, 3], [4, 5, 6]]
+    for (expected, _), (decoded, _) in zip(host, device, strict=True):
+        assert isinstance(decoded, resize.DecodedBatch) and len(decoded) == len(expected)
+        assert sorted(len(g["positions"]) for _, g in decoded.groups) != [len(expected)]  # both orders in a batch
+        images = datasets.batch_to_device(decoded, torch.device("cpu"))
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images, expected)
+    # a training split is never decoded only: its flips and the CUDA graph's input are the workers' batches
+    train_batch, _ = next(iter(datasets.make_loader(split, cfg, train=True, pin_memory=False, eval_resize="device")))
+    assert isinstance(train_batch, torch.Tensor)
+
+
+def test_device_resize_needs_no_host_read_back(mixed_images):
+    from test_sync import SyncCounter
+
+    n = len(mixed_images)
+    split = datasets.Split("", np.array(mixed_images), np.zeros((n, 1)), np.zeros((n, 1)))
+    cfg = SimpleNamespace(bsize=n, seed=0, num_workers=0, image_size=32)
+    (decoded, _), *_ = list(datasets.make_loader(split, cfg, train=False, pin_memory=False, eval_resize="device"))
+    counter = SyncCounter(set())
+    with counter:
+        datasets.batch_to_device(decoded, torch.device("cpu"))
+    assert not counter.calls, dict(counter.calls)
+
+
+@pytest.mark.slow  # two main.py runs
+def test_main_py_scores_the_same_with_either_resize(tmp_path, monkeypatch):
+    """A COCO tree whose test and val images have other sizes and orientations than the output: main.py's results,
+    down to every score of every evaluation, are identical with the workers' PIL resize and with the device's."""
+    import train
+
+    scores = {"workers": [], "device": []}
+    real_predict = train.predict
+
+    def recording_predict(*args, **kwargs):
+        out = real_predict(*args, **kwargs)
+        scores[current].append(out.clone())
+        return out
+
+    monkeypatch.setattr(train, "predict", recording_predict)
+    root = make_coco(tmp_path / "coco", COCO_IDS_80)
+    rng = np.random.default_rng(0)
+    sizes = iter([(64, 48), (48, 64), (30, 90), (90, 30), (17, 23)])
+    for path in sorted((root / "val2014").glob("*.jpg")) + sorted((root / "train2014").glob("*.jpg")):
+        w, h = next(sizes, (40, 30))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    common = ["--dataset", "coco", "--data_root", str(root), "--save_path", str(tmp_path / "runs"),
+              "--use_pretrained", "false", "--arch", "resnet18", "--image_size", "32", "--num_epochs", "2",
+              "--bsize", "2", "--device", "cpu"]  # fmt: skip
+    current = "workers"
+    run_main(*common, "--exp_name", "workers", "--num_workers", "0")
+    current = "device"
+    proc = run_main(*common, "--exp_name", "device", "--num_workers", "2", "--eval_resize", "device")
+    assert "eval_resize" not in proc.stderr
+    runs = [read_run(tmp_path / "runs" / name) for name in ("workers", "device")]
+    for _, log, final in runs:
+        drop_timings(final, *log)
+    (cfg_w, log_w, final_w), (cfg_d, log_d, final_d) = runs
+    assert cfg_d["eval_resize"] == "device" and cfg_w["eval_resize"] == "workers"
+    assert log_d == log_w and final_d == final_w
+    assert len(scores["device"]) == len(scores["workers"]) == 3  # val after each epoch, then test
+    assert all(torch.equal(d, w) for d, w in zip(scores["device"], scores["workers"], strict=True))
+
+
+def test_device_resize_and_the_disk_cache_are_refused_together(tmp_path):
+    proc = run_main("--eval_resize", "device", "--cache", "disk", "--save_path", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "--eval_resize device has nothing to resize with --cache disk" in proc.stderr
+    assert "Traceback" not in proc.stderr
