@@ -139,6 +139,17 @@ def test_throughput_benchmark_small_prints_both_pipelines_and_the_ratio():
     )
 
 
+@pytest.mark.slow  # a process of its own (it sets torch to one thread)
+def test_eval_resize_benchmark_small_prints_both_ways_and_the_ratio():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "eval_resize_cpu.py"), "--small"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ms = result["ms_per_image"]
+    assert ms["workers"] > 0 and ms["device"] > 0
+    assert result["ratio_device_vs_workers"] == pytest.approx(ms["device"] / ms["workers"], abs=0.002)
+
+
 @pytest.mark.slow  # about 30 s: three tiny main.py runs, one of them compiled
 def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     """The prepared GPU check, tiny, on a CPU: every step runs and the JSON has the keys the GPU note quotes."""
