@@ -63,9 +63,9 @@ def test_every_pixel_is_pils(out):
         assert np.array_equal(got, pil_resize(a, *out)), (w, h, out)
 
 
-def test_a_pillow_that_resizes_otherwise_is_refused(monkeypatch):
+def test_a_pillow_that_resizes_otherwise_is_refused(monkeypatch, synthetic_root, tmp_path):
     """A Pillow whose resize gives other pixels (stand-in: nearest instead of bilinear) matches no rule, and the
-    device resize stops with what to do instead of giving other pixels."""
+    device resize stops with what to do instead of giving other pixels: main.py says so, without a traceback."""
     real = Image.Image.resize
     monkeypatch.setattr(Image.Image, "resize", lambda self, size, resample=None, **kw: real(self, size, Image.NEAREST))
     resize.pass_order.cache_clear()
@@ -73,6 +73,18 @@ def test_a_pillow_that_resizes_otherwise_is_refused(monkeypatch):
         assert resize.pass_order() is None
         with pytest.raises(resize.ResizeUnavailable, match="--eval_resize workers"):
             resize.checked_pass_order()
+        args = [
+            "--data_root",
+            str(synthetic_root),
+            "--save_path",
+            str(tmp_path),
+            "--exp_name",
+            "r",
+            "--num_epochs",
+            "1",
+        ]
+        proc = run_main(*args, "--eval_resize", "device", check=False)
+        assert proc.returncode == 1 and "resizes differently" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         monkeypatch.undo()
         resize.pass_order.cache_clear()
