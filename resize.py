@@ -115,22 +115,22 @@ def checked_pass_order() -> str:
 
 def _resample(pixels: torch.Tensor, dim: int, first: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One pass along ``dim`` (1: rows, 2: columns) of uint8 N x H x W x C: PIL's ``(sum(w * p) + 2**21) >> 22``,
-    clipped to 8 bits, in int32 (at most 255 * 2**22 per product, and the weights of a pixel sum to about 2**22). The
-    taps are gathered one at a time (``first + k``, clamped to the image: those taps weigh 0), so memory stays at a
-    few copies of the image."""
-    x = pixels.int()
+    clipped to 8 bits, accumulated in int32 (at most 255 * 2**22 per product, and the weights of a pixel sum to about
+    2**22). The taps are gathered one at a time, as uint8 (``first + k``, clamped to the image: those taps weigh 0),
+    and multiplied into the sum in one step (``addcmul_``), so memory traffic stays at a few 8-bit copies of the image
+    and one int32 sum."""
     n, out, taps = weights.shape
     limit = pixels.shape[dim] - 1
-    shape = list(x.shape)
+    shape = list(pixels.shape)
     shape[dim] = out
-    acc = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    acc = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=pixels.device)
     for k in range(taps):
         index = (first + k).clamp_(max=limit)
         if dim == 1:
             index, w = index[:, :, None, None], weights[:, :, k, None, None]
         else:
             index, w = index[:, None, :, None], weights[:, None, :, k, None]
-        acc += x.gather(dim, index.expand(shape)) * w
+        acc.addcmul_(pixels.gather(dim, index.expand(shape)), w)
     return acc.bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
