@@ -173,6 +173,28 @@ class Decoded:
     vertical_first: bool
 
 
+MAX_PADDING = 1.5  # a group's padded pixels at most this many times its images' own
+
+
+def padding_groups(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of ``shapes`` (height, width) in groups whose padding to the group's largest height and width costs at
+    most ``MAX_PADDING`` times the images' own pixels: one group when the sizes are alike (a COCO batch: 640x480 and
+    640x427), more when one image is far larger than the rest (it would make every other image as large in the
+    pinned and the device memory). Greedy, largest image first."""
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1], reverse=True)
+    groups: list[list[int]] = []
+    for i in order:
+        for group in groups:
+            members = [*group, i]
+            height, width = max(shapes[j][0] for j in members), max(shapes[j][1] for j in members)
+            if len(members) * height * width <= MAX_PADDING * sum(shapes[j][0] * shapes[j][1] for j in members):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return [sorted(group) for group in groups]
+
+
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor, in shared memory when in a DataLoader worker (as ``default_collate`` does: sending it
     to the main process then copies nothing)."""
@@ -183,9 +205,10 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class DecodedBatch:
-    """A batch of ``Decoded`` images at their own sizes: per pass order, one group (the images padded to the group's
-    largest, their weights, their positions in the batch). Pinned, moved and resized like a tensor batch:
-    ``pin_memory()`` (the DataLoader's pinning thread calls it), ``to(device, non_blocking=...)``, ``resize()``."""
+    """A batch of ``Decoded`` images at their own sizes, in groups of one pass order and alike sizes
+    (``padding_groups``): the images padded to the group's largest, their weights, their positions in the batch.
+    Pinned, moved and resized like a tensor batch: ``pin_memory()`` (the DataLoader's pinning thread calls it),
+    ``to(device, non_blocking=...)``, ``resize()``."""
 
     def __init__(self, groups: list[tuple[bool, dict[str, torch.Tensor]]], size: int, count: int) -> None:
         self.groups, self.size, self.count = groups, size, count  # groups: (vertical first?, tensors)
@@ -196,17 +219,23 @@ class DecodedBatch:
         groups = []
         for vertical_first in (False, True):
             members = [i for i, d in enumerate(images) if d.vertical_first == vertical_first]
-            if not members:
-                continue
-            heights = [images[i].pixels.shape[0] for i in members]
-            widths = [images[i].pixels.shape[1] for i in members]
-            pixels = _shared_empty((len(members), max(heights), max(widths), 3), torch.uint8)
-            for row, i in enumerate(members):
-                pixels[row, : heights[row], : widths[row]] = torch.from_numpy(images[i].pixels)
-            group = _tables(list(zip(widths, heights, strict=True)), size, size)
-            group.update(pixels=pixels, positions=torch.tensor(members))
-            groups.append((vertical_first, group))
+            for group in padding_groups([images[i].pixels.shape[:2] for i in members]):
+                positions = [members[g] for g in group]
+                groups.append((vertical_first, cls._group([images[p] for p in positions], positions)))
         return cls(groups, size, len(images))
+
+    @staticmethod
+    def _group(images: list[Decoded], positions: list[int]) -> dict[str, torch.Tensor]:
+        """Images of one pass order padded to the largest of them, their weights and their positions in the batch."""
+        size = images[0].size
+        heights = [d.pixels.shape[0] for d in images]
+        widths = [d.pixels.shape[1] for d in images]
+        pixels = _shared_empty((len(images), max(heights), max(widths), 3), torch.uint8)
+        for row, d in enumerate(images):
+            pixels[row, : heights[row], : widths[row]] = torch.from_numpy(d.pixels)
+        group = _tables(list(zip(widths, heights, strict=True)), size, size)
+        group.update(pixels=pixels, positions=torch.tensor(positions))
+        return group
 
     def __len__(self) -> int:
         return self.count

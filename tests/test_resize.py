@@ -91,6 +91,16 @@ def test_a_pillow_that_resizes_otherwise_is_refused(monkeypatch, synthetic_root,
     assert resize.pass_order() is not None
 
 
+def test_padding_groups_keep_padding_bounded():
+    assert resize.padding_groups([]) == []
+    # a COCO batch: 640x480 and 640x427 (height, width), both orientations: padding to 640x640 costs 1.33x, one group
+    assert resize.padding_groups([(480, 640), (427, 640), (640, 480)]) == [[0, 1, 2]]
+    # one far larger image gets a group of its own instead of making the others as large
+    assert resize.padding_groups([(480, 640), (4000, 3000), (480, 640)]) == [[1], [0, 2]]
+    # 16x20 beside two 64x48/48x64: 3 x 64 x 64 = 12,288 padded pixels > 1.5 x 6,464 own pixels
+    assert resize.padding_groups([(48, 64), (64, 48), (16, 20)]) == [[0, 1], [2]]
+
+
 @pytest.fixture()
 def mixed_images(tmp_path):
     """JPEGs and PNGs of both orientations, both pass orders, up- and downscaled, and a grayscale one."""
