@@ -1164,7 +1164,7 @@ class ImageDataset(torch.utils.data.Dataset):
     ``resize.Decoded`` that the device resizes to the same bytes (``--eval_resize device``).
     """
 
-    def __init__(self, split: Split, image_size: int, cache: Path | None = None, pass_order: str | None = None):
+    def __init__(self, split: Split, image_size: int, cache: Path | None = None, pass_order: str | None = None) -> None:
         self.split = split
         self.image_size = image_size
         self.cache = cache
@@ -1174,7 +1174,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | resize.Decoded, int]:
         row = index if index >= 0 else -1 - index  # -1 - row: a padding copy of ``row`` (distributed.share)
         if self.vertical_first is not None:
             pixels = decode_image(self.split.image_path(row))

@@ -753,12 +753,12 @@ def cached_features(
     loader = datasets.make_loader(
         split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize=cfg.eval_resize
     )
-    feats = [
-        model.pool_features(model.backbone(datasets.to_model_input(datasets.batch_to_device(images, device))))
-        .float()
-        .cpu()
-        for images, _ in tqdm(loader, desc=f"features {path.name}", leave=False, file=sys.stderr)
-    ]
+
+    def features(images) -> torch.Tensor:
+        x = datasets.to_model_input(datasets.batch_to_device(images, device))
+        return model.pool_features(model.backbone(x)).float().cpu()
+
+    feats = [features(images) for images, _ in tqdm(loader, desc=f"features {path.name}", leave=False, file=sys.stderr)]
     array = torch.cat(feats).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     files.save_npy_atomic(path, array)

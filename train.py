@@ -30,6 +30,7 @@ import files
 import methods
 import metrics
 import models
+import resize
 import synthetic  # registers the synthetic dataset's generator with datasets (datasets never imports synthetic)
 import trainstep
 from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config
@@ -331,6 +332,9 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
             split = split.share(ctx.rank, ctx.world)
         parts[name] = (split, name == "train", cache)
     loaders = datasets.make_loaders(parts, cfg, pin_memory=device.type == "cuda", ctx=ctx, eval_resize=cfg.eval_resize)
+    if cfg.eval_resize == "device" and ctx.is_main:
+        print(f"--eval_resize device: val and test images resized on {device.type} with PIL's arithmetic (the "
+              f"installed Pillow's pass order: {resize.pass_order()})")  # fmt: skip
     distributed.barrier(ctx)
     return loaders
 

@@ -177,7 +177,7 @@ def test_main_py_scores_the_same_with_either_resize(tmp_path, monkeypatch):
     run_main(*common, "--exp_name", "workers", "--num_workers", "0")
     current = "device"
     proc = run_main(*common, "--exp_name", "device", "--num_workers", "2", "--eval_resize", "device")
-    assert "eval_resize" not in proc.stderr
+    assert "--eval_resize device: val and test images resized on cpu" in proc.stdout
     runs = [read_run(tmp_path / "runs" / name) for name in ("workers", "device")]
     for _, log, final in runs:
         drop_timings(final, *log)
@@ -192,3 +192,27 @@ def test_device_resize_and_the_disk_cache_are_refused_together(tmp_path):
     proc = run_main("--eval_resize", "device", "--cache", "disk", "--save_path", str(tmp_path), check=False)
     assert proc.returncode != 0 and "--eval_resize device has nothing to resize with --cache disk" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_linear_init_features_are_the_same_with_the_device_resize(synthetic_root, tmp_path, monkeypatch):
+    """LinearInit's cached features (its own loader) get the device resize too, and the same pixels: 32x32 synthetic
+    images upscaled to 40."""
+    import methods
+    import train
+    from config import parse_config
+
+    resized = []
+    real_resize = resize.DecodedBatch.resize
+    monkeypatch.setattr(resize.DecodedBatch, "resize", lambda self: resized.append(len(self)) or real_resize(self))
+    features = {}
+    for way in ("workers", "device"):
+        cfg = parse_config(["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--exp_name", "x",
+                            "--ss_frac_train", "0.05", "--ss_frac_val", "0.1", "--image_size", "40",
+                            "--eval_resize", way, "--cache_dir", str(tmp_path / way)])  # fmt: skip
+        data = datasets.build_data(cfg)
+        torch.manual_seed(0)
+        model = train.build_model(cfg, data.num_classes)
+        features[way] = methods.cached_features(cfg, model, data.val, torch.device("cpu"))
+    assert torch.equal(features["workers"], features["device"])
+    assert sum(resized) == len(features["device"])  # every image went through the device resize, once
