@@ -18,7 +18,8 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory),
    whether its batches reach the device channels-last, as the workers lay them out, and ``predict_img_s``: the same
    loader through main.py's scoring loop (``train.predict``) with the model, outside main.py. The same two with
-   ``--eval_resize device`` (workers only decode; ``device_resize_img_s``, ``predict_device_resize_img_s``), whether
+   ``--eval_resize device`` (workers only decode; ``device_resize_img_s``, ``predict_device_resize_img_s``; the
+   resize alone on a batch already on the device, its cost in device time: ``device_resize_only_img_s``), whether
    that gives the workers' pixels on this device (``device_resize_same_pixels``, every test image) and the installed
    Pillow's ``pass_order``.
 4. ``main_py``: ``python main.py --dataset coco --mod_scheme LL-R`` on it (no pretrained weights: no network there),
@@ -285,9 +286,19 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
     # --eval_resize device: the first pass (a warm-up) also compares every batch with the workers' (one read-back per
     # batch, outside the timed pass); the second is timed alone.
     decoded = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize="device")
-    same = True
+    same, kept = True, None
     for (expected, _), (images, _) in zip(loader, decoded, strict=True):
+        if kept is None:  # one batch for the resize alone, below
+            kept = images.to(device)
         same &= torch.equal(datasets.batch_to_device(images, device), expected.to(device))
+    repeats = 3 if SMALL else 50
+    kept.resize()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):  # the device's own cost of the resize: a batch already on the device
+        kept.resize()
+    sync(device)
+    out["device_resize_only_img_s"] = repeats * len(kept) / (time.perf_counter() - start)
     start = time.perf_counter()
     for images, _ in decoded:
         datasets.to_model_input(datasets.batch_to_device(images, device))

@@ -167,6 +167,7 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     assert out["data_path"]["channels_last_on_device"] is True and out["data_path"]["predict_img_s"] > 0
     assert out["data_path"]["pass_order"] in resize.PASS_ORDERS and out["data_path"]["device_resize_same_pixels"]
     assert out["data_path"]["device_resize_img_s"] > 0 and out["data_path"]["predict_device_resize_img_s"] > 0
+    assert out["data_path"]["device_resize_only_img_s"] > 0
     assert out["main_py_eager"]["eval_resize"] == "device"
     assert {"eval_device_resize_vs_workers", "predict_device_resize_vs_workers"} <= out["ratios"].keys()
     assert "project_device_resize" in out["coco_run_minutes"]
