@@ -32,6 +32,7 @@ import checkpoint
 import config
 import datasets
 import models
+import resize
 from files import write_text_atomic
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -192,30 +193,39 @@ def find_images(paths: list[str]) -> list[str]:
 
 class ImageFiles(torch.utils.data.Dataset):
     """Items are ``(uint8 C x H x W image or None, index, error message or None)``: an unreadable file is reported,
-    not raised, so one bad file does not stop the others."""
+    not raised, so one bad file does not stop the others. With ``pass_order`` (``--eval_resize device``) the image is
+    only decoded, as a ``resize.Decoded`` that the device resizes to the same pixels."""
 
-    def __init__(self, files: list[str], image_size: int) -> None:
+    def __init__(self, files: list[str], image_size: int, pass_order: str | None = None) -> None:
         self.files = files
         self.image_size = image_size
+        self.vertical_first = resize.PASS_ORDERS[pass_order] if pass_order is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _load(self, path: str):
+        if self.vertical_first is None:
+            return datasets.pixels_to_tensor(datasets.load_image(path, self.image_size))
+        pixels, size = datasets.decode_image(path), self.image_size
+        return resize.Decoded(pixels, size, self.vertical_first(pixels.shape[1], pixels.shape[0], size, size))
+
     def __getitem__(self, index: int):
         try:
-            pixels = datasets.load_image(self.files[index], self.image_size)
+            image = self._load(self.files[index])
         except datasets.DataError as err:
             return None, index, str(err)
         except Exception as err:  # e.g. PIL's DecompressionBombError: still just an unreadable file here
             return None, index, f"Cannot decode image {self.files[index]}: {type(err).__name__}: {_first_line(err)}"
-        return datasets.pixels_to_tensor(pixels), index, None
+        return image, index, None
 
 
 def collate(items):
-    """-> (uint8 batch of the readable images or None, their indices, [(index, error)] of the unreadable ones)."""
+    """-> (uint8 batch of the readable images, or their ``resize.DecodedBatch``, or None; their indices;
+    [(index, error)] of the unreadable ones)."""
     good = [(image, index) for image, index, error in items if error is None]
     bad = [(index, error) for _, index, error in items if error is not None]
-    images = datasets.stack_images([image for image, _ in good]) if good else None
+    images = datasets.collate_images(good)[0] if good else None
     return images, [index for _, index in good], bad
 
 
@@ -232,11 +242,17 @@ def pick_device(name: str) -> torch.device:
 
 @torch.inference_mode()
 def score_files(
-    run: Run, files: list[str], *, batch_size: int = 64, device: torch.device | None = None, num_workers: int = 0
+    run: Run,
+    files: list[str],
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    num_workers: int = 0,
+    eval_resize: str = "workers",
 ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
     """Sigmoid probabilities (fp32, on the CPU) of every readable file, and ``(file, error)`` for the unreadable
     ones. The arithmetic of ``train.predict``: ``to_model_input`` on the device, the run's autocast (bf16 on CUDA
-    unless the run used fp32), the head in fp32."""
+    unless the run used fp32), the head in fp32; ``eval_resize`` as main.py's ``--eval_resize``."""
     import train  # the run's autocast rule; imported here so that ``cam.py`` does not pay for it
 
     device = device or torch.device("cpu")
@@ -244,7 +260,7 @@ def score_files(
     amp = train.autocast_for(run.cfg, device)
     num_batches = -(-len(files) // batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(files, run.cfg.image_size),
+        ImageFiles(files, run.cfg.image_size, resize.checked_pass_order() if eval_resize == "device" else None),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers if num_batches > 1 else 0,
@@ -258,7 +274,7 @@ def score_files(
         if images is None:
             continue
         with amp():
-            logits = model(datasets.to_model_input(images.to(device, non_blocking=True)))
+            logits = model(datasets.to_model_input(datasets.batch_to_device(images, device)))
         probs = torch.sigmoid(logits.float()).cpu()
         scores.update({files[i]: p for i, p in zip(indices, probs, strict=True)})
     return scores, skipped
@@ -335,6 +351,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num_workers", type=_non_negative_int, default=None, help="image decoding processes (default: cores, max 8)"
     )
+    parser.add_argument(
+        "--eval_resize",
+        default="workers",
+        choices=("workers", "device"),
+        help="where images are resized: workers (PIL) or device (the same pixels, as main.py's --eval_resize)",
+    )
     return parser
 
 
@@ -348,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--top_k {args.top_k}: the run scores only {len(run.class_names)} classes")
         files = find_images(args.paths)
         workers = _default_num_workers() if args.num_workers is None else args.num_workers
-        scores, skipped = score_files(run, files, batch_size=args.batch_size, device=device, num_workers=workers)
+        scores, skipped = score_files(
+            run, files, batch_size=args.batch_size, device=device, num_workers=workers, eval_resize=args.eval_resize
+        )
         if not scores:
             raise PredictError(
                 f"None of the {len(files)} image files could be read, e.g. {skipped[0][1]} Check the files (or the "
@@ -373,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as err:
                 raise PredictError(f"Cannot write --output {args.output}: {err.strerror or err}.") from None
             print(f"wrote predictions for {len(predictions)} images to {args.output}", file=sys.stderr)
-    except (PredictError, checkpoint.RunFolderError, datasets.DataError) as err:
+    except (PredictError, checkpoint.RunFolderError, datasets.DataError, resize.ResizeUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -319,3 +319,24 @@ def test_cam_refuses_tampered_and_other_arch_checkpoints_and_bad_flags(run_dir, 
         assert message in capsys.readouterr().err
     assert cam.main([str(run_dir), str(image), "--top", "2", "--out", str(tmp_path / "cam")]) == 0
     assert Image.open(tmp_path / "cam" / "a_cam.png").size == (3 * 256, 276)
+
+
+def test_device_resize_gives_the_same_scores(run_dir, tmp_path, capsys):
+    """--eval_resize device: images of other sizes and orientations than the run's are resized on the device to the
+    workers' pixels, so every probability is the same, bit for bit; the CLI takes the flag."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(64, 48), (48, 80), (20, 16), (30, 90), (90, 30)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            folder / f"{i}.{'jpg' if i % 2 else 'png'}"
+        )
+    (folder / "empty.png").write_bytes(b"")
+    run = predict.load_run(run_dir)
+    files = predict.find_images([str(folder)])
+    workers, bad_w = predict.score_files(run, files, batch_size=3)
+    device, bad_d = predict.score_files(run, files, batch_size=3, eval_resize="device", num_workers=2)
+    assert bad_w == bad_d and len(bad_d) == 1 and sorted(device) == sorted(workers) and len(device) == 5
+    assert all(torch.equal(device[f], workers[f]) for f in files if f in workers)
+    code, out, _ = call(capsys, run_dir, folder, "--top_k", "2", "--eval_resize", "device", "--num_workers", "0")
+    assert code == 0 and out == call(capsys, run_dir, folder, "--top_k", "2", "--num_workers", "0")[1]
