@@ -26,10 +26,11 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    as a user runs it (on one GPU the training step is a CUDA graph), rates from the epochs after the first
    (``log.jsonl``'s ``train_seconds`` and ``val_seconds``; ``final.json``'s ``test_seconds``); ``main_py_eager``: the
    same with ``--cuda_graph off`` and ``--eval_resize device`` (evaluation runs eagerly in every run, so its
-   evaluation rate is main.py's with the device resize; without it when the installed Pillow fails the start check,
-   ``eval_resize`` says which); ``main_py_compile``: with ``--compile`` (on a GPU compiled and replayed as a CUDA
-   graph, ``fast_step`` says which; ``warmup_s``: the first fast step, from ``final.json``; a failure, or a run over
-   200 s, is recorded as its ``error`` and the check goes on).
+   evaluation rate is main.py's with the device resize; without it when the data path's device resize failed
+   (``device_resize_error``) or gave other pixels: ``eval_resize`` says which); ``main_py_compile``: with
+   ``--compile`` (on a GPU compiled and replayed as a CUDA graph, ``fast_step`` says which; ``warmup_s``: the first
+   fast step, from ``final.json``; a failure, or a run over 200 s, is recorded as its ``error`` and the check goes
+   on).
 5. ``ratios`` and ``coco_run_minutes``: the paper's COCO run (10 epochs of 65,665 train + 16,416 val images, then
    40,137 test images) at the measured rates.
 Prints one JSON object on stdout (progress on stderr).
@@ -281,21 +282,30 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
 
     out = {"eval_img_s": rates[-1], "predict_img_s": predict_rate(loader), "channels_last_on_device": layouts == {True}}
     out["pass_order"] = resize.pass_order()
-    if out["pass_order"] is None:
-        return out
-    # --eval_resize device: the first pass (a warm-up) also compares every batch with the workers' (one read-back per
-    # batch, outside the timed pass); the second is timed alone.
+    if out["pass_order"] is not None:
+        try:  # a failure here (a device that lacks an operator) is recorded; the check goes on without the flag
+            out.update(device_resize_rates(split, cfg, loader, device, predict_rate))
+        except RuntimeError as err:
+            out["device_resize_error"] = str(err).splitlines()[0][:300]
+    return out
+
+
+def device_resize_rates(split, cfg, loader, device: torch.device, predict_rate) -> dict:
+    """``--eval_resize device`` on the same images: the first pass (a warm-up) also compares every batch with the
+    workers' ``loader`` (one read-back per batch, outside the timed pass); then the resize alone on a batch already
+    on the device (its cost in device time), the data path timed alone, and the scoring loop."""
     decoded = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize="device")
     same, kept = True, None
     for (expected, _), (images, _) in zip(loader, decoded, strict=True):
-        if kept is None:  # one batch for the resize alone, below
+        if kept is None:
             kept = images.to(device)
         same &= torch.equal(datasets.batch_to_device(images, device), expected.to(device))
+    out = {"device_resize_same_pixels": same}
     repeats = 3 if SMALL else 50
     kept.resize()
     sync(device)
     start = time.perf_counter()
-    for _ in range(repeats):  # the device's own cost of the resize: a batch already on the device
+    for _ in range(repeats):
         kept.resize()
     sync(device)
     out["device_resize_only_img_s"] = repeats * len(kept) / (time.perf_counter() - start)
@@ -303,8 +313,7 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
     for images, _ in decoded:
         datasets.to_model_input(datasets.batch_to_device(images, device))
     sync(device)
-    out["device_resize_img_s"] = len(paths) / (time.perf_counter() - start)
-    out["device_resize_same_pixels"] = same
+    out["device_resize_img_s"] = len(split) / (time.perf_counter() - start)
     out["predict_device_resize_img_s"] = predict_rate(decoded)
     return out
 
@@ -400,7 +409,7 @@ def main() -> None:
         device_flag = ["--device", "cuda" if cuda else "cpu"]
         out["main_py"] = main_py(root, Path(tmp) / "runs", "default", *device_flag)
         # evaluation is eager in every run: this one's is main.py's with the device resize (when Pillow allows it)
-        eval_resize = "device" if out["data_path"]["pass_order"] is not None else "workers"
+        eval_resize = "device" if out["data_path"].get("device_resize_same_pixels") else "workers"
         log(f"main.py with --cuda_graph off --eval_resize {eval_resize}", out)
         out["main_py_eager"] = main_py(root, Path(tmp) / "runs", "eager", "--cuda_graph", "off", "--eval_resize",
                                        eval_resize, *device_flag)  # fmt: skip

@@ -177,6 +177,30 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     assert out["main_py"]["epochs_run"] == 2 and out["main_py_compile"]["epochs_run"] == 2
 
 
+@pytest.mark.slow  # a process of its own (the small check's settings are read at import)
+def test_gpu_check_records_a_failed_device_resize_and_goes_on(tmp_path):
+    """If the device resize fails on the GPU machine (an operator its torch lacks), the data path records the error,
+    keeps the workers' rates, and main.py's runs go on without the flag."""
+    driver = f"""
+import json, sys, torch
+from pathlib import Path
+sys.path.insert(0, {str(REPO / "bench")!r})
+import resize
+def fail(self):
+    raise RuntimeError("no kernel for this here\\nsecond line")
+resize.DecodedBatch.resize = fail
+import gpu_check, throughput
+paths = throughput.make_jpegs_named(Path({str(tmp_path)!r}), [f"{{i}}.jpg" for i in range(20)], 64, 48)
+print(json.dumps(gpu_check.data_path_rate(paths, torch.device("cpu"))))
+"""
+    env = {**os.environ, "GPU_CHECK_SMALL": "1"}
+    proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["device_resize_error"] == "no kernel for this here" and out["predict_img_s"] > 0
+    assert "device_resize_same_pixels" not in out
+
+
 @pytest.mark.slow  # one main.py start (it stops at its arguments)
 def test_gpu_check_records_a_failed_optional_run_and_goes_on(tmp_path, monkeypatch):
     """The --compile run is optional in the GPU check: if it fails or runs out of time, that is its result, not the
