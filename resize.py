@@ -1,8 +1,8 @@
 """PIL's bilinear resize, pixel for pixel, on any torch device (``--eval_resize device``).
 
 The paper's loader resizes every image with PIL (``Resize((448, 448))``, bilinear) in the data loader's workers, and on
-a GPU machine that resize is most of what bounds evaluation (decoding is the rest). PIL's 8-bit resize is integer
-arithmetic, so it can be reproduced exactly elsewhere:
+a GPU machine those workers bound evaluation; the resize is about half of a worker's time per image (decoding most of
+the rest). PIL's 8-bit resize is integer arithmetic, so it can be reproduced exactly elsewhere:
 
 - per output pixel, a row of weights over the input pixels it covers (``coefficients``: computed in double precision
   exactly as PIL does, then rounded to 22-bit fixed point);
