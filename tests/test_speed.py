@@ -197,8 +197,35 @@ print(json.dumps(gpu_check.data_path_rate(paths, torch.device("cpu"))))
     proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["device_resize_error"] == "no kernel for this here" and out["predict_img_s"] > 0
+    assert out["device_resize_error"] == "RuntimeError: no kernel for this here" and out["predict_img_s"] > 0
     assert "device_resize_same_pixels" not in out
+
+
+def test_gpu_check_repeats_a_failed_device_resize_run_without_it(tmp_path, monkeypatch):
+    """The eager main.py run takes --eval_resize device only when the data path showed the same pixels, and if it
+    fails with it, the failure is recorded and the run repeated without it (stand-in runs: no main.py starts)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_check
+
+    calls = []
+
+    def fake_main_py(data_root, save, name, *extra, required=True, timeout=420):
+        calls.append((name, extra, required))
+        return {"error": "boom"} if "device" in extra else {"train_img_s": 1.0}
+
+    monkeypatch.setattr(gpu_check, "main_py", fake_main_py)
+    same = {"data_path": {"device_resize_same_pixels": True}}
+    result = gpu_check.main_py_eager(tmp_path, tmp_path / "runs", same, "--device", "cpu")
+    assert result == {"train_img_s": 1.0, "device_resize_run_error": "boom", "eval_resize": "workers"}
+    assert [(name, "device" in extra, required) for name, extra, required in calls] == [
+        ("eager", True, False),
+        ("eager_workers", False, True),
+    ]
+    calls.clear()
+    for data_path in ({"device_resize_same_pixels": False}, {"device_resize_error": "RuntimeError: x"}):
+        result = gpu_check.main_py_eager(tmp_path, tmp_path / "runs", {"data_path": data_path}, "--device", "cpu")
+        assert result["eval_resize"] == "workers" and "device_resize_run_error" not in result
+    assert [("device" in extra, required) for _, extra, required in calls] == [(False, True), (False, True)]
 
 
 @pytest.mark.slow  # one main.py start (it stops at its arguments)
