@@ -402,7 +402,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=EVAL_RESIZES,
         help="where validation and test images are resized to --image_size: workers (PIL, as the paper) or device "
         "(the loader's workers only decode, and the model's device resizes with PIL's arithmetic: the same pixels, "
-        "checked against the installed Pillow at start). For a GPU; on a CPU it is much slower than PIL",
+        "checked against PIL at start, also on the data's first images). For a GPU; on a CPU much slower than PIL",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"

@@ -332,9 +332,14 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
             split = split.share(ctx.rank, ctx.world)
         parts[name] = (split, name == "train", cache)
     loaders = datasets.make_loaders(parts, cfg, pin_memory=device.type == "cuda", ctx=ctx, eval_resize=cfg.eval_resize)
-    if cfg.eval_resize == "device" and ctx.is_main:
-        print(f"--eval_resize device: val and test images resized on {device.type} with PIL's arithmetic (the "
-              f"installed Pillow's pass order: {resize.pass_order()})")  # fmt: skip
+    if cfg.eval_resize == "device":
+        order = resize.checked_pass_order()
+        checked = sum(
+            datasets.check_device_resize(parts[name][0], cfg.image_size, device, order) for name in ("val", "test")
+        )
+        if ctx.is_main:
+            print(f"--eval_resize device: val and test images resized on {device.type} with PIL's arithmetic (the "
+                  f"installed Pillow's pass order: {order}; the same pixels as PIL on {checked} of them)")  # fmt: skip
     distributed.barrier(ctx)
     return loaders
 

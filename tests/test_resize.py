@@ -140,6 +140,20 @@ def test_device_resize_needs_no_host_read_back(mixed_images):
     assert not counter.calls, dict(counter.calls)
 
 
+def mixed_coco_run(tmp_path) -> list[str]:
+    """A COCO fixture tree whose images have other sizes and orientations than the output (both pass orders, up- and
+    downscaled), and main.py's arguments for a tiny run on it."""
+    root = make_coco(tmp_path / "coco", COCO_IDS_80)
+    rng = np.random.default_rng(0)
+    sizes = iter([(64, 48), (48, 64), (30, 90), (90, 30), (17, 23)])
+    for path in sorted((root / "val2014").glob("*.jpg")) + sorted((root / "train2014").glob("*.jpg")):
+        w, h = next(sizes, (40, 30))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return ["--dataset", "coco", "--data_root", str(root), "--save_path", str(tmp_path / "runs"), "--use_pretrained",
+            "false", "--arch", "resnet18", "--image_size", "32", "--num_epochs", "2", "--bsize", "2", "--device",
+            "cpu"]  # fmt: skip
+
+
 @pytest.mark.slow  # two main.py runs
 def test_main_py_scores_the_same_with_either_resize(tmp_path, monkeypatch):
     """A COCO tree whose test and val images have other sizes and orientations than the output: main.py's results,
@@ -155,20 +169,13 @@ def test_main_py_scores_the_same_with_either_resize(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(train, "predict", recording_predict)
-    root = make_coco(tmp_path / "coco", COCO_IDS_80)
-    rng = np.random.default_rng(0)
-    sizes = iter([(64, 48), (48, 64), (30, 90), (90, 30), (17, 23)])
-    for path in sorted((root / "val2014").glob("*.jpg")) + sorted((root / "train2014").glob("*.jpg")):
-        w, h = next(sizes, (40, 30))
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    common = ["--dataset", "coco", "--data_root", str(root), "--save_path", str(tmp_path / "runs"),
-              "--use_pretrained", "false", "--arch", "resnet18", "--image_size", "32", "--num_epochs", "2",
-              "--bsize", "2", "--device", "cpu"]  # fmt: skip
+    common = mixed_coco_run(tmp_path)
     current = "workers"
     run_main(*common, "--exp_name", "workers", "--num_workers", "0")
     current = "device"
     proc = run_main(*common, "--exp_name", "device", "--num_workers", "2", "--eval_resize", "device")
     assert "--eval_resize device: val and test images resized on cpu" in proc.stdout
+    assert "the same pixels as PIL on 4 of them" in proc.stdout  # val 1 + test 3 images, all of distinct sizes
     runs = [read_run(tmp_path / "runs" / name) for name in ("workers", "device")]
     for _, log, final in runs:
         drop_timings(final, *log)
@@ -177,6 +184,17 @@ def test_main_py_scores_the_same_with_either_resize(tmp_path, monkeypatch):
     assert log_d == log_w and final_d == final_w
     assert len(scores["device"]) == len(scores["workers"]) == 3  # val after each epoch, then test
     assert all(torch.equal(d, w) for d, w in zip(scores["device"], scores["workers"], strict=True))
+
+
+def test_a_rule_that_misses_the_data_is_caught_at_start(tmp_path, monkeypatch):
+    """Should the probes ever pass with a rule that gives other pixels on the run's own images (stand-in: the rule
+    turned around after the start check), the check on the data's first images of distinct sizes stops the run."""
+    name = resize.pass_order()  # the start check, done with the true rule
+    rule = resize.PASS_ORDERS[name]
+    monkeypatch.setitem(resize.PASS_ORDERS, name, lambda *size: not rule(*size))
+    proc = run_main(*mixed_coco_run(tmp_path), "--exp_name", "r", "--eval_resize", "device", check=False)
+    assert proc.returncode == 1 and "the device resize gives other pixels than PIL for" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_device_resize_and_the_disk_cache_are_refused_together(tmp_path):
