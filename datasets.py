@@ -1154,36 +1154,40 @@ def batch_to_device(images: torch.Tensor | resize.DecodedBatch, device: torch.de
     return images.resize() if isinstance(images, resize.DecodedBatch) else images
 
 
-def check_device_resize(split: Split, image_size: int, device: torch.device, pass_order: str, count: int = 8) -> int:
-    """``--eval_resize device`` against PIL on the data itself, once per run: up to ``count`` images of distinct sizes
-    among the split's first 64 (sizes from the files' headers) resized on ``device`` and by PIL, every pixel compared
-    (one read-back from the device). ``resize.ResizeUnavailable`` naming the first image that differs; returns how
-    many were compared. The start check (``resize.pass_order``) used probe images; this one uses the run's sizes."""
-    rows, sizes = [], set()
-    for row in range(min(len(split), 64)):
+def check_device_resize(
+    paths: list[str], image_size: int, device: torch.device, pass_order: str, count: int = 8
+) -> int:
+    """``--eval_resize device`` against PIL on the data itself, once per run: up to ``count`` of ``paths`` of distinct
+    sizes (from the files' headers) resized on ``device`` and by PIL, every pixel compared (one read-back from the
+    device). ``resize.ResizeUnavailable`` naming the first image that differs; returns how many were compared. The
+    start check (``resize.pass_order``) used probe images; this one uses the run's own sizes."""
+    vertical_first = resize.PASS_ORDERS[pass_order]
+    chosen, items, sizes = [], [], set()
+    for path in paths:
         try:
-            with Image.open(split.image_path(row)) as image:
+            with Image.open(path) as image:
                 size = image.size
-        except (OSError, SyntaxError, ValueError):
-            continue  # reported where the image is loaded
-        if size not in sizes:
-            sizes.add(size)
-            rows.append(row)
-        if len(rows) == count:
+            if size in sizes:
+                continue
+            pixels = decode_image(path)
+        except (OSError, SyntaxError, ValueError, DataError):
+            continue  # an unreadable file is reported (or skipped) where the images are loaded
+        sizes.add(size)
+        chosen.append(path)
+        items.append(resize.Decoded(pixels, image_size, vertical_first(size[0], size[1], image_size, image_size)))
+        if len(chosen) == count:
             break
-    if not rows:
+    if not chosen:
         return 0
-    dataset = ImageDataset(split, image_size, pass_order=pass_order)
-    resized = batch_to_device(resize.DecodedBatch.collate([dataset[row][0] for row in rows]), device).cpu()
-    for image, row in zip(resized, rows, strict=True):
-        path = split.image_path(row)
+    resized = batch_to_device(resize.DecodedBatch.collate(items), device).cpu()
+    for image, path in zip(resized, chosen, strict=True):
         if not torch.equal(image, pixels_to_tensor(load_image(path, image_size))):
             raise resize.ResizeUnavailable(
                 f"--eval_resize device: the device resize gives other pixels than PIL for {path} (checked at start on "
-                f"{len(rows)} images of distinct sizes), so it would not give the paper's pixels. Use --eval_resize "
+                f"{len(chosen)} images of distinct sizes), so it would not give the paper's pixels. Use --eval_resize "
                 "workers (the default)."
             )
-    return len(rows)
+    return len(chosen)
 
 
 class ImageDataset(torch.utils.data.Dataset):

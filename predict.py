@@ -259,8 +259,12 @@ def score_files(
     model = run.model.to(device).eval()
     amp = train.autocast_for(run.cfg, device)
     num_batches = -(-len(files) // batch_size)
+    order = None
+    if eval_resize == "device":  # the installed Pillow's pass order, checked on probe images and on the first files
+        order = resize.checked_pass_order()
+        datasets.check_device_resize(files[:64], run.cfg.image_size, device, order)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(files, run.cfg.image_size, resize.checked_pass_order() if eval_resize == "device" else None),
+        ImageFiles(files, run.cfg.image_size, order),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers if num_batches > 1 else 0,
