@@ -1117,6 +1117,14 @@ def decode_image(path: str) -> np.ndarray:
     return _decoded(path, np.array)
 
 
+def decode_for_device(path: str, size: int, pass_order: str) -> resize.Decoded:
+    """``decode_image`` as a ``resize.Decoded``, to be resized to ``size`` x ``size`` on the device in the pass order
+    that ``pass_order`` (a key of ``resize.PASS_ORDERS``) gives the image's size."""
+    pixels = decode_image(path)
+    height, width = pixels.shape[:2]
+    return resize.Decoded(pixels, size, resize.PASS_ORDERS[pass_order](width, height, size, size))
+
+
 def _decoded(path: str, pixels: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
     try:
         with Image.open(path) as raw:
@@ -1161,7 +1169,6 @@ def check_device_resize(
     sizes (from the files' headers) resized on ``device`` and by PIL, every pixel compared (one read-back from the
     device). ``resize.ResizeUnavailable`` naming the first image that differs; returns how many were compared. The
     start check (``resize.pass_order``) used probe images; this one uses the run's own sizes."""
-    vertical_first = resize.PASS_ORDERS[pass_order]
     chosen, items, sizes = [], [], set()
     for path in paths:
         try:
@@ -1169,12 +1176,11 @@ def check_device_resize(
                 size = image.size
             if size in sizes:
                 continue
-            pixels = decode_image(path)
+            items.append(decode_for_device(path, image_size, pass_order))
         except (OSError, SyntaxError, ValueError, DataError):
             continue  # an unreadable file is reported (or skipped) where the images are loaded
         sizes.add(size)
         chosen.append(path)
-        items.append(resize.Decoded(pixels, image_size, vertical_first(size[0], size[1], image_size, image_size)))
         if len(chosen) == count:
             break
     if not chosen:
@@ -1204,7 +1210,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.split = split
         self.image_size = image_size
         self.cache = cache
-        self.vertical_first = resize.PASS_ORDERS[pass_order] if pass_order is not None else None
+        self.pass_order = pass_order
         self._pixels: np.ndarray | None = None  # the cache's memory map, opened lazily in each worker process
 
     def __len__(self) -> int:
@@ -1212,10 +1218,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | resize.Decoded, int]:
         row = index if index >= 0 else -1 - index  # -1 - row: a padding copy of ``row`` (distributed.share)
-        if self.vertical_first is not None:
-            pixels = decode_image(self.split.image_path(row))
-            h, w, size = pixels.shape[0], pixels.shape[1], self.image_size
-            return resize.Decoded(pixels, size, self.vertical_first(w, h, size, size)), index
+        if self.pass_order is not None:
+            return decode_for_device(self.split.image_path(row), self.image_size, self.pass_order), index
         if self.cache is None:
             image = load_image(self.split.image_path(row), self.image_size)
         else:

@@ -199,16 +199,15 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, files: list[str], image_size: int, pass_order: str | None = None) -> None:
         self.files = files
         self.image_size = image_size
-        self.vertical_first = resize.PASS_ORDERS[pass_order] if pass_order is not None else None
+        self.pass_order = pass_order
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _load(self, path: str):
-        if self.vertical_first is None:
+        if self.pass_order is None:
             return datasets.pixels_to_tensor(datasets.load_image(path, self.image_size))
-        pixels, size = datasets.decode_image(path), self.image_size
-        return resize.Decoded(pixels, size, self.vertical_first(pixels.shape[1], pixels.shape[0], size, size))
+        return datasets.decode_for_device(path, self.image_size, self.pass_order)
 
     def __getitem__(self, index: int):
         try:
