@@ -1155,11 +1155,36 @@ def collate_images(items: list[tuple]) -> tuple[torch.Tensor | resize.DecodedBat
     return stack_images(list(images)), torch.tensor(indices)
 
 
+SIDE_STREAM_COPIES = True  # bench/gpu_check.py turns it off to measure what the side stream gives
+
+
 def batch_to_device(images: torch.Tensor | resize.DecodedBatch, device: torch.device) -> torch.Tensor:
     """A loader batch as uint8 N x 3 x H x W on ``device``, copied without waiting (pinned memory); a
-    ``resize.DecodedBatch`` is resized there, to the pixels the workers would have made."""
-    images = images.to(device, non_blocking=True)
+    ``resize.DecodedBatch`` is resized there, to the pixels the workers would have made.
+
+    On a CUDA device the copy runs on a side stream: on the current stream it would wait for every kernel queued
+    before it (the previous step's) and hold back every kernel after it, so the GPU would idle while the batch
+    crosses the bus. The current stream waits for the copy only (an event on the device, not on the host), and the
+    copy's memory is kept from reuse until that stream is done with it (``record_stream``). Same values."""
+    stream = _copy_stream(device) if SIDE_STREAM_COPIES else None
+    if stream is None:
+        images = images.to(device, non_blocking=True)
+    else:
+        current = torch.cuda.current_stream(device)
+        with torch.cuda.stream(stream):
+            images = images.to(device, non_blocking=True)
+        current.wait_stream(stream)
+        images.record_stream(current)
     return images.resize() if isinstance(images, resize.DecodedBatch) else images
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The side stream for host-to-device copies of ``device`` (None off CUDA: the copy is already the next thing)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.Stream(device if device.index is not None else torch.cuda.current_device())
 
 
 def check_device_resize(

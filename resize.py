@@ -208,7 +208,7 @@ class DecodedBatch:
     """A batch of ``Decoded`` images at their own sizes, in groups of one pass order and alike sizes
     (``padding_groups``): the images padded to the group's largest, their weights, their positions in the batch.
     Pinned, moved and resized like a tensor batch: ``pin_memory()`` (the DataLoader's pinning thread calls it),
-    ``to(device, non_blocking=...)``, ``resize()``."""
+    ``to(device, non_blocking=...)``, ``record_stream(stream)``, ``resize()``."""
 
     def __init__(self, groups: list[tuple[bool, dict[str, torch.Tensor]]], size: int, count: int) -> None:
         self.groups, self.size, self.count = groups, size, count  # groups: (vertical first?, tensors)
@@ -249,6 +249,12 @@ class DecodedBatch:
 
     def to(self, device, non_blocking: bool = False) -> DecodedBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream) -> None:
+        """``Tensor.record_stream`` for every tensor of the batch (a copy made on a side stream, used on another)."""
+        for _, g in self.groups:
+            for t in g.values():
+                t.record_stream(stream)
 
     def resize(self) -> torch.Tensor:
         """The batch as ``datasets.load_image`` gives it: uint8 N x 3 x size x size, channels-last strides, on the

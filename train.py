@@ -148,7 +148,7 @@ def train_one_epoch(
         idx = idx.to(device, non_blocking=True)
         real = idx >= 0
         rows = torch.where(real, idx, -1 - idx)
-        x = datasets.to_model_input(images.to(device, non_blocking=True), flips[rows])
+        x = datasets.to_model_input(datasets.batch_to_device(images, device), flips[rows])
         batch_observed = state.observed.batch(rows, host_rows)
         select = reduce = None
         if ctx.enabled:

@@ -11,6 +11,9 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    processes: a child forked after a capture aborts when it frees captured memory). ``graph_check`` (GPU only): 12
    steps from the same weights on the same batches, two eager copies against each other and eager against the graph:
    the first step's logits, and the parameters and BatchNorm statistics at the end (see ``graph_check``).
+   ``*_fed_img_s``: the same steps fed from pinned host memory each step, the copy on a side stream (as main.py runs,
+   ``datasets.batch_to_device``), and ``*_fed_same_stream_img_s`` on the current stream, for the price of the copy
+   and what the side stream takes off it (``ratios.*_copy_side_stream_vs_same``).
 2. ``official_style``: the released code's data path and precision (PIL transforms per item in 4 workers, fp32, NCHW)
    training the same model (``bench/throughput.py``), and its evaluation.
 3. a generated COCO-2014 tree (``train2014``, ``val2014`` and ``annotations/instances_*2014.json``; 640x480 JPEGs),
@@ -106,10 +109,14 @@ def roof(device: torch.device, graph: bool) -> dict:
     workers."""
     model, optimizer, amp, images, observed = roof_model(device)
     x = datasets.to_model_input(images)
+    host = images.cpu().pin_memory() if device.type == "cuda" else images.clone()
 
-    def train_step(forward=model) -> None:
+    def fed() -> torch.Tensor:  # the batch copied from pinned host memory each step, as main.py's loop gets it
+        return datasets.to_model_input(datasets.batch_to_device(host, device))
+
+    def train_step(forward=model, inputs=lambda: x) -> None:
         with amp:
-            logits = forward(x)
+            logits = forward(inputs())
         loss, _ = losses.large_loss(logits, observed, "LL-R", 0.004)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,9 +125,14 @@ def roof(device: torch.device, graph: bool) -> dict:
     eval_x = datasets.to_model_input(images.repeat(datasets.EVAL_BATCH_FACTOR, 1, 1, 1))
 
     @torch.inference_mode()
-    def eval_step() -> None:
+    def eval_step(inputs=lambda: eval_x) -> None:
         with amp:
-            torch.sigmoid(model(eval_x).float())
+            torch.sigmoid(model(inputs()).float())
+
+    def eval_fed() -> torch.Tensor:  # train.predict's model batch: loader batches copied one by one, then joined
+        return datasets.to_model_input(
+            torch.cat([datasets.batch_to_device(host, device) for _ in range(datasets.EVAL_BATCH_FACTOR)])
+        )
 
     model.train()
     result = {"train_img_s": timed(train_step, device, BSIZE)}
@@ -129,11 +141,30 @@ def roof(device: torch.device, graph: bool) -> dict:
         graphed.train()
         try:
             result["train_graph_img_s"] = timed(lambda: train_step(graphed), device, BSIZE)
+            result.update(copy_stream_rates("train_graph", lambda: train_step(graphed, fed), device, BSIZE))
         except RuntimeError as err:  # reported, so that the rest of the check still runs
             result["train_graph_error"] = str(err).splitlines()[0][:300]
+    else:
+        result.update(copy_stream_rates("train", lambda: train_step(inputs=fed), device, BSIZE))
     model.eval()
     result["eval_img_s"] = timed(eval_step, device, eval_x.shape[0])
+    result.update(copy_stream_rates("eval", lambda: eval_step(eval_fed), device, eval_x.shape[0]))
     return result
+
+
+def copy_stream_rates(name: str, step, device: torch.device, batch_size: int) -> dict:
+    """``step`` fed from pinned host memory, its copies on a side stream (``datasets.batch_to_device``, as main.py
+    runs) and on the current stream (the baseline), alternating twice over half the usual batches, the faster of
+    each kept."""
+    rates = {f"{name}_fed_img_s": 0.0, f"{name}_fed_same_stream_img_s": 0.0}
+    try:
+        for _ in range(2):
+            for side, key in zip((True, False), rates, strict=True):
+                datasets.SIDE_STREAM_COPIES = side
+                rates[key] = max(rates[key], timed(step, device, batch_size, max(SETTINGS["batches"] // 2, 1)))
+    finally:
+        datasets.SIDE_STREAM_COPIES = True
+    return rates
 
 
 def roof_model(device: torch.device, seed: int = 0):
@@ -185,16 +216,18 @@ def graph_check(device: torch.device, steps: int = 12) -> dict:
     return {"steps": steps, "eager_vs_eager": compare(runs[0], runs[1]), "graph_vs_eager": compare(runs[0], runs[2])}
 
 
-def timed(step, device: torch.device, batch_size: int) -> float:
-    """Images per second of ``step`` after warm-up (one synchronisation at each end)."""
+def timed(step, device: torch.device, batch_size: int, batches: int | None = None) -> float:
+    """Images per second of ``step`` over ``batches`` (default: the settings') after warm-up (one synchronisation at
+    each end)."""
+    batches = batches or SETTINGS["batches"]
     for _ in range(SETTINGS["warmup"]):
         step()
     sync(device)
     start = time.perf_counter()
-    for _ in range(SETTINGS["batches"]):
+    for _ in range(batches):
         step()
     sync(device)
-    return SETTINGS["batches"] * batch_size / (time.perf_counter() - start)
+    return batches * batch_size / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -467,6 +500,10 @@ def main() -> None:
         out["ratios"]["predict_device_resize_vs_workers"] = path["predict_device_resize_img_s"] / path["predict_img_s"]
     if "train_graph_img_s" in out["roof"]:
         out["ratios"]["train_vs_graph_roof"] = project["train_img_s"] / out["roof"]["train_graph_img_s"]
+    for name in ("train", "train_graph", "eval"):  # fed from host memory: copies on a side / on the current stream
+        if f"{name}_fed_img_s" in out["roof"]:
+            fed = out["roof"][f"{name}_fed_img_s"] / out["roof"][f"{name}_fed_same_stream_img_s"]
+            out["ratios"][f"{name}_copy_side_stream_vs_same"] = fed
     out["coco_run_minutes"] = {
         "project": coco_minutes(project["train_img_s"], project["eval_img_s"]),
         "project_eager": coco_minutes(eager["train_img_s"], eager["eval_img_s"]),

@@ -138,3 +138,77 @@ def test_the_counter_sees_what_synchronises():
         with contextlib.suppress(RuntimeError):
             bool(x.sum() > 0)
     assert sum(counter.calls.values()) == 4, dict(counter.calls)
+
+
+class FakeStreams:
+    """Stand-ins for CUDA streams on a CPU: every copy, wait and ``record_stream`` is logged with its stream."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.log: list[str] = []
+        self.side, self.current = self.Stream("side", self.log), self.Stream("current", self.log)
+        self.active = [self.current]
+        monkeypatch.setattr(datasets, "_copy_stream", lambda device: self.side)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "stream", self.use)
+        copy = torch.Tensor.to
+        monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: self.log.append(f"copy on {self.active[-1].name}")
+                            or copy(t, *a, **k))  # fmt: skip
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: self.log.append(f"kept for {s.name}"))
+
+    class Stream:
+        def __init__(self, name: str, log: list[str]) -> None:
+            self.name, self.log = name, log
+
+        def wait_stream(self, other) -> None:
+            self.log.append(f"{self.name} waits for {other.name}")
+
+    @contextlib.contextmanager
+    def use(self, stream):
+        self.active.append(stream)
+        yield
+        self.active.pop()
+
+
+def test_batches_cross_to_the_device_on_a_side_stream(monkeypatch):
+    """On CUDA a batch is copied on a side stream, the current stream waits for that copy (on the device), and the
+    copy's memory is kept until the current stream is done with it; same values. Without the side stream the copy
+    would wait for the previous step's kernels and hold back the next step's."""
+    images = torch.arange(48, dtype=torch.uint8).view(2, 3, 2, 4)
+    streams = FakeStreams(monkeypatch)
+    assert torch.equal(datasets.batch_to_device(images, torch.device("cpu")), images)
+    assert streams.log == ["copy on side", "current waits for side", "kept for current"]
+
+    streams.log.clear()
+    monkeypatch.setattr(datasets, "SIDE_STREAM_COPIES", False)  # the GPU check's baseline
+    datasets.batch_to_device(images, torch.device("cpu"))
+    assert streams.log == ["copy on current"]
+
+
+def test_decoded_batches_cross_on_the_side_stream_too(monkeypatch, tmp_path):
+    """``--eval_resize device``: every tensor of a ``resize.DecodedBatch`` is copied on the side stream and kept for
+    the current one, which waits for the copies before it resizes; the pixels are the workers'."""
+    import numpy as np
+    from PIL import Image
+
+    import resize
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(40, 30), (30, 40), (12, 12)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    order = resize.pass_order()
+    decoded = resize.DecodedBatch.collate([datasets.decode_for_device(p, 16, order) for p in paths])
+    expected = torch.stack([torch.from_numpy(datasets.load_image(p, 16)).permute(2, 0, 1) for p in paths])
+    tensors = sum(len(g) for _, g in decoded.groups)
+    streams = FakeStreams(monkeypatch)
+    images = datasets.batch_to_device(decoded, torch.device("cpu"))
+    assert torch.equal(images, expected)
+    wait = streams.log.index("current waits for side")
+    assert streams.log[:wait] == ["copy on side"] * tensors
+    assert streams.log[wait + 1 : wait + 1 + tensors] == ["kept for current"] * tensors
+    assert "copy on side" not in streams.log[wait:]
+
+
+def test_off_cuda_there_is_no_side_stream():
+    assert datasets._copy_stream(torch.device("cpu")) is None
