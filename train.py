@@ -393,7 +393,9 @@ def run(cfg: Config) -> dict:
     """
     ctx = distributed.setup(use_cuda=cfg.device != "cpu" and torch.cuda.is_available())
     try:
-        return _run(cfg, ctx)
+        final = _run(cfg, ctx)
+        distributed.finish(ctx)
+        return final
     finally:
         distributed.teardown()
 

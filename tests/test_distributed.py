@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -138,3 +139,29 @@ def test_epr_and_role_refuse_several_processes(synthetic_root, tmp_path, monkeyp
     cfg = config.parse_config(["--data_root", str(synthetic_root), "--save_path", str(tmp_path), "--loss", loss])
     with pytest.raises(train.TrainingError, match="runs in a single process"):
         train.run(cfg)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_processes_meet_before_the_group_is_torn_down_only_after_a_run_that_ended_well(monkeypatch, fails):
+    """After a finished run every process frees what holds the group and waits for the others before tearing it down;
+    after a failure it tears down at once (the others may never reach a barrier)."""
+    import train
+
+    calls = []
+    monkeypatch.setattr(distributed, "setup", lambda use_cuda: distributed.Context(0, 2, 0))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed, "teardown", lambda: calls.append("teardown"))
+
+    def run(cfg, ctx):
+        if fails:
+            raise train.TrainingError("stop")
+        return {"test_map": 1.0}
+
+    monkeypatch.setattr(train, "_run", run)
+    if fails:
+        with pytest.raises(train.TrainingError):
+            train.run(SimpleNamespace(device="cpu"))
+        assert calls == ["teardown"]
+    else:
+        assert train.run(SimpleNamespace(device="cpu")) == {"test_map": 1.0}
+        assert calls == ["barrier", "teardown"]
