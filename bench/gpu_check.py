@@ -13,7 +13,9 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    the first step's logits, and the parameters and BatchNorm statistics at the end (see ``graph_check``).
    ``*_fed_img_s``: the same steps fed from pinned host memory each step, the copy on a side stream (as main.py runs,
    ``datasets.batch_to_device``), and ``*_fed_same_stream_img_s`` on the current stream, for the price of the copy
-   and what the side stream takes off it (``ratios.*_copy_side_stream_vs_same``).
+   and what the side stream takes off it (``ratios.*_copy_side_stream_vs_same``). ``*_fused_adam_img_s``: the step
+   with ``torch.optim.Adam(fused=True)`` (one kernel for all parameters; main.py keeps the default implementation
+   until this shows that the fused one pays: it rounds differently).
 2. ``official_style``: the released code's data path and precision (PIL transforms per item in 4 workers, fp32, NCHW)
    training the same model (``bench/throughput.py``), and its evaluation.
 3. a generated COCO-2014 tree (``train2014``, ``val2014`` and ``annotations/instances_*2014.json``; 640x480 JPEGs),
@@ -114,13 +116,15 @@ def roof(device: torch.device, graph: bool) -> dict:
     def fed() -> torch.Tensor:  # the batch copied from pinned host memory each step, as main.py's loop gets it
         return datasets.to_model_input(datasets.batch_to_device(host, device))
 
-    def train_step(forward=model, inputs=lambda: x) -> None:
+    fused = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)  # a candidate: one kernel for the whole step
+
+    def train_step(forward=model, inputs=lambda: x, adam=optimizer) -> None:
         with amp:
             logits = forward(inputs())
         loss, _ = losses.large_loss(logits, observed, "LL-R", 0.004)
-        optimizer.zero_grad(set_to_none=True)
+        adam.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        adam.step()
 
     eval_x = datasets.to_model_input(images.repeat(datasets.EVAL_BATCH_FACTOR, 1, 1, 1))
 
@@ -141,10 +145,12 @@ def roof(device: torch.device, graph: bool) -> dict:
         graphed.train()
         try:
             result["train_graph_img_s"] = timed(lambda: train_step(graphed), device, BSIZE)
+            result["train_graph_fused_adam_img_s"] = timed(lambda: train_step(graphed, adam=fused), device, BSIZE)
             result.update(copy_stream_rates("train_graph", lambda: train_step(graphed, fed), device, BSIZE))
         except RuntimeError as err:  # reported, so that the rest of the check still runs
             result["train_graph_error"] = str(err).splitlines()[0][:300]
     else:
+        result["train_fused_adam_img_s"] = timed(lambda: train_step(adam=fused), device, BSIZE)
         result.update(copy_stream_rates("train", lambda: train_step(inputs=fed), device, BSIZE))
     model.eval()
     result["eval_img_s"] = timed(eval_step, device, eval_x.shape[0])
@@ -500,10 +506,15 @@ def main() -> None:
         out["ratios"]["predict_device_resize_vs_workers"] = path["predict_device_resize_img_s"] / path["predict_img_s"]
     if "train_graph_img_s" in out["roof"]:
         out["ratios"]["train_vs_graph_roof"] = project["train_img_s"] / out["roof"]["train_graph_img_s"]
-    for name in ("train", "train_graph", "eval"):  # fed from host memory: copies on a side / on the current stream
-        if f"{name}_fed_img_s" in out["roof"]:
-            fed = out["roof"][f"{name}_fed_img_s"] / out["roof"][f"{name}_fed_same_stream_img_s"]
-            out["ratios"][f"{name}_copy_side_stream_vs_same"] = fed
+    for phase in both:  # candidates against what main.py runs, measured beside each other (the later phase kept)
+        for name in ("train", "train_graph"):  # Adam as one fused kernel against the default (foreach) one
+            if f"{name}_fused_adam_img_s" in phase:
+                fused = phase[f"{name}_fused_adam_img_s"] / phase[f"{name}_img_s"]
+                out["ratios"][f"{name}_fused_adam_vs_foreach"] = fused
+        for name in ("train", "train_graph", "eval"):  # fed from host memory: copies on a side / the current stream
+            if f"{name}_fed_img_s" in phase:
+                fed = phase[f"{name}_fed_img_s"] / phase[f"{name}_fed_same_stream_img_s"]
+                out["ratios"][f"{name}_copy_side_stream_vs_same"] = fed
     out["coco_run_minutes"] = {
         "project": coco_minutes(project["train_img_s"], project["eval_img_s"]),
         "project_eager": coco_minutes(eager["train_img_s"], eager["eval_img_s"]),
