@@ -1166,6 +1166,9 @@ def batch_to_device(images: torch.Tensor | resize.DecodedBatch, device: torch.de
     before it (the previous step's) and hold back every kernel after it, so the GPU would idle while the batch
     crosses the bus. The current stream waits for the copy only (an event on the device, not on the host), and the
     copy's memory is kept from reuse until that stream is done with it (``record_stream``). Same values."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the stream is cached per device: name the current one
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = _copy_stream(device) if SIDE_STREAM_COPIES else None
     if stream is None:
         images = images.to(device, non_blocking=True)
@@ -1180,11 +1183,9 @@ def batch_to_device(images: torch.Tensor | resize.DecodedBatch, device: torch.de
 
 @functools.cache
 def _copy_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The side stream for host-to-device copies of ``device`` (None off CUDA: the copy is already the next thing)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return torch.cuda.Stream(device if device.index is not None else torch.cuda.current_device())
+    """The side stream for host-to-device copies of ``device`` (``cuda:N``; None off CUDA: the copy is already the
+    next thing)."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
 def check_device_resize(

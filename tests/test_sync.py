@@ -147,13 +147,23 @@ class FakeStreams:
         self.log: list[str] = []
         self.side, self.current = self.Stream("side", self.log), self.Stream("current", self.log)
         self.active = [self.current]
+        self.copies: set[int] = set()  # ids of the tensors the copies made
         monkeypatch.setattr(datasets, "_copy_stream", lambda device: self.side)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.active[-1])
         monkeypatch.setattr(torch.cuda, "stream", self.use)
         copy = torch.Tensor.to
-        monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: self.log.append(f"copy on {self.active[-1].name}")
-                            or copy(t, *a, **k))  # fmt: skip
-        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: self.log.append(f"kept for {s.name}"))
+
+        def to(t, *args, **kwargs):
+            self.log.append(f"copy on {self.active[-1].name}")
+            out = copy(t, *args, **kwargs).clone()  # a new tensor, as a copy to another device is
+            self.copies.add(id(out))
+            return out
+
+        def record_stream(t, stream):
+            self.log.append(f"{'copy' if id(t) in self.copies else 'another tensor'} kept for {stream.name}")
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
 
     class Stream:
         def __init__(self, name: str, log: list[str]) -> None:
@@ -165,8 +175,10 @@ class FakeStreams:
     @contextlib.contextmanager
     def use(self, stream):
         self.active.append(stream)
-        yield
-        self.active.pop()
+        try:
+            yield
+        finally:
+            self.active.pop()
 
 
 def test_batches_cross_to_the_device_on_a_side_stream(monkeypatch):
@@ -176,7 +188,7 @@ def test_batches_cross_to_the_device_on_a_side_stream(monkeypatch):
     images = torch.arange(48, dtype=torch.uint8).view(2, 3, 2, 4)
     streams = FakeStreams(monkeypatch)
     assert torch.equal(datasets.batch_to_device(images, torch.device("cpu")), images)
-    assert streams.log == ["copy on side", "current waits for side", "kept for current"]
+    assert streams.log == ["copy on side", "current waits for side", "copy kept for current"]
 
     streams.log.clear()
     monkeypatch.setattr(datasets, "SIDE_STREAM_COPIES", False)  # the GPU check's baseline
@@ -206,9 +218,21 @@ def test_decoded_batches_cross_on_the_side_stream_too(monkeypatch, tmp_path):
     assert torch.equal(images, expected)
     wait = streams.log.index("current waits for side")
     assert streams.log[:wait] == ["copy on side"] * tensors
-    assert streams.log[wait + 1 : wait + 1 + tensors] == ["kept for current"] * tensors
+    assert streams.log[wait + 1 : wait + 1 + tensors] == ["copy kept for current"] * tensors
     assert "copy on side" not in streams.log[wait:]
 
 
 def test_off_cuda_there_is_no_side_stream():
     assert datasets._copy_stream(torch.device("cpu")) is None
+
+
+def test_a_bare_cuda_device_gets_the_current_devices_stream(monkeypatch):
+    """The side stream is cached per device: ``cuda`` is named ``cuda:N`` (the current device) first, so that a copy
+    made after a change of the current device does not go to the stream of the one before."""
+    asked = []
+    monkeypatch.setattr(datasets, "_copy_stream", lambda device: asked.append(device))  # None: no side stream
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    datasets.batch_to_device(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.device("cpu"))
+    with contextlib.suppress(RuntimeError, AssertionError):  # no CUDA here: the copy itself fails after the lookup
+        datasets.batch_to_device(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.device("cuda"))
+    assert asked == [torch.device("cpu"), torch.device("cuda", 3)]
