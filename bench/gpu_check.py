@@ -201,9 +201,12 @@ def fused_adam_rates(name: str, step, model: torch.nn.Module, device: torch.devi
         }
         return alternated(variants, device, BSIZE)
     except Exception as err:  # recorded, so that the rest of the check still runs
-        return {
-            f"{name}_fused_adam_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-        }
+        return {f"{name}_fused_adam_error": error_line(err)}
+
+
+def error_line(err: Exception) -> str:
+    """An exception as one line of the JSON: its type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
 def roof_model(device: torch.device, seed: int = 0):
@@ -358,7 +361,7 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
         try:  # any failure here (an operator the device lacks, pinning) is recorded; the check goes on without it
             out.update(device_resize_rates(split, cfg, loader, device, predict_rate))
         except Exception as err:
-            out["device_resize_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            out["device_resize_error"] = error_line(err)
     return out
 
 
