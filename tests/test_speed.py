@@ -232,6 +232,37 @@ def test_gpu_check_repeats_a_failed_device_resize_run_without_it(tmp_path, monke
     assert [("device" in extra, required) for _, extra, required in calls] == [(False, True), (False, True)]
 
 
+def test_gpu_check_candidates_leave_the_check_as_they_found_it(monkeypatch):
+    """The candidates' timings: a fused Adam that cannot be built is recorded, not raised; the copy toggle is put back
+    to what it was, even when a step fails; each variant is timed in turn (stand-in steps: nothing trains)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_check
+
+    adam = torch.optim.Adam
+
+    def no_fused(params, *args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("fused=True needs CUDA here\nmore")
+        return adam(params, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_check.torch.optim, "Adam", no_fused)
+    model = torch.nn.Linear(2, 2)
+    out = gpu_check.fused_adam_rates("train", lambda a: None, model, torch.device("cpu"))
+    assert out == {"train_fused_adam_error": "RuntimeError: fused=True needs CUDA here"}
+
+    seen = []
+    assert gpu_check.copy_stream_rates("x", lambda: seen.append(datasets.SIDE_STREAM_COPIES), torch.device("cpu"), 1)
+    assert datasets.SIDE_STREAM_COPIES is True and {True, False} == set(seen)
+
+    def fails():
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(datasets, "SIDE_STREAM_COPIES", False)
+    with pytest.raises(RuntimeError):
+        gpu_check.copy_stream_rates("x", fails, torch.device("cpu"), 1)
+    assert datasets.SIDE_STREAM_COPIES is False
+
+
 @pytest.mark.slow  # one main.py start (it stops at its arguments)
 def test_gpu_check_records_a_failed_optional_run_and_goes_on(tmp_path, monkeypatch):
     """The --compile run is optional in the GPU check: if it fails or runs out of time, that is its result, not the
