@@ -141,9 +141,10 @@ def train_one_epoch(
     num_batches = len(loader)
     flips = sampler.flips.to(device)  # the epoch's flips, copied once; indexed on the device below
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr, disable=not ctx.is_main)
+    timings: dict = {}
     # Nothing in this loop reads a device value back to the host: indices arrive pinned and go to the device
     # without waiting, masks are applied arithmetically, and the only synchronisation is the periodic check.
-    for step, (images, idx) in enumerate(bar, 1):
+    for step, (images, idx) in enumerate(noting_first_batch(bar, timings), 1):
         host_rows = torch.where(idx >= 0, idx, -1 - idx)  # padding rows (a share of a tiny last batch) carry -1 - row
         idx = idx.to(device, non_blocking=True)
         real = idx >= 0
@@ -184,6 +185,7 @@ def train_one_epoch(
     state.observed.end_epoch()
     loss_sum = distributed.all_sum(loss_sum, ctx)
     stats = {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
+    stats["train_first_batch_seconds"] = round(timings.get("first_batch_seconds", 0.0), 3)
     if diagnostics is not None:
         distributed.all_sum(diagnostics.sums, ctx)
         stats.update(diagnostics.summary())
@@ -192,14 +194,26 @@ def train_one_epoch(
     return stats
 
 
+def noting_first_batch(batches, timings: dict):
+    """``batches``, one by one; ``timings["first_batch_seconds"]``: how long the first took to come (host clock). The
+    device waits that long for a pass to start: the pipeline's fill, paid once per pass (per 250 steps in the GPU
+    check, per 4,104 on COCO), apart from the rate at which the pass then runs."""
+    started = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if i == 0:
+            timings["first_batch_seconds"] = time.perf_counter() - started
+        yield batch
+
+
 @torch.inference_mode()
-def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None) -> torch.Tensor:
+def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None, timings=None) -> torch.Tensor:
     """Sigmoid scores of every image in row order, on the device, without host synchronisation per batch. Under
     torchrun each process scores its contiguous share and the shares are gathered: every image exactly once.
 
     The loader's batches (``bsize`` images, so that every worker delivers its first batch soon) are joined on the
     device into model batches of ``datasets.EVAL_BATCH_FACTOR`` of them: the model sees the same batches of
-    ``4 x bsize`` images in row order as with one large loader batch, so the scores are the same."""
+    ``4 x bsize`` images in row order as with one large loader batch, so the scores are the same. ``timings``: a dict
+    that receives ``first_batch_seconds`` (``noting_first_batch``)."""
     ctx = ctx or SINGLE
     model.eval()
     scores, pending = [], []
@@ -211,7 +225,8 @@ def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None) -
         scores.append(torch.sigmoid(logits.float()))
         pending.clear()
 
-    for images, _ in tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main):
+    bar = tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main)
+    for images, _ in noting_first_batch(bar, {} if timings is None else timings):
         pending.append(datasets.batch_to_device(images, device))
         if len(pending) == datasets.EVAL_BATCH_FACTOR:
             score()
@@ -257,12 +272,15 @@ def evaluate(
 ):
     """mAP and per-class AP in percent (NaN-free: a class without scored entries is left out and listed as None);
     with ``class_groups``, the mAP of each group (G1 the rarest) too; ``images``: how many images were scored;
-    ``metrics``: the threshold metrics, when asked for. Computed on the device."""
-    scores = predict(model, loader, device, desc, amp, ctx)
+    ``metrics``: the threshold metrics, when asked for; ``first_batch_seconds`` (``noting_first_batch``). Computed on
+    the device."""
+    timings: dict = {}
+    scores = predict(model, loader, device, desc, amp, ctx, timings)
     extra = {"metrics": threshold_metrics_against(scores, labels)} if with_threshold_metrics else {}
     ap = 100.0 * ap_against(scores, labels).cpu().double()
     result = {"map": float(ap.nanmean()), "ap_per_class": [None if a != a else a for a in ap.tolist()]}
     result["images"] = scores.shape[0]
+    result["first_batch_seconds"] = timings.get("first_batch_seconds", 0.0)
     if class_groups is not None:
         groups = torch.from_numpy(class_groups)
         result["group_map"] = {f"G{g + 1}": float(ap[groups == g].nanmean()) for g in range(int(groups.max()) + 1)}
@@ -544,6 +562,7 @@ def write_final(test: dict, s: Session, seconds: float) -> dict:
         "processes": s.ctx.world,
         "seconds": round(seconds, 1),
         "test_seconds": round(test["seconds"], 3),
+        "test_first_batch_seconds": round(test["first_batch_seconds"], 3),
     }
     if isinstance(s.forward, trainstep.FastTrainStep):
         final["fast_step"] = s.forward.what
@@ -631,9 +650,8 @@ def _train_epochs(s: Session) -> None:
 
         stats.update(methods.after_epoch(cfg, s.state, epoch, train_scores))
         val_start = time.time()
-        val_map = evaluate(s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp,
-                           ctx=s.ctx)["map"]  # fmt: skip
-        val_seconds = time.time() - val_start
+        val = evaluate(s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp, ctx=s.ctx)
+        val_seconds, val_map = time.time() - val_start, val["map"]
         record = {"phase": "end_to_end", "epoch": epoch, "rate": rate, **stats}
         record.update(observed_positives=positives_at_start, val_map=val_map)
         if not s.folder.path.is_dir():
@@ -643,6 +661,7 @@ def _train_epochs(s: Session) -> None:
             )
         record["seconds"] = round(time.time() - epoch_start, 3)
         record.update(train_seconds=round(train_seconds, 3), val_seconds=round(val_seconds, 3))
+        record["val_first_batch_seconds"] = round(val["first_batch_seconds"], 3)
         s.log(record)
         progress.epoch = epoch
         # Order matters for resume: the best weights are on disk before a checkpoint that points at them.

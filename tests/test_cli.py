@@ -33,6 +33,10 @@ def test_every_scheme_runs_and_writes_its_run_folder(scheme_runs, scheme):
     assert config["mod_scheme"] == scheme and config["delta_rel"] == 5.0
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert {"rate", "train_loss", "num_selected", "val_map", "seconds"} <= set(log[0])
+    # each pass's fill (how long its first batch took to come), apart from its rate: read by bench/gpu_check.py
+    assert all(0 <= r["train_first_batch_seconds"] <= r["train_seconds"] for r in log)
+    assert all(0 <= r["val_first_batch_seconds"] <= r["val_seconds"] for r in log)
+    assert 0 <= final["test_first_batch_seconds"] <= final["test_seconds"]
     assert log[0]["num_selected"] == 0  # epoch 1 is never modified
     if scheme == "AN":
         assert all(r["num_selected"] == 0 for r in log)

@@ -174,7 +174,10 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     assert out["data_path"]["device_resize_only_img_s"] > 0
     assert out["main_py_eager"]["eval_resize"] == "device"
     assert {"eval_device_resize_vs_workers", "predict_device_resize_vs_workers"} <= out["ratios"].keys()
-    assert "project_device_resize" in out["coco_run_minutes"]
+    assert {"project_device_resize", "project_fill_per_pass"} <= out["coco_run_minutes"].keys()
+    assert out["main_py"]["fill_s"].keys() == {"train", "val", "test"}
+    assert out["main_py"]["train_steady_img_s"] >= out["main_py"]["train_img_s"] > 0
+    assert out["main_py"]["eval_steady_img_s"] >= out["main_py"]["eval_img_s"] > 0
     assert {"train_img_s", "warmup_s"} <= out["main_py_compile"].keys()
     assert {"train_vs_roof", "train_vs_official", "compile_train_vs_official", "eval_vs_limit"} <= out["ratios"].keys()
     assert {"project", "project_eager", "project_compile", "official_style"} <= out["coco_run_minutes"].keys()

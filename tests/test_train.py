@@ -69,3 +69,20 @@ def test_optimizer_gives_the_head_lr_times_lr_mult():
     optimizer = train.build_optimizer(cfg, tiny_model())
     assert [g["lr"] for g in optimizer.param_groups] == [0.002, 0.02]
     assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 1e-3
+
+
+def test_noting_first_batch_times_the_wait_for_the_first_batch_only(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+
+    def batches():
+        clock[0] += 2.0  # the pipeline's fill
+        yield 1
+        clock[0] += 3.0  # not part of it
+        yield 2
+
+    timings = {}
+    assert list(train.noting_first_batch(batches(), timings)) == [1, 2]
+    assert timings == {"first_batch_seconds": 2.0}
+    empty = {}
+    assert list(train.noting_first_batch(iter(()), empty)) == [] and empty == {}
