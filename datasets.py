@@ -1125,6 +1125,14 @@ def decode_for_device(path: str, size: int, pass_order: str) -> resize.Decoded:
     return resize.Decoded(pixels, size, resize.PASS_ORDERS[pass_order](width, height, size, size))
 
 
+def loader_item(path: str, size: int, pass_order: str | None = None) -> torch.Tensor | resize.Decoded:
+    """One image as a loader's item: uint8 C x H x W resized by PIL (``load_image``), or, with ``pass_order``
+    (``--eval_resize device``), only decoded, for the device to resize (``decode_for_device``)."""
+    if pass_order is not None:
+        return decode_for_device(path, size, pass_order)
+    return pixels_to_tensor(load_image(path, size))
+
+
 def _decoded(path: str, pixels: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
     try:
         with Image.open(path) as raw:
@@ -1213,7 +1221,7 @@ def check_device_resize(
         return 0
     resized = batch_to_device(resize.DecodedBatch.collate(items), device).cpu()
     for image, path in zip(resized, chosen, strict=True):
-        if not torch.equal(image, pixels_to_tensor(load_image(path, image_size))):
+        if not torch.equal(image, loader_item(path, image_size)):
             raise resize.ResizeUnavailable(
                 f"--eval_resize device: the device resize gives other pixels than PIL for {path} (checked at start on "
                 f"{len(chosen)} images of distinct sizes), so it would not give the paper's pixels. Use --eval_resize "
@@ -1244,16 +1252,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | resize.Decoded, int]:
         row = index if index >= 0 else -1 - index  # -1 - row: a padding copy of ``row`` (distributed.share)
-        if self.pass_order is not None:
-            return decode_for_device(self.split.image_path(row), self.image_size, self.pass_order), index
         if self.cache is None:
-            image = load_image(self.split.image_path(row), self.image_size)
-        else:
-            if self._pixels is None:
-                size = self.split.whole_size or len(self.split)
-                self._pixels = _open_cache(self.cache, size, self.image_size, "r")
-            image = np.array(self._pixels[self.split.offset + row])
-        return pixels_to_tensor(image), index
+            return loader_item(self.split.image_path(row), self.image_size, self.pass_order), index
+        if self._pixels is None:
+            size = self.split.whole_size or len(self.split)
+            self._pixels = _open_cache(self.cache, size, self.image_size, "r")
+        return pixels_to_tensor(np.array(self._pixels[self.split.offset + row])), index
 
     def __getstate__(self) -> dict:  # never pickle an open memory map into a worker
         return {**self.__dict__, "_pixels": None}

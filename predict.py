@@ -204,14 +204,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, path: str):
-        if self.pass_order is None:
-            return datasets.pixels_to_tensor(datasets.load_image(path, self.image_size))
-        return datasets.decode_for_device(path, self.image_size, self.pass_order)
-
     def __getitem__(self, index: int):
         try:
-            image = self._load(self.files[index])
+            image = datasets.loader_item(self.files[index], self.image_size, self.pass_order)
         except datasets.DataError as err:
             return None, index, str(err)
         except Exception as err:  # e.g. PIL's DecompressionBombError: still just an unreadable file here
@@ -357,7 +352,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval_resize",
         default="workers",
-        choices=("workers", "device"),
+        choices=config.EVAL_RESIZES,
         help="where images are resized: workers (PIL) or device (the same pixels, as main.py's --eval_resize)",
     )
     return parser
