@@ -277,3 +277,17 @@ def test_gpu_check_records_a_failed_optional_run_and_goes_on(tmp_path, monkeypat
     assert "error" in result and "sometimes" in result["error"]
     result = gpu_check.main_py(tmp_path, tmp_path / "runs", "slow", required=False, timeout=1)  # starting takes longer
     assert result == {"error": "stopped after 1 s"}
+
+
+def test_gpu_check_fits_the_compile_run_into_its_budget(monkeypatch):
+    """The check is one command of at most 6 minutes on the GPU machine: the --compile run gets what is left once the
+    end phase is set aside, never more than its own cap, and is left out when too little is left."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_check
+
+    budget, end = 350.0, gpu_check.END_S
+    assert gpu_check.compile_timeout(0.0, budget) == int(gpu_check.COMPILE_S)  # early: the cap
+    assert gpu_check.compile_timeout(170.0, budget) == int(budget - 170.0 - end)  # run 3's pace: what is left
+    left_out = budget - end - gpu_check.MIN_COMPILE_S + 1.0
+    assert gpu_check.compile_timeout(left_out, budget) is None
+    assert gpu_check.compile_timeout(left_out - 2.0, budget) is not None
