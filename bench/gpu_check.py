@@ -566,6 +566,7 @@ def main() -> None:
         "compile_train_vs_default": compiled["train_img_s"] / project["train_img_s"],
         "default_train_vs_eager": project["train_img_s"] / eager["train_img_s"],
         "eval_vs_limit": project["eval_img_s"] / eval_limit,
+        "eval_steady_vs_limit": project["eval_steady_img_s"] / eval_limit,  # each pass's fill left out
         "eval_vs_predict_alone": project["eval_img_s"] / out["data_path"]["predict_img_s"],
     }
     if eager["eval_resize"] == "device":  # main.py's evaluation with the device resize, against the workers' resize
