@@ -174,7 +174,8 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     assert out["data_path"]["device_resize_only_img_s"] > 0
     assert out["main_py_eager"]["eval_resize"] == "device"
     assert {"eval_device_resize_vs_workers", "predict_device_resize_vs_workers"} <= out["ratios"].keys()
-    assert {"project_device_resize", "project_fill_per_pass"} <= out["coco_run_minutes"].keys()
+    projections = {"project_device_resize", "project_compile_device_resize", "project_fill_per_pass"}
+    assert projections <= out["coco_run_minutes"].keys()
     assert out["main_py"]["fill_s"].keys() == {"train", "val", "test"}
     assert out["main_py"]["train_steady_img_s"] >= out["main_py"]["train_img_s"] > 0
     assert out["main_py"]["eval_steady_img_s"] >= out["main_py"]["eval_img_s"] > 0
