@@ -272,14 +272,29 @@ def _is_current(root: Path) -> bool:
 
 def _generate(root: Path) -> None:
     manifest_path = root / "synthetic.json"
-    if manifest_path.exists() or any(root.glob("formatted_*.npy")):
+    if manifest_path.exists():  # this generator's (older, or interrupted): everything derived from it goes
         print(f"[synthetic] {root} holds an older or incomplete synthetic dataset; regenerating it.")
-        manifest_path.unlink(missing_ok=True)
         for stale in root.glob("formatted_*.npy"):  # observed labels of every regime included
             stale.unlink()
         (root / _PRETRAINED_FILE).unlink(missing_ok=True)
         for derived in ("cache", "features"):  # pixels and features of the old images: never reuse them
             shutil.rmtree(root / derived, ignore_errors=True)
+    else:  # no manifest: whatever is there is not this generator's, so it neither replaces nor deletes it
+        ours = [
+            *root.glob("formatted_*.npy"),
+            *(root / name for name in ("images", "cache", "features", _PRETRAINED_FILE)),
+        ]
+        found = sorted(p.name for p in ours if p.exists())
+        if found:
+            others = ", ".join(name for name in datasets.DATASET_INFO if name != "synthetic")
+            raise datasets.DataError(
+                f"{root} holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''} but no synthetic.json: data "
+                "that this synthetic generator did not make, which it would replace. Pass --dataset for the data that "
+                f"is there ({others}), or give the synthetic data a --data_root of its own (the default is "
+                "data/synthetic)."
+            )
+    # From here on the folder is marked as this generator's, so an interrupted generation is redone, not refused.
+    files.write_text_atomic(manifest_path, json.dumps({"generating": _manifest()}, indent=1))
     print(f"[synthetic] generating {NUM_TRAIN} + {NUM_TEST} images into {root} (once)...")
     rng = np.random.default_rng(DATA_SEED)
     _write_split(root, "train", "train", NUM_TRAIN, rng)

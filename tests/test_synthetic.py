@@ -3,8 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 
 import synthetic
+from datasets import DataError
 
 
 def generate_small(root, monkeypatch):
@@ -55,7 +57,7 @@ def test_pretraining_shapes_are_disjoint_from_the_classes():
     assert len(synthetic.PRETRAIN_SHAPES) == len(synthetic.MULTILABEL_SHAPES) == 16
 
 
-def test_a_missing_formatted_file_or_manifest_regenerates_everything_derived(tmp_path, monkeypatch, capsys):
+def test_a_missing_formatted_file_or_a_broken_manifest_regenerates_everything_derived(tmp_path, monkeypatch, capsys):
     root = generate_small(tmp_path, monkeypatch)
     labels = np.load(root / "formatted_val_labels.npy")
     np.save(root / "formatted_train_labels_obs_p2n1.npy", np.zeros((40, 16)))  # a regime's observed labels
@@ -68,3 +70,34 @@ def test_a_missing_formatted_file_or_manifest_regenerates_everything_derived(tmp
     (root / "synthetic.json").write_text("{not json")
     synthetic.ensure_dataset(root)
     assert json.loads((root / "synthetic.json").read_text()) == synthetic._manifest()
+
+
+def test_another_datasets_folder_is_refused_and_left_as_it_was(tmp_path, monkeypatch):
+    """The default --dataset on another dataset's folder (no synthetic.json): nothing replaced, nothing deleted."""
+    labels = np.ones((3, 20), dtype=np.int8)
+    np.save(tmp_path / "formatted_train_labels.npy", labels)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "pixels.u8").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"cache, formatted_train_labels.npy but no synthetic.json.*--dataset"):
+        generate_small(tmp_path, monkeypatch)
+    np.testing.assert_array_equal(np.load(tmp_path / "formatted_train_labels.npy"), labels)
+    assert (tmp_path / "cache" / "pixels.u8").read_bytes() == b"x"
+    assert not (tmp_path / "synthetic.json").exists() and not (tmp_path / "images").exists()
+
+
+def test_an_interrupted_generation_is_redone_and_a_folder_with_only_other_files_is_used(tmp_path, monkeypatch):
+    (tmp_path / "README.md").write_text("the synthetic data go here")  # as in the repository's data/synthetic
+    written = []
+
+    def interrupted(root, split, phase, count, rng):
+        written.append(phase)
+        np.save(root / f"formatted_{phase}_labels.npy", np.zeros((1, 16)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_small(tmp_path, monkeypatch)
+    assert written == ["train"] and "generating" in json.loads((tmp_path / "synthetic.json").read_text())
+    monkeypatch.undo()
+    root = generate_small(tmp_path, monkeypatch)  # marked as the generator's: redone, not refused
+    assert synthetic._is_current(root) and np.load(root / "formatted_train_labels.npy").shape == (40, 16)
