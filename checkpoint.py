@@ -143,11 +143,21 @@ def _contents(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name != LOCK_NAME]
 
 
+# What a run writes into its folder before it trains: a folder holding only these (its lock free: no process works in
+# it) is a run that stopped during its setup (weights unavailable, a bad image, ...), with nothing to lose or resume.
+STARTED_ONLY = frozenset({"config.json", "data.json"})
+
+
 def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, writer: bool) -> RunFolder:
     config_path = path / "config.json"
-    if not _contents(path):
+    contents = {p.name for p in _contents(path)}
+    if contents <= STARTED_ONLY and (not contents or resume or writer):
         if resume:
-            raise RunFolderError(f"--resume: there is no run to resume in {path}. Drop --resume to start it.")
+            why = " (its run stopped before it trained)" if contents else ""
+            raise RunFolderError(f"--resume: there is no run to resume in {path}{why}. Drop --resume to start it.")
+        if contents:
+            print(f"The run folder {path} holds a run that stopped before it trained (its config only); it starts "
+                  "afresh with these flags.", flush=True)  # fmt: skip
         if writer:
             _write_data_json(path, cfg, fingerprint)
             files.write_text_atomic(config_path, cfg.to_json() + "\n")

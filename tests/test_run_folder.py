@@ -65,6 +65,23 @@ def test_resume_reads_the_last_checkpoint(started, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_a_run_that_stopped_before_it_trained_starts_afresh_with_other_flags(tmp_path, capsys):
+    """A run that failed during its setup (weights unavailable, say) left config.json and data.json only: the fix its
+    message suggests (other flags) starts the run, --resume says there is nothing to resume; with a log or a
+    checkpoint beside them, other flags are still refused."""
+    open_folder(make_cfg(tmp_path)).release()
+    fixed = make_cfg(tmp_path, "--use_pretrained", "false")
+    with pytest.raises(checkpoint.RunFolderError, match="no run to resume in .* stopped before it trained"):
+        open_folder(fixed, resume=True)
+    folder = open_folder(fixed)
+    folder.release()
+    assert "stopped before it trained" in capsys.readouterr().out and folder.resume_from is None
+    assert json.loads((fixed.run_dir / "config.json").read_text()) == fixed.to_dict()
+    (fixed.run_dir / "log.jsonl").write_text("{}\n")  # an epoch was logged: the run is one to keep
+    with pytest.raises(checkpoint.RunFolderError, match="different config"):
+        open_folder(make_cfg(tmp_path))
+
+
 # --- upgrades: a field missing from an older config.json is read as its default ---------------------------------
 
 
