@@ -151,7 +151,7 @@ STARTED_ONLY = frozenset({"config.json", "data.json"})
 def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, writer: bool) -> RunFolder:
     config_path = path / "config.json"
     contents = {p.name for p in _contents(path)}
-    if contents <= STARTED_ONLY and (not contents or resume or writer):
+    if contents <= STARTED_ONLY and (not contents or resume or (writer and _a_run_config(config_path))):
         if resume:
             why = " (its run stopped before it trained)" if contents else ""
             raise RunFolderError(f"--resume: there is no run to resume in {path}{why}. Drop --resume to start it.")
@@ -195,6 +195,15 @@ def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, write
                 "start over."
             )
     return RunFolder(path, resume_from=saved, resume_file=used)
+
+
+def _a_run_config(path: Path) -> bool:
+    """``path`` holds a config a run wrote (a JSON object with a dataset); a damaged one is reported, not replaced."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(value, dict) and "dataset" in value
 
 
 def _write_data_json(path: Path, cfg, fingerprint: str | None) -> None:

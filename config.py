@@ -20,7 +20,7 @@ from typing import Any
 
 import datasets
 import methods
-from models import ARCHS
+from models import ARCHS, RESNETS
 
 REPO_DIR = Path(__file__).resolve().parent
 OPTIMIZERS = ("adam", "sgd")
@@ -636,6 +636,47 @@ def parse_config(argv: list[str] | None = None) -> Config:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         parser.exit(0)
     try:
-        return config_from_args(args)
+        cfg = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
+    unused = unused_flag_problems(cfg, given_settings(argv))
+    if unused:
+        parser.error("; ".join(unused))
+    return cfg
+
+
+def given_settings(argv: list[str] | None) -> set[str]:
+    """The settings that the command line gives, whatever their values (a parse without defaults)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def unused_flag_problems(cfg: Config, given: set[str]) -> list[str]:
+    """Flags given on the command line that this run would ignore: a setting of a method it does not use (at another
+    value than the flag's default, which changes nothing), ``--delta_rel`` with the plain AN loss (recorded as 0 for
+    it, never read), or pretrained weights that are not loaded. Refused, so that a run never records a setting it
+    did not train with."""
+    p = []
+    owned = {flag.name for m in methods.active(cfg) for flag in m.flags}
+    for name, flag in methods.flags().items():
+        if name in given and name not in owned and getattr(cfg, name) != flag.default:
+            owners = [" ".join(m.selected_by) for m in methods.entries() if any(f.name == name for f in m.flags)]
+            choice = owners[0] if len(owners) == 1 else "one of them"
+            p.append(f"--{name} is a setting of {' or '.join(owners)}, which this run does not use: drop it, or add "
+                     f"{choice}")  # fmt: skip
+    if "delta_rel" in given and cfg.mod_scheme == methods.PLAIN_SCHEME and cfg.delta_rel != 0:
+        schemes = [m.name for m in methods.entries(methods.SCHEME) if m.name != methods.PLAIN_SCHEME]
+        if methods.get(cfg.loss, methods.LOSS).combines_with_schemes:
+            fix = f"drop it, or choose --mod_scheme {' / '.join(schemes)}"
+        else:
+            fix = f"--loss {cfg.loss} takes no scheme: drop it"
+        p.append(f"--delta_rel is the large-loss schemes' rate, and this run rejects or corrects nothing: {fix}")
+    if "pretrained_weights" in given:
+        if not cfg.use_pretrained:
+            p.append("--pretrained_weights with --use_pretrained false loads no weights: drop one of them")
+        elif cfg.arch not in RESNETS:
+            p.append(f"--pretrained_weights names torchvision's weights for the ResNets; --arch {cfg.arch} loads its "
+                     "own: drop it")  # fmt: skip
+    return p

@@ -864,6 +864,10 @@ def _at_least(name: str, low: float) -> Callable[[Any], str | None]:
 
 
 def _needs_expected_num_pos(cfg) -> list[str]:
+    info = datasets.DATASET_INFO.get(cfg.dataset)
+    if info is not None and cfg.expected_num_pos > info.num_classes:
+        return [f"--expected_num_pos is the expected number of positive labels per image: at most the "
+                f"{info.num_classes} classes of {info.title} (got {cfg.expected_num_pos:g})"]  # fmt: skip
     if cfg.expected_num_pos > 0:
         return []
     return [f"--loss {cfg.loss} needs --expected_num_pos > 0 (got {cfg.expected_num_pos})"]

@@ -242,6 +242,15 @@ def test_list_methods_names_gives_the_rows_a_dataset_offers(capsys):
         (["--loss", "em_apl", "--num_epochs", "3", "--apl_warmup", "3"], "--apl_warmup"),
         (["--ls_coef", "0.5"], "--ls_coef"),
         (["--linear_epochs", "0"], "--linear_epochs"),
+        # a setting the run would ignore is refused, not recorded in config.json as if it had been used
+        (["--loss", "an", "--em_alpha", "5"], "--em_alpha is a setting of --loss em or --loss em_apl, which this run"),
+        (["--linear_epochs", "3"], "--linear_epochs is a setting of --train_mode linear_init, which this run"),
+        (["--loss", "gr", "--em_alpha", "0.5"], "drop it, or add one of them"),
+        (["--mod_scheme", "AN", "--delta_rel", "0.5"], "choose --mod_scheme LL-R / LL-Ct / LL-Cp"),
+        (["--loss", "wan", "--delta_rel", "0.5"], "--loss wan takes no scheme: drop it"),
+        (["--pretrained_weights", "IMAGENET1K_V2"], "--arch smallcnn loads its own"),
+        (["--arch", "resnet18", "--use_pretrained", "false", "--pretrained_weights", "X"], "loads no weights"),
+        (["--loss", "epr", "--expected_num_pos", "17"], "at most the 16 classes of"),
     ],
 )
 def test_bad_values_exit_with_an_argparse_error(argv, message, capsys):
@@ -250,6 +259,15 @@ def test_bad_values_exit_with_an_argparse_error(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and message in err and "Traceback" not in err
+
+
+def test_given_settings_that_change_nothing_or_are_used_are_accepted():
+    """A flag at its default (--boostlu_alpha 0 switches BoostLU off), or one the run uses, is no reason to refuse."""
+    assert parse_config(["--boostlu_alpha", "0", "--em_alpha", "0.1", "--exp_name", "x"]).boostlu_alpha == 0
+    assert parse_config(["--mod_scheme", "AN", "--delta_rel", "0", "--exp_name", "x"]).delta_rel == 0
+    assert parse_config(["--loss", "em", "--em_alpha", "5", "--exp_name", "x"]).em_alpha == 5
+    assert parse_config(["--arch", "resnet18", "--pretrained_weights", "IMAGENET1K_V1", "--exp_name", "x"])
+    assert parse_config(["--loss", "epr", "--expected_num_pos", "16", "--exp_name", "x"]).expected_num_pos == 16
 
 
 def test_the_bounds_themselves_are_accepted():
