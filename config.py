@@ -319,6 +319,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Large Loss Matters (CVPR 2022): train a multi-label classifier from single positive labels.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a flag is named in full: --mod is no silent --mod_scheme, and repeats can be told apart
     )
     parser.add_argument("--dataset", default="synthetic", choices=dataset_names())
     parser.add_argument(
@@ -622,6 +623,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     args = parser.parse_args(argv)
+    repeated = repeated_flags(parser, sys.argv[1:] if argv is None else argv)
+    if repeated:
+        parser.error(f"{', '.join(repeated)} given more than once: the last would silently win (the scripts' "
+                     "EXTRA or extra flags must not repeat one they set themselves); give each flag once")  # fmt: skip
     if args.names and not args.list_methods:
         parser.error("--names goes with --list_methods")
     if args.list_methods:
@@ -643,6 +648,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if unused:
         parser.error("; ".join(unused))
     return cfg
+
+
+def repeated_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The flags of ``argv`` given more than once (``--seed 1 ... --seed 5``, ``--seed=5`` alike)."""
+    flag_of = {option: action.option_strings[-1] for action in parser._actions for option in action.option_strings}
+    seen: dict[str, int] = {}
+    for token in argv:
+        if token == "--":
+            break
+        flag = flag_of.get(token.split("=", 1)[0])
+        if flag is not None:
+            seen[flag] = seen.get(flag, 0) + 1
+    return [flag for flag, count in seen.items() if count > 1]
 
 
 def given_settings(argv: list[str] | None) -> set[str]:

@@ -8,7 +8,8 @@
 #   TRAIN_MODE=linear_init scripts/reproduce_table.sh DATASET  the LinearInit table (no BoostLU rows)
 #   SAVE=... METHODS="AN LL-R" ...                            another folder, or a subset of the rows (any offered row)
 #
-# Extra main.py flags go in EXTRA (e.g. EXTRA="--num_workers 8"). Finished runs are skipped, unfinished ones resume.
+# Extra main.py flags go in EXTRA (e.g. EXTRA="--num_workers 8"); main.py refuses one that repeats a flag the script
+# sets itself (--seed, the row's --mod_scheme, ...). Finished runs are skipped, unfinished ones resume.
 # Then:
 #   python report.py "$SAVE" --out "$SAVE/report"
 set -euo pipefail

@@ -4,7 +4,7 @@
 #   DATASETS="pascal coco" SCHEMES="LL-R LL-Ct LL-Cp" DELTAS="0.1 0.2 0.3 0.4 0.5" SEEDS="0 1 2" \
 #     SAVE=results/sweep scripts/sweep_delta_rel.sh [extra main.py flags...]
 #
-# Every variable has that default (DATASETS: pascal). Run folders are named <dataset>_<scheme>_d<delta>_s<seed>;
+# Every variable has that default (DATASETS: pascal). main.py refuses an extra flag that repeats one the script sets. Run folders are named <dataset>_<scheme>_d<delta>_s<seed>;
 # a finished one (final.json present) is skipped and an unfinished one resumes from its last checkpoint, so
 # re-running the same command completes an interrupted sweep.
 # Then: python report.py "$SAVE" --out "$SAVE/report"

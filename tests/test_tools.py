@@ -277,3 +277,12 @@ def test_reproduce_table_runs_the_registry_rows(tmp_path):
     assert rows == [f"{r}_end_to_end_s0" for r in table]
     bad = subprocess.run(["bash", script, "openimages"], env={**env, "METHODS": "epr"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "epr is not a row offered on openimages" in bad.stderr
+
+
+def test_reproduce_table_refuses_extra_flags_that_repeat_its_own(tmp_path):
+    """EXTRA="--seed 5" would make every seed's folder hold seed 5: main.py refuses the repeat, the script stops."""
+    env = {**os.environ, "PY": sys.executable, "SAVE": str(tmp_path / "t"), "METHODS": "AN", "EXTRA": "--seed 5"}
+    script = str(REPO / "scripts" / "reproduce_table.sh")
+    bad = subprocess.run(["bash", script, "synthetic", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--seed given more than once" in bad.stderr
+    assert not (tmp_path / "t" / "synthetic_AN_end_to_end_s1").exists()
