@@ -227,6 +227,9 @@ def validate(cfg) -> list[str]:
     for name in ("seed", "split_seed", "ss_seed"):
         if not 0 <= getattr(cfg, name) <= MAX_SEED:
             p.append(f"--{name} must lie in [0, 2**32 - 1 = {MAX_SEED}] (got {getattr(cfg, name)})")
+    for name in ("save_path", "data_root", "cache_dir"):
+        if getattr(cfg, name, None) == "":  # an unset shell variable: the current folder would be used silently
+            p.append(f"--{name} is empty: give a folder (an unset variable in a script, perhaps)")
     if cfg.num_workers < 0:
         p.append(f"--num_workers must be >= 0 (got {cfg.num_workers})")
     if cfg.eval_resize == "device" and cfg.cache == "disk":

@@ -51,14 +51,17 @@ def os_error_message(err: OSError, cfg: config.Config) -> str:
     """A file that could not be read or written: which one, why, and the flag that chose it."""
     path = err.filename
     reason = err.strerror or str(err)
+    every = "--data_root and --save_path" if cfg.cache_dir is None else "--data_root, --save_path and --cache_dir"
     if path is None:
-        return f"{reason}. Check --data_root and --save_path."
+        return f"{reason}. Check {every}."
     if _inside(path, cfg.save_path):
         flag = f"--save_path {cfg.save_path} / --exp_name ({len(cfg.exp_name)} characters)"
+    elif cfg.cache_dir is not None and _inside(path, cfg.cache_dir):
+        flag = f"--cache_dir {cfg.cache_dir}"
     elif _inside(path, cfg.data_root):
         flag = f"--data_root {cfg.data_root}"
     else:
-        flag = "--data_root and --save_path"
+        flag = every
     hints = {
         errno.ENAMETOOLONG: "the name is too long",
         errno.ENOTDIR: "a part of that path is a file, not a folder",

@@ -189,6 +189,13 @@ def test_a_data_root_that_is_a_file(tmp_path):
     assert code == 1 and f"Cannot use {tmp_path / 'afile'}" in err and "Check --data_root" in err
 
 
+def test_a_cache_dir_that_is_a_file_names_cache_dir(synthetic_root, tmp_path):
+    (tmp_path / "afile").write_text("")
+    argv = [*on_synthetic(synthetic_root, tmp_path / "runs"), "--cache_dir", str(tmp_path / "afile"), "--num_pos", "2"]
+    code, _, err = run_main(*argv)
+    assert code == 1 and f"Cannot use {tmp_path / 'afile'}" in err and f"Check --cache_dir {tmp_path / 'afile'}" in err
+
+
 def test_a_too_long_folder_name(synthetic_root, tmp_path):
     code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path / ("n" * 300)))
     assert code == 1 and "File name too long" in err and "a folder name in it is too long: shorten --save_path" in err

@@ -253,7 +253,9 @@ def test_list_methods_names_gives_the_rows_a_dataset_offers(capsys):
         (["--loss", "epr", "--expected_num_pos", "17"], "at most the 16 classes of"),
         # a flag given twice (a script's EXTRA repeating one it sets) would silently take the last value
         (["--seed", "1", "--lr", "1e-4", "--seed=5"], "--seed given more than once"),
-        (["--mod", "LL-R"], "unrecognized arguments: --mod"),  # no abbreviations: flags are named in full
+        (["--mod", "LL-R"], "unrecognized arguments: --mod"),
+        (["--save_path", ""], "--save_path is empty"),
+        (["--data_root", ""], "--data_root is empty"),  # no abbreviations: flags are named in full
     ],
 )
 def test_bad_values_exit_with_an_argparse_error(argv, message, capsys):
