@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -209,6 +210,11 @@ def validate(cfg) -> list[str]:
     ):
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {getattr(cfg, name)!r})")
+    for field in dataclasses.fields(cfg):  # nan passes every range check written as a comparison that fails
+        value = getattr(cfg, field.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            p.append(f"--{field.name} must be a finite number (got {' '.join(str(v) for v in numbers)})")
     for name in ("lr", "lr_mult"):
         if not getattr(cfg, name) > 0:
             p.append(f"--{name} must be positive (got {getattr(cfg, name)})")

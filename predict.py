@@ -136,6 +136,12 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             f"{best_path} does not fit the run's model (--arch {cfg.arch}, {num_classes} classes): {mismatch}. It "
             "belongs to another run or was altered; restore it or train the run again."
         )
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:  # training stops on a non-finite loss, so such weights were damaged afterwards: every score NaN
+        raise checkpoint.RunFolderError(
+            f"{best_path} holds non-finite weights (NaN or infinity in {', '.join(damaged[:3])}"
+            f"{' ...' if len(damaged) > 3 else ''}): every score would be NaN. Restore it or train the run again."
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # anything the key and shape check above did not foresee

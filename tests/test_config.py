@@ -255,6 +255,10 @@ def test_list_methods_names_gives_the_rows_a_dataset_offers(capsys):
         (["--seed", "1", "--lr", "1e-4", "--seed=5"], "--seed given more than once"),
         (["--mod", "LL-R"], "unrecognized arguments: --mod"),
         (["--save_path", ""], "--save_path is empty"),
+        (["--lr", "inf"], "--lr must be a finite number (got inf)"),
+        (["--loss", "gr", "--gr_sigma", "nan", "1"], "--gr_sigma must be a finite number (got nan 1.0)"),
+        (["--loss", "gr", "--gr_b", "inf", "0"], "--gr_b must be a finite number"),
+        (["--label_proportion", "nan"], "--label_proportion must be a finite number"),
         (["--data_root", ""], "--data_root is empty"),  # no abbreviations: flags are named in full
     ],
 )

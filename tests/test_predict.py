@@ -230,6 +230,12 @@ def _tamper_other_classes(run: Path) -> None:
     torch.save({"model": models.build_model("smallcnn", 20, use_pretrained=False).state_dict()}, run / "bestmodel.pt")
 
 
+def _tamper_nan(run: Path) -> None:  # readable, the right shapes, and NaN: every score would be NaN
+    best = torch.load(run / "bestmodel.pt", weights_only=True)
+    best["model"]["head.weight"][0, 0] = float("nan")
+    torch.save(best, run / "bestmodel.pt")
+
+
 def _remove_best(run: Path) -> None:
     (run / "bestmodel.pt").unlink()
 
@@ -247,6 +253,7 @@ def _bad_config(run: Path) -> None:
         (_tamper_pickle, "bestmodel.pt cannot be read safely"),
         (_tamper_other_arch, "does not fit the run's model (--arch smallcnn"),
         (_tamper_other_classes, "scores 20 classes but the run's dataset synthetic has 16"),
+        (_tamper_nan, "bestmodel.pt holds non-finite weights (NaN or infinity in head.weight)"),
         (_bad_config, "config.json cannot be read"),
     ],
 )
