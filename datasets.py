@@ -530,7 +530,13 @@ def _parsed(path: Path, count: int, parse: Callable[[list[str]], object]) -> Ite
 
 
 def _read_lines(path: Path) -> list[str]:
-    return _existing(path).read_text().splitlines()
+    try:
+        return _existing(path).read_text().splitlines()
+    except UnicodeDecodeError as err:  # before any line is read: name the byte, not "line 0"
+        raise DataError(
+            f"{path} is not a text file (its byte {err.start} cannot be decoded: {err.reason}): the file is damaged, "
+            "or not the official one. Extract it again from the official archive (data/README.md)."
+        ) from None
 
 
 def _existing(path: Path) -> Path:

@@ -576,6 +576,14 @@ def test_a_pascal_flag_that_is_not_a_number_names_the_line(tmp_path):
         datasets.format_dataset("pascal", root)
 
 
+def test_a_pascal_class_file_that_is_not_text_names_the_byte(tmp_path):
+    root = make_pascal(tmp_path / "pascal")
+    path = root / "VOCdevkit/VOC2012/ImageSets/Main/cat_train.txt"
+    path.write_bytes(path.read_bytes()[:12] + b"\x00\xff")
+    with pytest.raises(DataError, match=rf"{path} is not a text file \(its byte 13 cannot be decoded"):
+        datasets.format_dataset("pascal", root)
+
+
 # ------------------------------------------------------------------------------------------------- empty splits
 
 
