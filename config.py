@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ class ConfigCore:
         for f in dataclasses.fields(self):  # config.json holds tuples as lists: read them back as tuples
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
-        problems = validate(self)
+        problems = type_problems(dataclasses.asdict(self)) or validate(self)  # the rules compare typed values
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -191,6 +192,40 @@ def config_defaults() -> dict:
 
 def _regime_is_default(cfg) -> bool:
     return (cfg.num_pos, cfg.num_neg, cfg.label_proportion) == (1, 0, None)
+
+
+# A field's annotation -> the JSON values it accepts, and how a message names them.
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "None": "null"}
+
+
+def type_problems(values: Mapping[str, Any]) -> list[str]:
+    """Settings whose value is not of their field's type (a hand-edited ``config.json``: ``"image_size": "abc"``),
+    as readable problems; a tuple setting (``--gr_sigma``, ...) holds numbers. Settings not given are not checked."""
+    p = []
+    for field in dataclasses.fields(Config):
+        if field.name not in values:
+            continue
+        value = values[field.name]
+        flag = methods.flags().get(field.name)
+        if field.name == "from_preset":
+            ok, wanted = isinstance(value, (list, tuple)), "a list"
+        elif flag is not None and flag.nargs is not None:
+            ok = isinstance(value, (list, tuple)) and len(value) == flag.nargs
+            ok = ok and all(_of_type(v, _TYPES["float"]) for v in value)
+            wanted = f"a list of {flag.nargs} numbers"
+        else:
+            names = [n.strip() for n in str(getattr(field.type, "__name__", field.type)).split("|")]
+            ok = any(_of_type(value, _TYPES.get(n, (object,))) for n in names)
+            wanted = " or ".join(_TYPE_WORDS.get(n, n) for n in names)
+        if not ok:
+            p.append(f"{field.name} must be {wanted} (got {value!r})")
+    return p
+
+
+def _of_type(value, types: tuple) -> bool:
+    """JSON's true and false are no numbers."""
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
 
 
 def validate(cfg) -> list[str]:

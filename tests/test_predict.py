@@ -244,6 +244,11 @@ def _bad_config(run: Path) -> None:
     (run / "config.json").write_text("{not json")
 
 
+def _text_in_config(run: Path) -> None:  # hand-edited: a string where a number belongs
+    values = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**values, "image_size": "abc"}))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "tamper, message",
@@ -255,6 +260,7 @@ def _bad_config(run: Path) -> None:
         (_tamper_other_classes, "scores 20 classes but the run's dataset synthetic has 16"),
         (_tamper_nan, "bestmodel.pt holds non-finite weights (NaN or infinity in head.weight)"),
         (_bad_config, "config.json cannot be read"),
+        (_text_in_config, "is not a valid config (image_size must be an integer (got 'abc'))"),
     ],
 )
 def test_a_damaged_run_folder_is_refused_cleanly(run_dir, images, tmp_path, capsys, tamper, message):

@@ -150,6 +150,7 @@ def test_report_skips_folders_it_cannot_read_with_a_message(tmp_path, capsys):
     write_run(runs, "no_test_map", seed=3)
     (runs / "no_test_map" / "final.json").write_text(json.dumps({"val_map": 80.0}))
     write_run(runs, "no_dataset", seed=4, drop=("dataset",))
+    write_run(runs, "text_boost", seed=5, boost="x")  # hand-edited: a string where a number belongs
     assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| LL-R | 70.0 +- 0.0 (d 0.2) [n=1]" in out and "Traceback" not in out
@@ -160,6 +161,7 @@ def test_report_skips_folders_it_cannot_read_with_a_message(tmp_path, capsys):
         f"skipped {runs / 'list_config'}: config.json does not hold a JSON object",
         f"skipped {runs / 'no_test_map'}: no usable test_map",
         f"skipped {runs / 'no_dataset'}: no usable dataset",
+        f"skipped {runs / 'text_boost'}: config.json is not a valid config (boostlu_alpha must be a number (got 'x'))",
     ):
         assert line in out, line
     only_bad = tmp_path / "only_bad"
