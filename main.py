@@ -5,16 +5,22 @@ Several GPUs or nodes: ``torchrun --nproc_per_node N main.py ...`` (the same fla
 
 import errno
 import os
+import signal
 import sys
 
-import checkpoint
-import config
-import datasets
-import files
-import models
-import resize
-import train
-import trainstep
+_STARTING_INTERRUPTS: list[int] = []
+if __name__ == "__main__":  # Ctrl-C while torch imports (a second or two) is noted, then obeyed once imports are done:
+    # a KeyboardInterrupt inside an import leaves half-imported modules and a traceback, or is swallowed by one
+    signal.signal(signal.SIGINT, lambda signum, frame: _STARTING_INTERRUPTS.append(signum))
+
+import checkpoint  # noqa: E402
+import config  # noqa: E402
+import datasets  # noqa: E402
+import files  # noqa: E402
+import models  # noqa: E402
+import resize  # noqa: E402
+import train  # noqa: E402
+import trainstep  # noqa: E402
 
 USER_ERRORS = (
     datasets.DataError,
@@ -76,7 +82,11 @@ def os_error_message(err: OSError, cfg: config.Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse_config(argv)
+    try:
+        cfg = config.parse_config(argv)
+    except KeyboardInterrupt:
+        print("error: Interrupted (Ctrl-C) while starting: nothing was written.", file=sys.stderr)
+        return 130
     try:
         train.run(cfg)
     except USER_ERRORS as err:
@@ -98,4 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt, as usual
+    if _STARTING_INTERRUPTS:
+        print("error: Interrupted (Ctrl-C) while starting: nothing was written.", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

@@ -162,6 +162,22 @@ def test_ctrl_c_with_debug_shows_the_traceback(synthetic_root, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("after", [0.3, 0.6])
+def test_ctrl_c_while_main_py_imports_torch(tmp_path, after):
+    """Importing torch takes a second or more: a Ctrl-C then (the interpreter's own start takes a few hundredths of a
+    second) ends the command with the message and 130, neither a traceback from inside an import nor ignored."""
+    cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(tmp_path / "d"), "--save_path", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    # (on a machine that imports torch faster than that, the Ctrl-C meets the run itself, with its own message)
+    assert proc.returncode == 130 and "Interrupted (Ctrl-C)" in err and "Traceback" not in err, err[-2000:]
+    if "while starting: nothing was written" in err:
+        assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_the_synthetic_data_is_generated(tmp_path):
     root = tmp_path / "fresh"
     cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(root), "--save_path", str(tmp_path / "runs")]
