@@ -294,6 +294,7 @@ def test_a_run_folder_deleted_while_training_stops_with_a_message(small_data, tm
         return real(cfg, *args, epoch=epoch, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", delete_in_epoch_2)
-    argv = [*common(small_data, tmp_path, "gone"), "--num_epochs", "3"]
+    argv = common(small_data, tmp_path, "gone")
+    argv[argv.index("--num_epochs") + 1] = "3"
     code, _, err = run_main(*argv)
     assert code == 1 and "was deleted or moved while the run was training" in err
