@@ -39,6 +39,8 @@ DATASET_PRESETS = ("arch", "image_size", "num_epochs", "optimizer", "lr")
 IMAGE_SIZE_RANGE = (16, 2048)
 MAX_SEED = 2**32 - 1  # numpy's RandomState (the split and subsampling seeds) takes no more
 MAX_EXP_NAME = 200  # characters; file systems allow 255 bytes per name
+MAX_WORKERS = 256  # loader processes: each one a full Python process; more would exhaust a machine, not feed it
+MAX_BATCH = 2**16  # images per batch: far above any GPU's memory at 448 px, and a bound on the samplers' arithmetic
 # Config keys that say where things are and how fast they run, not what is trained: a run may be resumed with them
 # changed, and runs differing only in them (and the seed) are seeds of one setting in a report. checkpoint.py gets
 # this constant from its caller (it does not import this module).
@@ -256,6 +258,8 @@ def validate(cfg) -> list[str]:
     for name in ("bsize", "num_epochs"):
         if getattr(cfg, name) < 1:
             p.append(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
+    if cfg.bsize > MAX_BATCH:
+        p.append(f"--bsize must be at most {MAX_BATCH} (got {cfg.bsize})")
     low, high = IMAGE_SIZE_RANGE
     if not low <= cfg.image_size <= high:
         p.append(f"--image_size must lie in [{low}, {high}] pixels (got {cfg.image_size}): below {low} the backbones "
@@ -271,8 +275,8 @@ def validate(cfg) -> list[str]:
     for name in ("save_path", "data_root", "cache_dir"):
         if getattr(cfg, name, None) == "":  # an unset shell variable: the current folder would be used silently
             p.append(f"--{name} is empty: give a folder (an unset variable in a script, perhaps)")
-    if cfg.num_workers < 0:
-        p.append(f"--num_workers must be >= 0 (got {cfg.num_workers})")
+    if not 0 <= cfg.num_workers <= MAX_WORKERS:
+        p.append(f"--num_workers must lie in [0, {MAX_WORKERS}] (got {cfg.num_workers}); by default one per core")
     if cfg.eval_resize == "device" and cfg.cache == "disk":
         p.append("--eval_resize device has nothing to resize with --cache disk (the cache holds resized images): "
                  "choose one of them")  # fmt: skip

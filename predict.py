@@ -350,7 +350,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", default="csv", choices=("csv", "json"), help="output format (default csv)")
     parser.add_argument("--output", type=Path, default=None, help="write to this file (default: standard output)")
-    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per batch (default 64)")
+    batch = _argument(int, lambda v: 1 <= v <= config.MAX_BATCH, f"an integer from 1 to {config.MAX_BATCH}")
+    parser.add_argument("--batch_size", type=batch, default=64, help="images per batch (default 64)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     parser.add_argument(
         "--num_workers", type=_non_negative_int, default=None, help="image decoding processes (default: cores, max 8)"

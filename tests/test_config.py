@@ -255,6 +255,8 @@ def test_list_methods_names_gives_the_rows_a_dataset_offers(capsys):
         (["--seed", "1", "--lr", "1e-4", "--seed=5"], "--seed given more than once"),
         (["--mod", "LL-R"], "unrecognized arguments: --mod"),
         (["--save_path", ""], "--save_path is empty"),
+        (["--bsize", str(10**20)], "--bsize must be at most 65536"),  # beyond it, the samplers' arithmetic overflows
+        (["--num_workers", "100000"], "--num_workers must lie in [0, 256]"),  # as many processes would start
         (["--lr", "inf"], "--lr must be a finite number (got inf)"),
         (["--loss", "gr", "--gr_sigma", "nan", "1"], "--gr_sigma must be a finite number (got nan 1.0)"),
         (["--loss", "gr", "--gr_b", "inf", "0"], "--gr_b must be a finite number"),

@@ -290,6 +290,7 @@ def test_bad_paths_and_flags_are_refused_cleanly(run_dir, images, tmp_path, caps
         ((run_dir, images, "--top_k", "17"), 2, "only 16 classes"),
         ((run_dir, images, "--threshold", "1.5"), 2, "in [0, 1]"),
         ((run_dir, images, "--format", "xml"), 2, "invalid choice"),
+        ((run_dir, images, "--batch_size", str(10**20)), 2, "an integer from 1 to 65536"),
     ]
     for args, status, message in cases:
         code, out, err = call(capsys, *args, "--num_workers", "0")
