@@ -389,8 +389,13 @@ def _read_coco_json(path: Path) -> dict:
         raise DataError(f"{path} is not valid JSON ({err}): it is incomplete or damaged (an interrupted download?). "
                         f"{fix}") from None  # fmt: skip
     problem = None
+    not_lists = [] if not isinstance(data, dict) else [
+        key for key in ("annotations", "images", "categories") if key in data and not isinstance(data[key], list)
+    ]  # fmt: skip
     if not isinstance(data, dict) or not {"annotations", "categories"} <= data.keys():
         problem = "it has no 'annotations' and 'categories' lists"
+    elif not_lists:
+        problem = f"its '{not_lists[0]}' is {json.dumps(data[not_lists[0]])[:60]}, not a list"
     elif not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in data["categories"]):
         problem = "its categories are not objects with an integer 'id'"
     elif not len(data["categories"]) == len({c["id"] for c in data["categories"]}) == COCO_NUM_CLASSES:
@@ -414,7 +419,16 @@ def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     ``images.txt`` order, split by ``train_test_split.txt`` (1 = train, else test). Some lines of the real label file
     carry extra fields; only the first three (image id, attribute id, is_present) are read."""
     cub = root / "CUB_200_2011"
-    images = list(_parsed(cub / "images.txt", 2, lambda f: (int(f[0]), " ".join(f[1:]))))
+    images_path = cub / "images.txt"
+    images, line_of = [], {}
+    # id, then the rest of the line: a path keeps its spaces (two in a row included)
+    for number, (image_id, name) in _parsed_lines(images_path, 2, lambda f: (int(f[0]), f[1]), maxsplit=1):
+        if image_id in line_of:  # else its labels would all go to one of the two rows
+            raise DataError(f"{images_path} lists the image id {image_id} twice (lines {line_of[image_id]} and "
+                            f"{number}): each image has its own id. Use the official CUB_200_2011 files "
+                            "(data/cub/README.md).")  # fmt: skip
+        line_of[image_id] = number
+        images.append((image_id, name))
     image_row = {image_id: i for i, (image_id, _) in enumerate(images)}
     is_train = dict(_parsed(cub / "train_test_split.txt", 2, lambda f: (int(f[0]), int(f[1]) == 1)))
     labels = np.full((len(images), CUB_NUM_ATTRIBUTES), -1, dtype=np.int64)
@@ -449,10 +463,19 @@ def format_openimages(root: Path) -> dict[str, tuple[np.ndarray, SparseLabels]]:
     annotated both ways for one image counts as present. Image names ``images_<train|val|test>/<ImageID>.jpg``.
     """
     base = root / "2017_11"
-    classes = [line.strip() for line in _read_lines(base / "classes-trainable.txt") if line.strip()]
+    classes_path = base / "classes-trainable.txt"
+    listed = [(number, line.strip()) for number, line in enumerate(_read_lines(classes_path), 1) if line.strip()]
+    classes = [mid for _, mid in listed]
     if len(classes) != OPENIMAGES_NUM_CLASSES:
-        raise DataError(f"{base / 'classes-trainable.txt'} lists {len(classes)} classes; the 2017_11 release (V3) has "
+        raise DataError(f"{classes_path} lists {len(classes)} classes; the 2017_11 release (V3) has "
                         f"{OPENIMAGES_NUM_CLASSES}. Use that release's file.")  # fmt: skip
+    line_of: dict[str, int] = {}
+    for number, mid in listed:
+        if mid in line_of:  # one of the two columns would get no label
+            raise DataError(f"{classes_path} lists the class {mid} twice (lines {line_of[mid]} and {number}); the "
+                            f"2017_11 release (V3) lists each of its {OPENIMAGES_NUM_CLASSES} classes once. Use that "
+                            "release's file (data/openimages/README.md).")  # fmt: skip
+        line_of[mid] = number
     column = {mid: i for i, mid in enumerate(classes)}
     out = {}
     for phase, folder in OPENIMAGES_SPLITS.items():
@@ -495,8 +518,11 @@ def _read_openimages_csv(path: Path, column: dict[str, int]) -> tuple[np.ndarray
                 ) from None
             try:
                 ids.append(int(parts[i_id], 16))
-            except ValueError:
-                raise DataError(f"{path}, line {number}: ImageID {parts[i_id]!r} is not a 16-digit hex id.") from None
+            except (ValueError, OverflowError):  # OverflowError: negative, or more than 64 bits
+                raise DataError(
+                    f"{path}, line {number}: ImageID {parts[i_id]!r} is not a 16-digit hex id: the file is damaged, or "
+                    "not the official one. Download it again (data/openimages/README.md)."
+                ) from None
             cols.append(col)
             values.append(1 if conf > 0.5 else -1)
     return np.frombuffer(ids, np.uint64), np.frombuffer(cols, np.int32), np.frombuffer(values, np.int8)
@@ -513,15 +539,21 @@ def _hex_ids(ids: np.ndarray) -> np.ndarray:
 def _parsed(path: Path, count: int, parse: Callable[[list[str]], object]) -> Iterator:
     """``parse(fields)`` of each non-blank line's whitespace-separated fields; a line with fewer than ``count`` fields,
     or one ``parse`` fails on (ValueError), is a DataError naming the file and the line."""
+    return (value for _, value in _parsed_lines(path, count, parse))
+
+
+def _parsed_lines(path: Path, count: int, parse: Callable[[list[str]], object], maxsplit: int = -1) -> Iterator:
+    """``(line number, parse(fields))`` as ``_parsed``; with ``maxsplit``, the line is split that many times at most
+    (the last field is the rest of the line, its inner spaces kept)."""
     number, line = 0, ""
     try:
         for number, line in enumerate(_read_lines(path), start=1):  # noqa: B007 (the message names the line)
-            fields = line.split()
+            fields = line.split(maxsplit=maxsplit)
             if not fields:
                 continue
             if len(fields) < count:
                 raise ValueError
-            yield parse(fields)
+            yield number, parse(fields)
     except ValueError:
         raise DataError(
             f"{path}, line {number}: {line[:100]!r} cannot be read: the file is cut short or damaged, or "
@@ -671,6 +703,18 @@ def format_dataset(name: str, root: str | os.PathLike, derived: str | os.PathLik
     formatted = info.formatter(root)
     for phase, (names, labels) in formatted.items():
         _check_formatted_output(name, root, phase, names, labels)
+    found = repeated_name({phase: names for phase, (names, _) in formatted.items()})
+    if found is not None:
+        image, places = found
+        phases = list(dict.fromkeys(phase for phase, _ in places))
+        if len(phases) == 1:
+            where = f"{len(places)} times in the {phases[0]} split"
+        else:
+            where = f"in both the {phases[0]} and the {phases[1]} split"
+        raise DataError(
+            f"The raw annotations in {root} list the image {image!r} {where}: they are not the official {info.title} "
+            f"files. Nothing was written. Use the files data/{name}/README.md names."
+        )
     out.mkdir(parents=True, exist_ok=True)
     for phase, (names, labels) in formatted.items():
         if not find_file(f"formatted_{phase}_images.npy", root, out).exists():
@@ -797,7 +841,7 @@ def load_formatted(
                         f"{info.title} has only partial labels (its annotated entries are what is observed). Leave "
                         "them out.")  # fmt: skip
     format_dataset(dataset, root, derived)
-    data = {}
+    images_of = {}
     for phase in info.phases:
         images_path = find_file(f"formatted_{phase}_images.npy", root, derived)
         images = load_npy(images_path, _formatted_fix(dataset, root, [images_path]))
@@ -805,6 +849,12 @@ def load_formatted(
             what = "no image names" if images.dtype.kind in "US" and images.ndim == 1 else "no 1-D list of names"
             raise DataError(f"{images_path} holds {what} (shape {images.shape}, dtype {images.dtype}). "
                             f"{_formatted_fix(dataset, root, [images_path])}")  # fmt: skip
+        images_of[phase] = images
+    _check_distinct_names(dataset, root, derived, images_of)
+    data = {}
+    for phase in info.phases:
+        images_path = find_file(f"formatted_{phase}_images.npy", root, derived)
+        images = images_of[phase]
         if info.sparse:
             parts = [find_file(name, root, derived) for name in SparseLabels.files(phase)]
             labels = SparseLabels.load(parts[0].parent, phase, info.num_classes)
@@ -827,6 +877,61 @@ def load_formatted(
                     files.save_npy_atomic(derived / obs_name, observed)
         data[phase] = {"images": images, "labels": labels, "labels_obs": observed}
     return data
+
+
+def _check_distinct_names(dataset: str, root: Path, derived: Path, images_of: dict[str, np.ndarray]) -> None:
+    """Each image listed once in its split's formatted images file, and in one split only: a repeated image could
+    land in both training and validation with conflicting labels, or be trained on and scored. DataError naming the
+    file(s), an example and what to delete."""
+    found = repeated_name(images_of)
+    if found is None:
+        return
+    name, places = found
+    info = DATASET_INFO[dataset]
+
+    def phase_files(phase: str) -> list[Path]:
+        labels = SparseLabels.files(phase) if info.sparse else [f"formatted_{phase}_labels.npy"]
+        return [find_file(f, root, derived) for f in [f"formatted_{phase}_images.npy", *labels]]
+
+    phases = list(dict.fromkeys(phase for phase, _ in places))
+    fix = _formatted_fix(dataset, root, [path for phase in phases for path in phase_files(phase)])
+    if len(phases) == 1:
+        rows = [str(row) for _, row in places]
+        listed = f"{', '.join(rows[:-1])} and {rows[-1]}" if len(rows) <= 5 else f"{', '.join(rows[:5])}, ..."
+        raise DataError(f"{phase_files(phases[0])[0]} lists the image {name!r} {len(rows)} times (rows {listed}): "
+                        "each image must be listed once (a repeated one could land in both training and validation, "
+                        f"with conflicting labels). {fix}")  # fmt: skip
+    (first, row_a), (second, row_b) = places[0], next(place for place in places if place[0] != places[0][0])
+    raise DataError(f"{phase_files(second)[0]} lists the image {name!r} (row {row_b}), which {phase_files(first)[0]} "
+                    f"lists too (row {row_a}): the {first} and {second} splits must not share an image (it would be "
+                    f"trained on and scored). {fix}")  # fmt: skip
+
+
+def repeated_name(names_of: Mapping[str, np.ndarray]) -> tuple[str, list[tuple[str, int]]] | None:
+    """A name that the arrays of ``names_of`` (phase -> 1-D str or bytes names) list more than once, within one or
+    across several, with its places ``[(phase, row), ...]`` in order; None when every name is distinct. Arrays that
+    are each strictly increasing with disjoint ranges (as the formatter writes OpenImages' 3.4M names) take one
+    comparison pass; others one ``np.unique``."""
+    phases = list(names_of)
+    arrays = [np.asarray(names_of[phase]) for phase in phases]
+    if len({a.dtype.kind for a in arrays}) > 1:  # str and bytes mixed: compare as str
+        arrays = [a if a.dtype.kind == "U" else np.char.decode(a, "utf-8", "replace") for a in arrays]
+    if all(len(a) < 2 or bool((a[1:] > a[:-1]).all()) for a in arrays):
+        bounds = sorted((a[0], a[-1]) for a in arrays if len(a))
+        if all(high < low for (_, high), (low, _) in zip(bounds, bounds[1:], strict=False)):
+            return None
+    names = np.concatenate(arrays)
+    values, first, inverse, counts = np.unique(names, return_index=True, return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(counts > 1)
+    if not len(repeated):
+        return None
+    pick = repeated[np.argmin(first[repeated])]  # the repeated name that comes first
+    rows = np.flatnonzero(inverse.ravel() == pick)
+    starts = np.cumsum([0] + [len(a) for a in arrays])
+    where = np.searchsorted(starts, rows, side="right") - 1
+    name = values[pick]
+    name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return name, [(phases[w], int(r - starts[w])) for w, r in zip(where, rows, strict=True)]
 
 
 def _existing_observed(path: Path, labels: np.ndarray) -> np.ndarray | None:
@@ -1143,6 +1248,9 @@ def _decoded(path: str, pixels: Callable[[Image.Image], np.ndarray]) -> np.ndarr
     try:
         with Image.open(path) as raw:
             return pixels(to_rgb(raw))
+    except Image.DecompressionBombError as err:  # not an OSError: PIL refuses to decode that many pixels
+        raise DataError(f"Cannot decode image {path}: it is too large to decode safely ({err}). Replace or remove the "
+                        "file.") from None  # fmt: skip
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from None
 
@@ -1217,8 +1325,8 @@ def check_device_resize(
             if size in sizes:
                 continue
             items.append(decode_for_device(path, image_size, pass_order))
-        except (OSError, SyntaxError, ValueError, DataError):
-            continue  # an unreadable file is reported (or skipped) where the images are loaded
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError):
+            continue  # an unreadable file (or one too large to decode) is reported or skipped where images are loaded
         sizes.add(size)
         chosen.append(path)
         if len(chosen) == count:
@@ -1285,16 +1393,35 @@ def disk_cache_path(split: Split, image_size: int, root: str | os.PathLike) -> P
 
 
 def _open_cache(path: Path, num_images: int, image_size: int, mode: str) -> np.ndarray:
+    """The cache's pixels, memory-mapped; an existing cache file (mode ``r``/``r+``) of another size than its images
+    take (cut short, or changed after it was built) is a DataError that says to delete it."""
+    if mode != "w+" and path.exists() and not _cache_size_ok(path, num_images, image_size):
+        need = num_images * image_size * image_size * 3
+        raise DataError(
+            f"The disk cache {path} holds {path.stat().st_size} bytes, not the {num_images} x {image_size} x "
+            f"{image_size} x 3 = {need} its images take: it was cut short or changed after it was built. Delete {path} "
+            "and run again: the next run builds it anew."
+        )
     return np.memmap(path, dtype=np.uint8, mode=mode, shape=(num_images, image_size, image_size, 3))
+
+
+def _cache_size_ok(path: Path, num_images: int, image_size: int) -> bool:
+    """Whether the cache file holds exactly ``num_images`` x S x S x 3 bytes (S: ``image_size``)."""
+    try:
+        return path.stat().st_size == num_images * image_size * image_size * 3
+    except OSError:
+        return False
 
 
 def _cache_done_path(path: Path) -> Path:
     return path.with_name(path.name + ".done.npy")
 
 
-def disk_cache_complete(path: Path, num_images: int) -> bool:
+def disk_cache_complete(path: Path, num_images: int, image_size: int) -> bool:
+    """The cache file is there, of the size its images take (``_cache_size_ok``), and every image is marked done: a
+    file cut short behind an intact bitmap is not complete."""
     done = _cache_done(path, num_images)
-    return path.exists() and done is not None and bool(done.all())
+    return done is not None and bool(done.all()) and _cache_size_ok(path, num_images, image_size)
 
 
 def _cache_done(path: Path, num_images: int) -> np.ndarray | None:
@@ -1328,7 +1455,7 @@ def build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int
     so an interrupted build continues where it stopped. Announces the size first and refuses when the disk is short.
     ``on_chunk(done_count)`` is called after each chunk (tests use it to interrupt a build)."""
     n = len(split)
-    if disk_cache_complete(path, n):
+    if disk_cache_complete(path, n, image_size):
         return path
     lock = path.with_name(path.name + ".lock")
     with data_lock(path.parent, f"The disk cache {path} (being built)", lock_file=lock):
@@ -1337,11 +1464,16 @@ def build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int
 
 def _build_disk_cache(split: Split, image_size: int, path: Path, num_workers: int, on_chunk) -> Path:
     n = len(split)
-    if disk_cache_complete(path, n):  # built by the process that held the lock before
+    if disk_cache_complete(path, n, image_size):  # built by the process that held the lock before
         return path
     need = n * image_size * image_size * 3
     done_path = _cache_done_path(path)
-    done = _cache_done(path, n) if path.exists() else None
+    # A cache file that is missing or of another size (cut short) starts over, whatever its bitmap says.
+    fresh = not _cache_size_ok(path, n, image_size)
+    if fresh and path.exists():
+        print(f"disk cache: {path} holds {path.stat().st_size} bytes, not the {need} its images take (cut short?): "
+              "building it anew")  # fmt: skip
+    done = None if fresh else _cache_done(path, n)
     done = np.zeros(n, dtype=bool) if done is None else done
     free = shutil.disk_usage(path.parent).free + (path.stat().st_size if path.exists() else 0)
     print(f"disk cache: {n} images x {image_size}x{image_size}x3 = {need / 1e9:.2f} GB in {path} "
@@ -1349,7 +1481,8 @@ def _build_disk_cache(split: Split, image_size: int, path: Path, num_workers: in
     if need > free - 2**30:
         raise DataError(f"The disk cache needs {need / 1e9:.2f} GB in {path.parent}, but only {free / 1e9:.2f} GB are "
                         "free (keeping 1 GB spare). Free some space, or train without --cache disk.")  # fmt: skip
-    if not path.exists():
+    if fresh:
+        done_path.unlink(missing_ok=True)  # never a stale bitmap beside a new, empty file
         _open_cache(path, n, image_size, "w+").flush()
     todo = np.flatnonzero(~done)
     chunks = [todo[i : i + _CACHE_CHUNK] for i in range(0, len(todo), _CACHE_CHUNK)]

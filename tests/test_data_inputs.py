@@ -19,13 +19,24 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO
-from fixtures_raw import COCO, make_coco, make_nuswide, make_openimages, make_pascal, nuswide_labels
+from fixtures_raw import (
+    COCO,
+    NUSWIDE_TRAIN_NAMES,
+    make_coco,
+    make_cub,
+    make_nuswide,
+    make_openimages,
+    make_pascal,
+    nuswide_labels,
+)
 from PIL import Image
 
 import datasets
 import files
 import main
+import resize
 import synthetic
 from datasets import DataError, Regime
 
@@ -280,7 +291,26 @@ def test_disk_cache_build_waits_for_its_lock(tmp_path, monkeypatch):
         datasets.build_disk_cache(split, 4, path, 0)
     held.release()
     datasets.build_disk_cache(split, 4, path, 0)
-    assert datasets.disk_cache_complete(path, 1)
+    assert datasets.disk_cache_complete(path, 1, 4)
+
+
+def test_a_disk_cache_cut_short_behind_an_intact_bitmap_is_rebuilt_not_read(tmp_path):
+    images = []
+    for value in (7, 9):
+        images.append(tmp_path / f"{value}.png")
+        Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(images[-1])
+    split = datasets.Split("", np.array([str(i) for i in images]), np.zeros((2, 2)), np.zeros((2, 2)))
+    path = datasets.disk_cache_path(split, 4, tmp_path)
+    datasets.build_disk_cache(split, 4, path, 0)
+    with open(path, "r+b") as f:
+        f.truncate(50)  # the second image cut short; its .done.npy still marks every image done
+    assert not datasets.disk_cache_complete(path, 2, 4)
+    with pytest.raises(DataError, match=rf"The disk cache {path} holds 50 bytes, not the 2 x 4 x 4 x 3 = 96 .* Delete"):
+        datasets.ImageDataset(split, 4, path)[1]  # read as it is (a process that did not build it)
+    datasets.build_disk_cache(split, 4, path, 0)  # the path a missing cache takes: built anew
+    assert path.stat().st_size == 96 and datasets.disk_cache_complete(path, 2, 4)
+    cached = datasets.ImageDataset(split, 4, path)
+    assert (cached[0][0] == 7).all() and (cached[1][0] == 9).all()
 
 
 RACE = """
@@ -436,6 +466,16 @@ def test_other_image_modes_become_the_right_rgb(tmp_path):
     assert datasets.load_image(saved(tmp_path, bits, "b.png"), 2).tolist()[0] == [[0, 0, 0], [255, 255, 255]]
 
 
+def test_an_image_too_large_to_decode_safely_is_an_undecodable_image(tmp_path, monkeypatch):
+    path = saved(tmp_path, Image.new("1", (20, 16)), "big.png")  # 320 pixels, over twice the limit set below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as a 15000 x 15000 image against PIL's own limit
+    for decode in (lambda p: datasets.load_image(p, 8), datasets.decode_image):
+        with pytest.raises(DataError, match=rf"Cannot decode image {path}: it is too large to decode safely \("):
+            decode(path)
+    order = next(iter(resize.PASS_ORDERS))
+    assert datasets.check_device_resize([path], 8, torch.device("cpu"), order) == 0  # skipped, as unreadable files
+
+
 # ------------------------------------------------------------------------------------------- damaged formatted files
 
 DAMAGED = {
@@ -477,6 +517,50 @@ def test_an_images_file_that_is_not_a_list_of_names_is_refused(tmp_path):
     np.save(root / "formatted_val_images.npy", np.array([], dtype="U5"))
     with pytest.raises(DataError, match=r"formatted_val_images\.npy holds no image names"):
         datasets.load_formatted("nuswide", root)
+
+
+def test_an_image_listed_twice_in_a_formatted_file_is_refused(tmp_path):
+    root = make_nuswide(tmp_path / "nuswide", images=False)
+    names = list(NUSWIDE_TRAIN_NAMES)
+    names[7] = names[2]
+    np.save(root / "formatted_train_images.npy", np.array(names))
+    with pytest.raises(DataError) as err:
+        datasets.load_formatted("nuswide", root)
+    message = str(err.value)
+    assert message.startswith(f"{root / 'formatted_train_images.npy'} lists the image {names[2]!r} 2 times (rows 2 "
+                              "and 7): each image must be listed once")  # fmt: skip
+    assert message.endswith(f"Replace {root / 'formatted_train_images.npy'} and {root / 'formatted_train_labels.npy'} "
+                            "with the files data/nuswide/README.md describes.")  # fmt: skip
+    assert not (root / "formatted_train_labels_obs.npy").exists()  # refused before any observed label is drawn
+
+
+def test_an_image_in_both_the_train_and_the_test_file_is_refused(tmp_path):
+    root = make_nuswide(tmp_path / "nuswide", images=False)
+    val = np.load(root / "formatted_val_images.npy")
+    val[1] = NUSWIDE_TRAIN_NAMES[4]
+    np.save(root / "formatted_val_images.npy", val)
+    with pytest.raises(DataError) as err:
+        datasets.load_formatted("nuswide", root)
+    assert str(err.value).startswith(
+        f"{root / 'formatted_val_images.npy'} lists the image {NUSWIDE_TRAIN_NAMES[4]!r} (row 1), which "
+        f"{root / 'formatted_train_images.npy'} lists too (row 4): the train and val splits must not share an image"
+    )
+
+
+def test_repeated_name_is_exact_for_sorted_shuffled_and_mixed_names():
+    rng = np.random.default_rng(0)
+    names = np.char.add(np.char.add(b"images_train/", datasets._hex_ids(np.unique(rng.integers(0, 2**63, 5000).astype(
+        np.uint64)))), b".jpg")  # fmt: skip
+    val = np.char.add(b"images_val/", datasets._hex_ids(np.arange(1, 40, dtype=np.uint64)))
+    assert datasets.repeated_name({"train": names, "val": val}) is None  # sorted, disjoint: one pass
+    shuffled = names[rng.permutation(len(names))]
+    assert datasets.repeated_name({"train": shuffled, "val": val[::-1]}) is None  # through the hashes
+    shuffled[3000] = shuffled[10]
+    assert datasets.repeated_name({"train": shuffled}) == (shuffled[10].decode(), [("train", 10), ("train", 3000)])
+    assert datasets.repeated_name({"a": np.array(["x", "y", "x", "x"]), "b": np.array([b"z"])}) == (
+        "x", [("a", 0), ("a", 2), ("a", 3)]
+    )  # fmt: skip
+    assert datasets.repeated_name({"a": np.array(["x", "y"]), "b": np.array([b"y"])}) == ("y", [("a", 1), ("b", 0)])
 
 
 def test_wrong_user_formatted_files_name_exactly_what_to_delete(tmp_path):
@@ -534,6 +618,24 @@ def test_a_json_that_is_not_coco_2014_writes_nothing(tmp_path, change, problem):
     assert all((root / name).exists() for name in FORMATTED)
 
 
+@pytest.mark.parametrize("key", ["annotations", "images", "categories"])
+@pytest.mark.parametrize("value", [None, 5, "x"])
+def test_a_coco_json_whose_lists_are_not_lists_names_the_key_and_writes_nothing(tmp_path, key, value):
+    root = make_coco(tmp_path / "coco")
+    path = root / "annotations/instances_val2014.json"
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as err:
+        datasets.format_dataset("coco", root)
+    message = str(err.value)
+    assert message.startswith(
+        f"{path} is not a COCO 2014 instances file: its '{key}' is {json.dumps(value)}, not a list"
+    )
+    assert "Nothing was written" in message and "Download the COCO 2014 annotations again" in message
+    assert not list(root.glob("formatted_*"))
+
+
 def test_a_formatter_output_of_the_wrong_class_count_writes_nothing(tmp_path, monkeypatch):
     root = make_pascal(tmp_path / "pascal")
     info = datasets.DATASET_INFO["pascal"]
@@ -557,9 +659,61 @@ def test_an_openimages_csv_cut_mid_line_names_the_line(tmp_path):
     assert not list(root.glob("formatted_*"))
 
 
-def test_a_cub_label_line_cut_short_names_the_line(tmp_path):
-    from fixtures_raw import make_cub
+@pytest.mark.parametrize("image_id", ["1ffffffffffffffff", "-1"])
+def test_an_openimages_image_id_beyond_64_bits_or_negative_names_the_line(tmp_path, image_id):
+    root = make_openimages(tmp_path / "oi", extra={"train": [f"{image_id},verification,/m/0a,1"]})
+    path = root / "2017_11/train/annotations-human.csv"
+    with pytest.raises(DataError) as err:
+        datasets.format_dataset("openimages", root)
+    assert str(err.value).startswith(f"{path}, line 15: ImageID b'{image_id}' is not a 16-digit hex id")
+    assert "Download it again (data/openimages/README.md)" in str(err.value)
+    assert not list(root.glob("formatted_*"))
 
+
+def test_a_class_listed_twice_in_classes_trainable_names_both_lines(tmp_path):
+    root = make_openimages(tmp_path / "oi")
+    path = root / "2017_11/classes-trainable.txt"
+    path.write_text(path.read_text().replace("/m/0f\n", "/m/0c\n"))  # still 5,000 lines; /m/0c on lines 3 and 6
+    with pytest.raises(DataError, match=rf"{path} lists the class /m/0c twice \(lines 3 and 6\)"):
+        datasets.format_dataset("openimages", root)
+    assert not list(root.glob("formatted_*"))
+
+
+def test_a_cub_image_id_listed_twice_names_both_lines(tmp_path):
+    root = make_cub(tmp_path / "cub")
+    path = root / "CUB_200_2011/images.txt"
+    path.write_text(path.read_text() + "3 001.Black_footed_Albatross/Black_Footed_Albatross_0099_1.jpg\n")
+    with pytest.raises(DataError) as err:
+        datasets.format_dataset("cub", root)
+    assert str(err.value).startswith(f"{path} lists the image id 3 twice (lines 1 and 8)")
+    assert "data/cub/README.md" in str(err.value) and "image_attribute_labels" not in str(err.value)
+
+
+def test_a_cub_image_path_keeps_its_two_spaces_in_a_row(tmp_path):
+    root = make_cub(tmp_path / "cub")
+    path = root / "CUB_200_2011/images.txt"
+    old = "001.Black_footed_Albatross/Black_Footed_Albatross_0003_796136.jpg"
+    new = "001.Black_footed_Albatross/Black  Footed Albatross_0003_796136.jpg"
+    path.write_text(path.read_text().replace(old, new))
+    (root / "CUB_200_2011/images" / old).rename(root / "CUB_200_2011/images" / new)
+    assert new in datasets.load_formatted("cub", root)["train"]["images"].tolist()
+    datasets.build_data(cfg_for("cub", root))  # every listed image found
+
+
+def test_raw_annotations_listing_one_image_twice_write_nothing(tmp_path):
+    root = make_cub(tmp_path / "cub")
+    path = root / "CUB_200_2011/images.txt"
+    lines = path.read_text().splitlines()
+    lines[2] = "2 " + lines[1].split(maxsplit=1)[1]  # image 2 given image 1's path (1 is train, 2 test)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        datasets.format_dataset("cub", root)
+    assert str(err.value).startswith(f"The raw annotations in {root} list the image "
+                                     f"{lines[1].split()[1]!r} in both the train and the val split")  # fmt: skip
+    assert not list(root.glob("formatted_*"))
+
+
+def test_a_cub_label_line_cut_short_names_the_line(tmp_path):
     root = make_cub(tmp_path / "cub")
     path = root / "CUB_200_2011/attributes/image_attribute_labels.txt"
     lines = path.read_text().splitlines()

@@ -66,10 +66,10 @@ def test_an_interrupted_cache_build_resumes_where_it_stopped(odd_images, tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         datasets.build_disk_cache(odd_images, 12, path, num_workers=0, on_chunk=interrupt)
-    assert len(decoded) == 2 and not datasets.disk_cache_complete(path, len(odd_images))
+    assert len(decoded) == 2 and not datasets.disk_cache_complete(path, len(odd_images), 12)
     datasets.build_disk_cache(odd_images, 12, path, num_workers=0)
     assert len(decoded) == len(odd_images)  # the first chunk was not decoded again
-    assert datasets.disk_cache_complete(path, len(odd_images))
+    assert datasets.disk_cache_complete(path, len(odd_images), 12)
     pixels = np.memmap(path, dtype=np.uint8, mode="r", shape=(len(odd_images), 12, 12, 3))
     for i in range(len(odd_images)):
         np.testing.assert_array_equal(pixels[i], pil_pixels(odd_images.image_path(i), 12))
