@@ -747,8 +747,11 @@ def cached_features(
     """Pooled backbone features of every image of ``split`` (no augmentation, BatchNorm in eval mode), on ``device``."""
     path = feature_cache_path(cfg, split)
     if path.exists():
-        print(f"LinearInit: cached features {path}")
-        return torch.from_numpy(np.load(path)).to(device)
+        cached, problem = _readable_features(path, (len(split), model.head.in_features))
+        if problem is None:
+            print(f"LinearInit: cached features {path}")
+            return torch.from_numpy(cached).to(device)
+        print(f"LinearInit: the cached features {path} {problem}: computing them again")  # a cache: nothing is lost
     model.eval()
     loader = datasets.make_loader(
         split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize=cfg.eval_resize
@@ -764,6 +767,19 @@ def cached_features(
     files.save_npy_atomic(path, array)
     print(f"LinearInit: features computed once and cached in {path}")
     return torch.from_numpy(array).to(device)
+
+
+def _readable_features(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    """The cached features, or why they cannot be used (cut short, another shape, non-finite values)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        return None, f"cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    if array.shape != shape or array.dtype != np.float32:
+        return None, f"hold {array.dtype} {array.shape}, not float32 {shape}"
+    if not np.isfinite(array).all():
+        return None, "hold non-finite values"
+    return array, None
 
 
 def make_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:

@@ -94,7 +94,7 @@ def tiny_cfg(synthetic_root, tmp_path, *extra):
 
 
 @pytest.mark.slow
-def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_root, tmp_path, monkeypatch):
+def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_root, tmp_path, monkeypatch, capsys):
     cfg = tiny_cfg(synthetic_root, tmp_path, "--train_mode", "linear_init", "--linear_epochs", "4")
     shutil.rmtree(synthetic_root / "features", ignore_errors=True)  # the feature cache starts empty
     data = datasets.build_data(cfg)
@@ -123,6 +123,20 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
     with torch.no_grad():
         val_map = train._scores_map(torch.sigmoid(model.head(val_feats)), val_labels)
     assert val_map == pytest.approx(max(r["val_map"] for r in records), abs=1e-9)
+    # A cache file that cannot be used (cut short, another shape, NaN) is computed again, to the same features.
+    path = methods.feature_cache_path(cfg, data.train)
+    good = np.load(path)
+    for damaged in (path.read_bytes()[:100], None, np.full_like(good, np.nan)):
+        if damaged is None:
+            np.save(path, good[:, :3])
+        elif isinstance(damaged, bytes):
+            path.write_bytes(damaged)
+        else:
+            np.save(path, damaged)
+        capsys.readouterr()
+        np.testing.assert_array_equal(methods.cached_features(cfg, model, data.train, torch.device("cpu")), good)
+        assert "computing them again" in capsys.readouterr().out
+        np.testing.assert_array_equal(np.load(path), good)
     # A second LinearInit run reads the cache: the backbone is never called.
     monkeypatch.setattr(model.backbone, "forward", lambda x: pytest.fail("features were recomputed"))
     again = methods.cached_features(cfg, model, data.train, torch.device("cpu"))
