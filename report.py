@@ -46,8 +46,11 @@ def dataset_order(dataset: str) -> tuple:
 
 
 def method_of(config_values: dict) -> str:
-    """The table row of a run: e.g. ``LL-R``, ``wan``, ``LL-Ct+BoostLU`` (``methods.row_of``)."""
-    return methods.row_of(config_values)
+    """The table row of a run: e.g. ``LL-R``, ``wan``, ``LL-Ct+BoostLU`` (``methods.row_of``); a run of another
+    label regime than the paper's single positive gets a row of its own, e.g. ``LL-R [p2n1]``, ``wan [prop0.3]``,
+    which no paper number is compared with."""
+    regime = config.regime_name(config_values).lstrip("_")
+    return methods.row_of(config_values) + (f" [{regime}]" if regime else "")
 
 
 def _read_object(path: Path) -> tuple[dict | None, str | None]:

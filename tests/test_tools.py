@@ -129,10 +129,11 @@ def test_report_reads_fields_missing_from_older_configs_as_their_defaults(tmp_pa
     runs = tmp_path / "runs"
     write_run(runs, "old", seed=0, test=80.0, drop=("train_mode", "boostlu_alpha", "loss"))
     write_run(runs, "new", seed=1, test=82.0, num_pos=1, num_neg=0, label_proportion=None, ls_coef=0.1)
-    write_run(runs, "regime", seed=0, test=10.0, val=10.0, num_pos=2)  # another setting: not a seed of the others
+    write_run(runs, "regime", seed=0, test=10.0, val=10.0, num_pos=2)  # another regime: a row of its own
     assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
-    assert [(r["method"], r["seeds"], r["test_mean"]) for r in rows] == [("LL-R", "0 1", "81.0")]
+    expected = [("LL-R", "0 1", "81.0"), ("LL-R [p2n0]", "0", "10.0")]
+    assert [(r["method"], r["seeds"], r["test_mean"]) for r in rows] == expected
     assert "skipped" not in capsys.readouterr().out
 
 
@@ -169,6 +170,20 @@ def test_report_skips_folders_it_cannot_read_with_a_message(tmp_path, capsys):
     (only_bad / "x" / "final.json").write_text("")
     assert report.main([str(only_bad), "--out", str(tmp_path / "out2")]) == 1
     assert "no finished run" in capsys.readouterr().out
+
+
+def test_report_gives_other_label_regimes_rows_of_their_own_without_the_paper(tmp_path):
+    """A run with more observed labels, or a proportion of them, is no run of the paper's single-positive table: it is
+    neither picked as the row's best setting nor compared with the paper's number."""
+    runs = tmp_path / "runs"
+    write_run(runs, "single", delta=0.2, val=80, test=89.0)
+    write_run(runs, "p2n1", delta=0.2, val=95, test=93.0, num_pos=2, num_neg=1)  # a better val: must not win
+    write_run(runs, "prop", loss="wan", scheme="AN", delta=0.0, val=20, test=10.8, label_proportion=0.01)
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| LL-R | 89.0 +- 0.0 (d 0.2) [n=1] [paper 89.2, -0.2] |" in table
+    assert "| LL-R [p2n1] | 93.0 +- 0.0 (d 0.2) [n=1] |" in table
+    assert "| wan [prop0.01] | 10.8 +- 0.0 [n=1] |" in table and "| WAN |" not in table
 
 
 def test_report_looks_the_paper_up_by_dataset_name(tmp_path):
