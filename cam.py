@@ -5,7 +5,8 @@ qualitative figure).
 
 The CAM of class c is the head applied at every position of the backbone's last feature map (``Conv1x1`` with the
 head's weights; for BoostLU runs the map before the activation). Each map is upsampled to the image, scaled to
-[0, 1] and drawn in a blue-to-red colour scale over the image. Writes ``<image stem>_cam.png`` per image.
+[0, 1] and drawn in a blue-to-red colour scale over the image. Writes ``<image stem>_cam.png`` per image
+(``<stem>_2_cam.png`` ... for images of the same stem).
 """
 
 from __future__ import annotations
@@ -76,14 +77,20 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise datasets.DataError(f"Cannot create the --out folder {out}: {err.strerror or err}.") from None
+        taken: set[str] = set()
         for image in args.images:
             figure = cam_figure(run.model, image, run.cfg.image_size, run.class_names, args.top)
-            path = out / f"{Path(image).stem}_cam.png"
+            name, k = f"{Path(image).stem}_cam.png", 1
+            while name in taken:  # a/x.png and b/x.jpg: one figure must not replace the other
+                k += 1
+                name = f"{Path(image).stem}_{k}_cam.png"
+            taken.add(name)
+            path = out / name
             try:
                 figure.save(path)
             except OSError as err:
                 raise datasets.DataError(f"Cannot write {path}: {err.strerror or err}.") from None
-            print(f"wrote {path}")
+            print(f"wrote {path}" + ("" if k == 1 else f" (for {image})"))
     except (datasets.DataError, checkpoint.RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -875,6 +875,9 @@ def load_formatted(
                 if observed is None:
                     observed = regime.observe(labels)
                     files.save_npy_atomic(derived / obs_name, observed)
+        if phase == "train" and not observed.any():  # training would see all-unknown labels and learn nothing
+            raise DataError(f"The regime '{regime.describe()}' observes no label at all among the {len(labels)} "
+                            f"training images ({obs_name}): give a larger --label_proportion.")  # fmt: skip
         data[phase] = {"images": images, "labels": labels, "labels_obs": observed}
     return data
 

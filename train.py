@@ -283,7 +283,8 @@ def evaluate(
     result["first_batch_seconds"] = timings.get("first_batch_seconds", 0.0)
     if class_groups is not None:
         groups = torch.from_numpy(class_groups)
-        result["group_map"] = {f"G{g + 1}": float(ap[groups == g].nanmean()) for g in range(int(groups.max()) + 1)}
+        group_map = {f"G{g + 1}": float(ap[groups == g].nanmean()) for g in range(int(groups.max()) + 1)}
+        result["group_map"] = {g: None if m != m else m for g, m in group_map.items()}  # no scored class: null
     return {**result, **extra}
 
 
@@ -572,7 +573,7 @@ def write_final(test: dict, s: Session, seconds: float) -> dict:
         final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(s.state, s.ctx)
     if s.ctx.is_main:
         files.write_text_atomic(s.folder.path / "final.json", json.dumps(final, indent=2) + "\n")
-        groups = "".join(f", {g} {m:.2f}" for g, m in test.get("group_map", {}).items())
+        groups = "".join(f", {g} {'-' if m is None else f'{m:.2f}'}" for g, m in test.get("group_map", {}).items())
         print(f"test mAP {test['map']:.2f}{groups} (best val mAP {progress.best_val_map:.2f} at epoch "
               f"{progress.best_epoch}); {s.folder.path}")  # fmt: skip
         print(

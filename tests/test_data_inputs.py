@@ -138,6 +138,12 @@ def test_regime_of_reads_the_config_and_refuses_impossible_combinations():
         datasets.regime_of(SimpleNamespace(num_pos=0, num_neg=0))
 
 
+def test_a_proportion_that_observes_no_label_at_all_is_refused(tmp_path):
+    root = make_nuswide(tmp_path / "nuswide")
+    with pytest.raises(DataError, match=r"observes no label at all among the 10 training images .* larger"):
+        datasets.build_data(cfg_for("nuswide", root, label_proportion=1e-6))
+
+
 def test_regimes_are_cached_in_their_own_files_and_never_mix(tmp_path, capsys):
     root = make_nuswide(tmp_path / "nuswide")
     default = datasets.build_data(cfg_for("nuswide", root))

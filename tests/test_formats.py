@@ -402,6 +402,9 @@ def test_evaluate_skips_classes_without_entries_and_reports_group_maps(monkeypat
     assert [a for i, a in enumerate(result["ap_per_class"]) if i != 2] == pytest.approx([500 / 6, 50, 700 / 12, 0])
     # G1 = classes 0, 1: (5/6 + 1/2) / 2; G2 = classes 2 (NaN, skipped), 3: 7/12; G3 = class 4: 0
     assert result["group_map"] == pytest.approx({"G1": 100 * 2 / 3, "G2": 100 * 7 / 12, "G3": 0.0})
+    # a group whose classes were all left out has no mAP: null in final.json (strict JSON), not NaN
+    result = train.evaluate(None, None, mask_labels(), torch.device("cpu"), class_groups=np.array([0, 0, 1, 2, 2]))
+    assert result["group_map"]["G2"] is None and json.loads(json.dumps(result["group_map"]))["G2"] is None
 
 
 def test_class_groups_by_positive_count_rarest_first_ties_by_index():

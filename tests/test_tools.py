@@ -46,13 +46,18 @@ def test_boostlu_ll_cp_logs_corrections_and_cam_draws_figures(synthetic_root, tm
     assert config["boostlu_alpha"] == 5.0
     assert log[1]["corrected_total"] == log[1]["num_selected"] > 0 and 0 <= log[1]["corrected_precision"] <= 1
     image = synthetic_root / "images" / "test" / "test_000000.png"
-    proc = subprocess.run([sys.executable, str(REPO / "cam.py"), str(tmp_path / "boost"), str(image), "--top", "2"],
-                          capture_output=True, text=True)  # fmt: skip
+    (tmp_path / "other").mkdir()
+    namesake = tmp_path / "other" / "test_000000.png"  # another image of the same stem: its own figure
+    namesake.write_bytes((synthetic_root / "images" / "test" / "test_000001.png").read_bytes())
+    proc = subprocess.run([sys.executable, str(REPO / "cam.py"), str(tmp_path / "boost"), str(image), str(namesake),
+                           "--top", "2"], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     from PIL import Image
 
     figure = Image.open(tmp_path / "boost" / "cam" / "test_000000_cam.png")
     assert figure.size == (3 * 256, 276)  # the input and two class maps
+    second = Image.open(tmp_path / "boost" / "cam" / "test_000000_2_cam.png")
+    assert f"(for {namesake})" in proc.stdout and second.tobytes() != figure.tobytes()
 
 
 @pytest.mark.parametrize(
