@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -39,6 +40,7 @@ DATASET_PRESETS = ("arch", "image_size", "num_epochs", "optimizer", "lr")
 IMAGE_SIZE_RANGE = (16, 2048)
 MAX_SEED = 2**32 - 1  # numpy's RandomState (the split and subsampling seeds) takes no more
 MAX_EXP_NAME = 200  # characters; file systems allow 255 bytes per name
+DEFAULT_WEIGHTS = "IMAGENET1K_V1"  # torchvision's ImageNet weights of the ResNets, as the official code loads them
 MAX_WORKERS = 256  # loader processes: each one a full Python process; more would exhaust a machine, not feed it
 MAX_BATCH = 2**16  # images per batch: far above any GPU's memory at 448 px, and a bound on the samplers' arithmetic
 # Config keys that say where things are and how fast they run, not what is trained: a run may be resumed with them
@@ -384,7 +386,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--use_pretrained", type=str2bool, nargs="?", const=True, default=True, help="pretrained backbone"
     )
-    parser.add_argument("--pretrained_weights", default="IMAGENET1K_V1", help="torchvision weights name for ResNets")
+    parser.add_argument("--pretrained_weights", default=DEFAULT_WEIGHTS, help="torchvision weights name for ResNets")
     parser.add_argument(
         "--image_size", type=int, default=None, help="resize to this square (default 448; synthetic 32)"
     )
@@ -720,29 +722,53 @@ def given_settings(argv: list[str] | None) -> set[str]:
 
 
 def unused_flag_problems(cfg: Config, given: set[str]) -> list[str]:
-    """Flags given on the command line that this run would ignore: a setting of a method it does not use (at another
-    value than the flag's default, which changes nothing), ``--delta_rel`` with the plain AN loss (recorded as 0 for
-    it, never read), or pretrained weights that are not loaded. Refused, so that a run never records a setting it
-    did not train with."""
-    p = []
+    """Flags given on the command line that this run would ignore: a setting of a method it does not use,
+    ``--delta_rel`` with the plain AN loss (recorded as 0 for it, never read), or pretrained weights that are not
+    loaded. Refused, so that a run never records a setting it did not train with; accepted when the value is the one
+    the run records without the flag (it changes nothing), or the one the run folder's ``config.json`` already holds
+    (an unfinished run started before this check, resumed with its own command)."""
+    values = cfg.to_dict()
+    ignored = {}
     owned = {flag.name for m in methods.active(cfg) for flag in m.flags}
-    for name, flag in methods.flags().items():
-        if name in given and name not in owned and getattr(cfg, name) != flag.default:
+    for name in methods.flags():
+        if name in given and name not in owned:
             owners = [" ".join(m.selected_by) for m in methods.entries() if any(f.name == name for f in m.flags)]
             choice = owners[0] if len(owners) == 1 else "one of them"
-            p.append(f"--{name} is a setting of {' or '.join(owners)}, which this run does not use: drop it, or add "
-                     f"{choice}")  # fmt: skip
-    if "delta_rel" in given and cfg.mod_scheme == methods.PLAIN_SCHEME and cfg.delta_rel != 0:
+            ignored[name] = (f"--{name} is a setting of {' or '.join(owners)}, which this run does not use: drop it, "
+                             f"or add {choice}")  # fmt: skip
+    if "delta_rel" in given and cfg.mod_scheme == methods.PLAIN_SCHEME:
         schemes = [m.name for m in methods.entries(methods.SCHEME) if m.name != methods.PLAIN_SCHEME]
         if methods.get(cfg.loss, methods.LOSS).combines_with_schemes:
             fix = f"drop it, or choose --mod_scheme {' / '.join(schemes)}"
         else:
             fix = f"--loss {cfg.loss} takes no scheme: drop it"
-        p.append(f"--delta_rel is the large-loss schemes' rate, and this run rejects or corrects nothing: {fix}")
-    if "pretrained_weights" in given:
-        if not cfg.use_pretrained:
-            p.append("--pretrained_weights with --use_pretrained false loads no weights: drop one of them")
-        elif cfg.arch not in RESNETS:
-            p.append(f"--pretrained_weights names torchvision's weights for the ResNets; --arch {cfg.arch} loads its "
-                     "own: drop it")  # fmt: skip
-    return p
+        ignored["delta_rel"] = (
+            f"--delta_rel is the large-loss schemes' rate, and this run rejects or corrects nothing: {fix}"
+        )
+    if "pretrained_weights" in given and not cfg.use_pretrained:
+        ignored["pretrained_weights"] = "--pretrained_weights with --use_pretrained false loads no weights: drop one"
+    elif "pretrained_weights" in given and cfg.arch not in RESNETS:
+        ignored["pretrained_weights"] = (
+            f"--pretrained_weights names torchvision's weights for the ResNets; --arch {cfg.arch} has its own: drop it"
+        )
+    saved = _saved_config(cfg.run_dir) if ignored else {}
+    return [message for name, message in ignored.items()
+            if values[name] != _value_without(name, values) and values[name] != saved.get(name, _MISSING)]  # fmt: skip
+
+
+def _value_without(name: str, values: dict):
+    """What a run records for ``name`` when the command line does not give it."""
+    if name == "pretrained_weights":
+        return DEFAULT_WEIGHTS
+    if name in methods.preset_flags():
+        return _resolve_preset(name, values)[0]
+    return methods.flags()[name].default
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """The run folder's config.json (lists as tuples), or {} when there is none to read."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()} if isinstance(saved, dict) else {}

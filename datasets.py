@@ -422,7 +422,7 @@ def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images_path = cub / "images.txt"
     images, line_of = [], {}
     # id, then the rest of the line: a path keeps its spaces (two in a row included)
-    for number, (image_id, name) in _parsed_lines(images_path, 2, lambda f: (int(f[0]), f[1]), maxsplit=1):
+    for number, (image_id, name) in _parsed_lines(images_path, 2, lambda f: (int(f[0]), f[1].rstrip()), maxsplit=1):
         if image_id in line_of:  # else its labels would all go to one of the two rows
             raise DataError(f"{images_path} lists the image id {image_id} twice (lines {line_of[image_id]} and "
                             f"{number}): each image has its own id. Use the official CUB_200_2011 files "
@@ -876,8 +876,10 @@ def load_formatted(
                     observed = regime.observe(labels)
                     files.save_npy_atomic(derived / obs_name, observed)
         if phase == "train" and not observed.any():  # training would see all-unknown labels and learn nothing
+            fix = ("give a larger --label_proportion" if regime.proportion is not None else
+                   f"the file is damaged: delete {find_file(obs_name, root, derived)} to regenerate it")  # fmt: skip
             raise DataError(f"The regime '{regime.describe()}' observes no label at all among the {len(labels)} "
-                            f"training images ({obs_name}): give a larger --label_proportion.")  # fmt: skip
+                            f"training images ({obs_name}): {fix}.")  # fmt: skip
         data[phase] = {"images": images, "labels": labels, "labels_obs": observed}
     return data
 

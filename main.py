@@ -9,9 +9,20 @@ import signal
 import sys
 
 _STARTING_INTERRUPTS: list[int] = []
-if __name__ == "__main__":  # Ctrl-C while torch imports (a second or two) is noted, then obeyed once imports are done:
-    # a KeyboardInterrupt inside an import leaves half-imported modules and a traceback, or is swallowed by one
-    signal.signal(signal.SIGINT, lambda signum, frame: _STARTING_INTERRUPTS.append(signum))
+# Ctrl-C while torch imports (a second or two) is noted, then obeyed once the imports are done: a KeyboardInterrupt
+# inside an import leaves half-imported modules and a traceback, or is swallowed by one. Only where Ctrl-C has Python's
+# own handler: a run started with it ignored (`python main.py &` in a script) keeps ignoring it.
+_NOTING = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _note_interrupt(signum, frame) -> None:
+    if _STARTING_INTERRUPTS:  # a second Ctrl-C: at once (an import that hangs)
+        raise KeyboardInterrupt
+    _STARTING_INTERRUPTS.append(signum)
+
+
+if _NOTING:
+    signal.signal(signal.SIGINT, _note_interrupt)
 
 import checkpoint  # noqa: E402
 import config  # noqa: E402
@@ -108,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt, as usual
+    if _NOTING:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
     if _STARTING_INTERRUPTS:
         print("error: Interrupted (Ctrl-C) while starting: nothing was written.", file=sys.stderr)
         sys.exit(130)

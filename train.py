@@ -66,7 +66,8 @@ class StopRequest:
             self.requested = True
             print("\ninterrupt: stopping at the next safe point (press Ctrl-C again to stop at once)", file=sys.stderr)
 
-        signal.signal(signal.SIGINT, handler)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with Ctrl-C ignored (`... &`): keep it so
+            signal.signal(signal.SIGINT, handler)
 
 
 def resolve_device(cfg: Config, ctx: distributed.Context) -> torch.device:

@@ -4,7 +4,8 @@
 #   DATASETS="pascal coco" SCHEMES="LL-R LL-Ct LL-Cp" DELTAS="0.1 0.2 0.3 0.4 0.5" SEEDS="0 1 2" \
 #     SAVE=results/sweep scripts/sweep_delta_rel.sh [extra main.py flags...]
 #
-# Every variable has that default (DATASETS: pascal). main.py refuses an extra flag that repeats one the script sets. Run folders are named <dataset>_<scheme>_d<delta>_s<seed>;
+# Every variable has that default (DATASETS: pascal). main.py refuses an extra flag that repeats one the script sets.
+# Run folders are named <dataset>_<scheme>_d<delta>_s<seed> (AN, which has no rate: once per seed, <dataset>_AN_s<seed>);
 # a finished one (final.json present) is skipped and an unfinished one resumes from its last checkpoint, so
 # re-running the same command completes an interrupted sweep.
 # Then: python report.py "$SAVE" --out "$SAVE/report"
@@ -14,12 +15,15 @@ PY=${PY:-python}
 SAVE=${SAVE:-results/sweep}
 for dataset in ${DATASETS:-pascal}; do
   for scheme in ${SCHEMES:-LL-R LL-Ct LL-Cp}; do
-    for delta in ${DELTAS:-0.1 0.2 0.3 0.4 0.5}; do
+    deltas=${DELTAS:-0.1 0.2 0.3 0.4 0.5}
+    [ "$scheme" != AN ] || deltas=none  # AN has no rate: one run per seed, without --delta_rel
+    for delta in $deltas; do
       for seed in ${SEEDS:-0 1 2}; do
-        name="${dataset}_${scheme}_d${delta}_s${seed}"
+        if [ "$delta" = none ]; then name="${dataset}_${scheme}_s${seed}"; rate=(); else
+          name="${dataset}_${scheme}_d${delta}_s${seed}"; rate=(--delta_rel "$delta"); fi
         if [ -f "$SAVE/$name/final.json" ]; then echo "skip $name (finished)"; continue; fi
         echo "run  $name"  # an unfinished run resumes from its last checkpoint
-        $PY main.py --dataset "$dataset" --mod_scheme "$scheme" --delta_rel "$delta" --seed "$seed" \
+        $PY main.py --dataset "$dataset" --mod_scheme "$scheme" ${rate[@]+"${rate[@]}"} --seed "$seed" \
           --save_path "$SAVE" --exp_name "$name" "$@"
       done
     done

@@ -183,6 +183,33 @@ def test_ctrl_c_while_main_py_imports_torch(tmp_path, after):
 
 
 @pytest.mark.slow
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """`python main.py ... &` in a script starts it with Ctrl-C ignored: Ctrl-C in the terminal stops the script, not
+    the runs. main.py must not install a handler of its own there."""
+    cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(tmp_path / "d"), "--save_path", str(tmp_path)]
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=ignore)
+    try:
+        maps, start = Path(f"/proc/{proc.pid}/maps"), time.time()
+        while "libtorch" not in maps.read_text(errors="replace"):
+            assert proc.poll() is None and time.time() - start < 120
+            time.sleep(0.005)
+        for _ in range(2):  # during the imports, and after them
+            proc.send_signal(signal.SIGINT)
+            time.sleep(2.0)
+        assert proc.poll() is None  # still running
+        while not list(tmp_path.glob("*/log.jsonl")):  # and in training, where the first Ctrl-C asks for a stop
+            assert proc.poll() is None and time.time() - start < 300
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2.0)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_the_synthetic_data_is_generated(tmp_path):
     root = tmp_path / "fresh"
     cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(root), "--save_path", str(tmp_path / "runs")]

@@ -248,7 +248,7 @@ def test_list_methods_names_gives_the_rows_a_dataset_offers(capsys):
         (["--loss", "gr", "--em_alpha", "0.5"], "drop it, or add one of them"),
         (["--mod_scheme", "AN", "--delta_rel", "0.5"], "choose --mod_scheme LL-R / LL-Ct / LL-Cp"),
         (["--loss", "wan", "--delta_rel", "0.5"], "--loss wan takes no scheme: drop it"),
-        (["--pretrained_weights", "IMAGENET1K_V2"], "--arch smallcnn loads its own"),
+        (["--pretrained_weights", "IMAGENET1K_V2"], "--arch smallcnn has its own"),
         (["--arch", "resnet18", "--use_pretrained", "false", "--pretrained_weights", "X"], "loads no weights"),
         (["--loss", "epr", "--expected_num_pos", "17"], "at most the 16 classes of"),
         # a flag given twice (a script's EXTRA repeating one it sets) would silently take the last value
@@ -279,6 +279,23 @@ def test_given_settings_that_change_nothing_or_are_used_are_accepted():
     assert parse_config(["--loss", "em", "--em_alpha", "5", "--exp_name", "x"]).em_alpha == 5
     assert parse_config(["--arch", "resnet18", "--pretrained_weights", "IMAGENET1K_V1", "--exp_name", "x"])
     assert parse_config(["--loss", "epr", "--expected_num_pos", "16", "--exp_name", "x"]).expected_num_pos == 16
+    # the value the run records anyway: a preset that applies whatever the loss, the default weights
+    assert parse_config(["--dataset", "pascal", "--loss", "an", "--em_alpha", "0.2", "--exp_name", "x"]).em_alpha == 0.2
+    assert parse_config(["--use_pretrained", "false", "--pretrained_weights", "IMAGENET1K_V1", "--exp_name", "x"])
+
+
+def test_an_older_unfinished_run_that_recorded_an_ignored_setting_resumes_with_its_command(tmp_path, capsys):
+    """A run started before these settings were refused (AN with --delta_rel 5 recorded 5): its own command still
+    resumes it, since its config.json holds that value; a new run with the same flags is refused."""
+    argv = ["--mod_scheme", "AN", "--delta_rel", "5", "--save_path", str(tmp_path), "--exp_name", "old"]
+    with pytest.raises(SystemExit):
+        parse_config(argv)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"mod_scheme": "AN", "delta_rel": 5.0}))
+    assert parse_config(argv).delta_rel == 5.0
+    with pytest.raises(SystemExit):
+        parse_config([*argv[:3], "6", *argv[4:]])  # not the recorded value: refused
+    assert "--delta_rel is the large-loss schemes' rate" in capsys.readouterr().err
 
 
 def test_the_bounds_themselves_are_accepted():

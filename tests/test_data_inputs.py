@@ -142,6 +142,10 @@ def test_a_proportion_that_observes_no_label_at_all_is_refused(tmp_path):
     root = make_nuswide(tmp_path / "nuswide")
     with pytest.raises(DataError, match=r"observes no label at all among the 10 training images .* larger"):
         datasets.build_data(cfg_for("nuswide", root, label_proportion=1e-6))
+    observed = root / "formatted_train_labels_obs.npy"  # the paper's regime from an all-zero (damaged) file
+    np.save(observed, np.zeros_like(np.load(root / "formatted_train_labels.npy")))
+    with pytest.raises(DataError, match=rf"single positive .* damaged: delete {observed} to regenerate it"):
+        datasets.build_data(cfg_for("nuswide", root))
 
 
 def test_regimes_are_cached_in_their_own_files_and_never_mix(tmp_path, capsys):
@@ -700,7 +704,7 @@ def test_a_cub_image_path_keeps_its_two_spaces_in_a_row(tmp_path):
     path = root / "CUB_200_2011/images.txt"
     old = "001.Black_footed_Albatross/Black_Footed_Albatross_0003_796136.jpg"
     new = "001.Black_footed_Albatross/Black  Footed Albatross_0003_796136.jpg"
-    path.write_text(path.read_text().replace(old, new))
+    path.write_text(path.read_text().replace(old, new + " \t"))  # and blanks after it (an edited file), not part of it
     (root / "CUB_200_2011/images" / old).rename(root / "CUB_200_2011/images" / new)
     assert new in datasets.load_formatted("cub", root)["train"]["images"].tolist()
     datasets.build_data(cfg_for("cub", root))  # every listed image found

@@ -267,6 +267,13 @@ def test_sweep_skips_finished_runs(tmp_path):
     again = subprocess.run(["bash", str(REPO / "scripts" / "sweep_delta_rel.sh")], env=env, capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
     assert again.count("skip") == 3 and len(calls.read_text().splitlines()) == 2
+    # AN has no rate: once per seed, without --delta_rel (main.py refuses it with AN)
+    calls.unlink()
+    subprocess.run(["bash", str(REPO / "scripts" / "sweep_delta_rel.sh")], env={**env, "SCHEMES": "AN"}, check=True,
+                   capture_output=True)  # fmt: skip
+    assert [line.split("main.py ")[1] for line in calls.read_text().splitlines()] == [
+        f"--dataset pascal --mod_scheme AN --seed 0 --save_path {save} --exp_name pascal_AN_s0"
+    ]
 
 
 @pytest.mark.slow
