@@ -291,7 +291,8 @@ def _generate(root: Path) -> None:
                 f"{root} holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''} but no synthetic.json: data "
                 "that this synthetic generator did not make, which it would replace. Pass --dataset for the data that "
                 f"is there ({others}), or give the synthetic data a --data_root of its own (the default is "
-                "data/synthetic)."
+                "data/synthetic). A synthetic generation that an older version left unfinished looks the same: delete "
+                "that folder then."
             )
     # From here on the folder is marked as this generator's, so an interrupted generation is redone, not refused.
     files.write_text_atomic(manifest_path, json.dumps({"generating": _manifest()}, indent=1))
