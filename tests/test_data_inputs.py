@@ -564,7 +564,7 @@ def test_repeated_name_is_exact_for_sorted_shuffled_and_mixed_names():
     val = np.char.add(b"images_val/", datasets._hex_ids(np.arange(1, 40, dtype=np.uint64)))
     assert datasets.repeated_name({"train": names, "val": val}) is None  # sorted, disjoint: one pass
     shuffled = names[rng.permutation(len(names))]
-    assert datasets.repeated_name({"train": shuffled, "val": val[::-1]}) is None  # through the hashes
+    assert datasets.repeated_name({"train": shuffled, "val": val[::-1]}) is None  # unsorted: through np.unique
     shuffled[3000] = shuffled[10]
     assert datasets.repeated_name({"train": shuffled}) == (shuffled[10].decode(), [("train", 10), ("train", 3000)])
     assert datasets.repeated_name({"a": np.array(["x", "y", "x", "x"]), "b": np.array([b"z"])}) == (
