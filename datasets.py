@@ -336,7 +336,7 @@ def format_pascal(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for phase in ("train", "val"):
         names = []
         for index, name in enumerate(VOC_CLASSES):
-            for image_id, flag in _parsed(main / f"{name}_{phase}.txt", 2, lambda f: (f[0], int(f[-1]))):
+            for image_id, flag in _parsed(main / f"{name}_{phase}.txt", 2, lambda f: (f[0], _voc_flag(f[-1]))):
                 if flag == 1:
                     file_name = image_id + ".jpg"
                     if file_name not in classes_of:
@@ -349,6 +349,14 @@ def format_pascal(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             labels[row, classes_of[file_name]] = 1.0
         out[phase] = (np.array(names), labels)
     return out
+
+
+def _voc_flag(text: str) -> int:
+    """A VOC class-list flag: 1 present, -1 absent, 0 difficult; anything else is a damaged line (ValueError)."""
+    flag = int(text)
+    if flag not in (-1, 0, 1):
+        raise ValueError(text)
+    return flag
 
 
 def format_coco(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -403,15 +411,20 @@ def _read_coco_json(path: Path) -> dict:
     else:
         known = {c["id"] for c in data["categories"]}
         for a in data["annotations"]:
-            if not (isinstance(a, dict) and isinstance(a.get("image_id"), int)):
+            if not (isinstance(a, dict) and _json_int(a.get("image_id"))):
                 problem = f"an annotation has no integer image_id: {str(a)[:120]}"
-            elif a.get("category_id") not in known:
+            elif not _json_int(a.get("category_id")) or a["category_id"] not in known:  # true would pass as 1
                 problem = f"an annotation has category_id {a.get('category_id')!r}, which its categories do not list"
             if problem:
                 break
     if problem:
         raise DataError(f"{path} is not a COCO 2014 instances file: {problem}. Nothing was written. {fix}")
     return data
+
+
+def _json_int(value) -> bool:
+    """An integer in a JSON file: JSON's true and false are Python ints too."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -516,6 +529,11 @@ def _read_openimages_csv(path: Path, column: dict[str, int]) -> tuple[np.ndarray
                     f"{path}, line {number}: {line[:100]!r} is not a complete {','.join(fields)} line: the file is cut "
                     "short or damaged (an interrupted download?). Download it again (data/openimages/README.md)."
                 ) from None
+            if not 0 <= conf <= 1:  # a probability (the human labels: 0 or 1); nan is none
+                raise DataError(f"{path}, line {number}: Confidence {parts[i_conf].strip().decode(errors='replace')!r} "
+                                "is not a probability in [0, 1]: "
+                                "the file is damaged, or not the official one. Download it again "
+                                "(data/openimages/README.md).")  # fmt: skip
             try:
                 ids.append(int(parts[i_id], 16))
             except (ValueError, OverflowError):  # OverflowError: negative, or more than 64 bits

@@ -610,6 +610,8 @@ def test_a_half_downloaded_coco_json_is_named_and_nothing_is_written(tmp_path):
         (lambda d: d.pop("annotations"), "it has no 'annotations' and 'categories' lists"),
         (lambda d: d.update(categories=d["categories"][:79]), "it lists 79 categories, not the 80 distinct ones"),
         (lambda d: d["annotations"][0].update(category_id=12), "an annotation has category_id 12, which its"),
+        (lambda d: d["annotations"][0].update(category_id=True), "an annotation has category_id True, which its"),
+        (lambda d: d["annotations"][0].update(image_id=True), "an annotation has no integer image_id"),
     ],
 )
 def test_a_json_that_is_not_coco_2014_writes_nothing(tmp_path, change, problem):
@@ -732,12 +734,22 @@ def test_a_cub_label_line_cut_short_names_the_line(tmp_path):
         datasets.format_dataset("cub", root)
 
 
-def test_a_pascal_flag_that_is_not_a_number_names_the_line(tmp_path):
+@pytest.mark.parametrize("flag", ["x", "2"])  # 1, -1 and 0 (difficult) only: a 2 was silently not positive
+def test_a_pascal_flag_that_is_not_a_number_names_the_line(tmp_path, flag):
     root = make_pascal(tmp_path / "pascal")
     path = root / "VOCdevkit/VOC2012/ImageSets/Main/dog_val.txt"
-    path.write_text(path.read_text().replace("2008_000009 -1", "2008_000009 x"))
-    with pytest.raises(DataError, match=rf"{path}, line 1: '2008_000009 x' cannot be read"):
+    path.write_text(path.read_text().replace("2008_000009 -1", f"2008_000009 {flag}"))
+    with pytest.raises(DataError, match=rf"{path}, line 1: '2008_000009 {flag}' cannot be read"):
         datasets.format_dataset("pascal", root)
+
+
+@pytest.mark.parametrize("confidence", ["nan", "2"])  # a probability: nan was read as absent
+def test_an_openimages_confidence_that_is_no_probability_names_the_line(tmp_path, confidence):
+    root = make_openimages(tmp_path / "oi", extra={"train": [f"00000000000000ff,verification,/m/0a,{confidence}"]})
+    path = root / "2017_11/train/annotations-human.csv"
+    with pytest.raises(DataError, match=rf"{path}, line 15: Confidence '{confidence}' is not a probability in"):
+        datasets.format_dataset("openimages", root)
+    assert not list(root.glob("formatted_*"))
 
 
 def test_a_pascal_class_file_that_is_not_text_names_the_byte(tmp_path):
