@@ -673,7 +673,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     args = parser.parse_args(argv)
-    repeated = repeated_flags(parser, sys.argv[1:] if argv is None else argv)
+    given = flags_given(parser, sys.argv[1:] if argv is None else argv)
+    repeated = [f"--{name}" for name, count in given.items() if count > 1]
     if repeated:
         parser.error(f"{', '.join(repeated)} given more than once: the last would silently win (the scripts' "
                      "EXTRA or extra flags must not repeat one they set themselves); give each flag once")  # fmt: skip
@@ -694,31 +695,24 @@ def parse_config(argv: list[str] | None = None) -> Config:
         cfg = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
-    unused = unused_flag_problems(cfg, given_settings(argv))
+    unused = unused_flag_problems(cfg, set(given))
     if unused:
         parser.error("; ".join(unused))
     return cfg
 
 
-def repeated_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """The flags of ``argv`` given more than once (``--seed 1 ... --seed 5``, ``--seed=5`` alike)."""
-    flag_of = {option: action.option_strings[-1] for action in parser._actions for option in action.option_strings}
-    seen: dict[str, int] = {}
+def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, int]:
+    """The settings (``dest``s) that ``argv`` gives, and how many times each (``--seed 1 ... --seed=5``: 2). Flags are
+    named in full (the parser allows no abbreviation), so each option string is one setting."""
+    dest_of = {option: action.dest for action in parser._actions for option in action.option_strings}
+    given: dict[str, int] = {}
     for token in argv:
         if token == "--":
             break
-        flag = flag_of.get(token.split("=", 1)[0])
-        if flag is not None:
-            seen[flag] = seen.get(flag, 0) + 1
-    return [flag for flag, count in seen.items() if count > 1]
-
-
-def given_settings(argv: list[str] | None) -> set[str]:
-    """The settings that the command line gives, whatever their values (a parse without defaults)."""
-    parser = get_args_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+        dest = dest_of.get(token.split("=", 1)[0])
+        if dest is not None:
+            given[dest] = given.get(dest, 0) + 1
+    return given
 
 
 def unused_flag_problems(cfg: Config, given: set[str]) -> list[str]:
