@@ -200,10 +200,9 @@ def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, write
 def _a_run_config(path: Path) -> bool:
     """``path`` holds a config a run wrote (a JSON object with a dataset); a damaged one is reported, not replaced."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        return "dataset" in _read_json(path, "")
+    except (OSError, RunFolderError):
         return False
-    return isinstance(value, dict) and "dataset" in value
 
 
 def _write_data_json(path: Path, cfg, fingerprint: str | None) -> None:

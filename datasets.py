@@ -859,9 +859,9 @@ def load_formatted(
                         f"{info.title} has only partial labels (its annotated entries are what is observed). Leave "
                         "them out.")  # fmt: skip
     format_dataset(dataset, root, derived)
-    images_of = {}
+    images_of, paths_of = {}, {}
     for phase in info.phases:
-        images_path = find_file(f"formatted_{phase}_images.npy", root, derived)
+        images_path = paths_of[phase] = find_file(f"formatted_{phase}_images.npy", root, derived)
         images = load_npy(images_path, _formatted_fix(dataset, root, [images_path]))
         if images.ndim != 1 or images.dtype.kind not in "US" or len(images) == 0:
             what = "no image names" if images.dtype.kind in "US" and images.ndim == 1 else "no 1-D list of names"
@@ -871,8 +871,7 @@ def load_formatted(
     _check_distinct_names(dataset, root, derived, images_of)
     data = {}
     for phase in info.phases:
-        images_path = find_file(f"formatted_{phase}_images.npy", root, derived)
-        images = images_of[phase]
+        images_path, images = paths_of[phase], images_of[phase]
         if info.sparse:
             parts = [find_file(name, root, derived) for name in SparseLabels.files(phase)]
             labels = SparseLabels.load(parts[0].parent, phase, info.num_classes)
@@ -1419,7 +1418,7 @@ def _open_cache(path: Path, num_images: int, image_size: int, mode: str) -> np.n
     """The cache's pixels, memory-mapped; an existing cache file (mode ``r``/``r+``) of another size than its images
     take (cut short, or changed after it was built) is a DataError that says to delete it."""
     if mode != "w+" and path.exists() and not _cache_size_ok(path, num_images, image_size):
-        need = num_images * image_size * image_size * 3
+        need = _cache_bytes(num_images, image_size)
         raise DataError(
             f"The disk cache {path} holds {path.stat().st_size} bytes, not the {num_images} x {image_size} x "
             f"{image_size} x 3 = {need} its images take: it was cut short or changed after it was built. Delete {path} "
@@ -1428,10 +1427,15 @@ def _open_cache(path: Path, num_images: int, image_size: int, mode: str) -> np.n
     return np.memmap(path, dtype=np.uint8, mode=mode, shape=(num_images, image_size, image_size, 3))
 
 
+def _cache_bytes(num_images: int, image_size: int) -> int:
+    """The size of a cache file: ``num_images`` x S x S x 3 bytes (S: ``image_size``)."""
+    return num_images * image_size * image_size * 3
+
+
 def _cache_size_ok(path: Path, num_images: int, image_size: int) -> bool:
-    """Whether the cache file holds exactly ``num_images`` x S x S x 3 bytes (S: ``image_size``)."""
+    """Whether the cache file holds exactly ``_cache_bytes`` bytes."""
     try:
-        return path.stat().st_size == num_images * image_size * image_size * 3
+        return path.stat().st_size == _cache_bytes(num_images, image_size)
     except OSError:
         return False
 
@@ -1489,7 +1493,7 @@ def _build_disk_cache(split: Split, image_size: int, path: Path, num_workers: in
     n = len(split)
     if disk_cache_complete(path, n, image_size):  # built by the process that held the lock before
         return path
-    need = n * image_size * image_size * 3
+    need = _cache_bytes(n, image_size)
     done_path = _cache_done_path(path)
     # A cache file that is missing or of another size (cut short) starts over, whatever its bitmap says.
     fresh = not _cache_size_ok(path, n, image_size)

@@ -43,6 +43,7 @@ USER_ERRORS = (
     trainstep.GraphCaptureError,
     resize.ResizeUnavailable,
 )
+INTERRUPTED_STARTING = "Interrupted (Ctrl-C) while starting: nothing was written."
 INTERRUPTED = (
     "Interrupted (Ctrl-C). Every file written so far is complete (files are replaced whole, never half-written): run "
     "the same command again to continue; an unfinished run resumes from its last checkpoint."
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.parse_config(argv)
     except KeyboardInterrupt:
-        print("error: Interrupted (Ctrl-C) while starting: nothing was written.", file=sys.stderr)
+        print(f"error: {INTERRUPTED_STARTING}", file=sys.stderr)
         return 130
     try:
         train.run(cfg)
@@ -122,6 +123,6 @@ if __name__ == "__main__":
     if _NOTING:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
     if _STARTING_INTERRUPTS:
-        print("error: Interrupted (Ctrl-C) while starting: nothing was written.", file=sys.stderr)
+        print(f"error: {INTERRUPTED_STARTING}", file=sys.stderr)
         sys.exit(130)
     sys.exit(main())

@@ -111,8 +111,8 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
                 lacking += [k for k in ("val_map", "test_map") if not _is_number(final.get(k))]
                 if lacking:
                     problem = f"no usable {', '.join(lacking)} in config.json / final.json"
-                elif config.type_problems(saved):  # hand-edited: the rows and groups compare these values
-                    problem = f"config.json is not a valid config ({'; '.join(config.type_problems(saved))})"
+                elif typed := config.type_problems(saved):  # hand-edited: the rows and groups compare these values
+                    problem = f"config.json is not a valid config ({'; '.join(typed)})"
             if problem is not None:
                 skipped.append(f"{folder}: {problem}")
                 continue

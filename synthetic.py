@@ -272,19 +272,18 @@ def _is_current(root: Path) -> bool:
 
 def _generate(root: Path) -> None:
     manifest_path = root / "synthetic.json"
+    # What the data and its runs derive from the images: formatted labels (observed labels of every regime included),
+    # the pretrained backbone, and the disk cache's pixels and LinearInit's features of the images.
+    derived = [*root.glob("formatted_*.npy"), *(root / name for name in (_PRETRAINED_FILE, "cache", "features"))]
     if manifest_path.exists():  # this generator's (older, or interrupted): everything derived from it goes
         print(f"[synthetic] {root} holds an older or incomplete synthetic dataset; regenerating it.")
-        for stale in root.glob("formatted_*.npy"):  # observed labels of every regime included
-            stale.unlink()
-        (root / _PRETRAINED_FILE).unlink(missing_ok=True)
-        for derived in ("cache", "features"):  # pixels and features of the old images: never reuse them
-            shutil.rmtree(root / derived, ignore_errors=True)
+        for path in derived:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
     else:  # no manifest: whatever is there is not this generator's, so it neither replaces nor deletes it
-        ours = [
-            *root.glob("formatted_*.npy"),
-            *(root / name for name in ("images", "cache", "features", _PRETRAINED_FILE)),
-        ]
-        found = sorted(p.name for p in ours if p.exists())
+        found = sorted(p.name for p in [*derived, root / "images"] if p.exists())
         if found:
             others = ", ".join(name for name in datasets.DATASET_INFO if name != "synthetic")
             raise datasets.DataError(

@@ -279,14 +279,20 @@ def evaluate(
     scores = predict(model, loader, device, desc, amp, ctx, timings)
     extra = {"metrics": threshold_metrics_against(scores, labels)} if with_threshold_metrics else {}
     ap = 100.0 * ap_against(scores, labels).cpu().double()
-    result = {"map": float(ap.nanmean()), "ap_per_class": [None if a != a else a for a in ap.tolist()]}
+    result = {"map": float(ap.nanmean()), "ap_per_class": [_null_if_nan(a) for a in ap.tolist()]}
     result["images"] = scores.shape[0]
     result["first_batch_seconds"] = timings.get("first_batch_seconds", 0.0)
     if class_groups is not None:
         groups = torch.from_numpy(class_groups)
-        group_map = {f"G{g + 1}": float(ap[groups == g].nanmean()) for g in range(int(groups.max()) + 1)}
-        result["group_map"] = {g: None if m != m else m for g, m in group_map.items()}  # no scored class: null
+        result["group_map"] = {
+            f"G{g + 1}": _null_if_nan(float(ap[groups == g].nanmean())) for g in range(int(groups.max()) + 1)
+        }
     return {**result, **extra}
+
+
+def _null_if_nan(value: float) -> float | None:
+    """NaN (no scored class) as JSON's null: final.json stays strict JSON."""
+    return None if value != value else value
 
 
 def eval_labels(split: datasets.Split, device: torch.device) -> torch.Tensor | datasets.SparseLabels:

@@ -530,17 +530,15 @@ def main() -> None:
         device_flag = ["--device", "cuda" if cuda else "cpu"]
         out["main_py"] = main_py(root, Path(tmp) / "runs", "default", *device_flag)
         out["main_py_eager"] = main_py_eager(root, Path(tmp) / "runs", out, *device_flag)
-        timeout = compile_timeout(time.time() - started)
-        if SKIP_COMPILE:
-            pass
-        elif timeout is None:
-            out["main_py_compile"] = {"error": f"left out: under {MIN_COMPILE_S:.0f} s of the {BUDGET_S:.0f} s left"}
-            log(out["main_py_compile"]["error"], out)
-        else:  # compilation took about 50 s and the run about 100 s before
+        timeout = None if SKIP_COMPILE else compile_timeout(time.time() - started)
+        if timeout is not None:  # compilation took about 50 s and the run about 100 s before
             log(f"main.py with --compile (at most {timeout} s)", out)  # with the CUDA graph on a GPU
             out["main_py_compile"] = main_py(root, Path(tmp) / "runs", "compiled", "--compile", "true", *device_flag,
                                              required=False, timeout=timeout)  # fmt: skip
             out["main_py_compile"]["timeout_s"] = timeout
+        elif not SKIP_COMPILE:
+            out["main_py_compile"] = {"error": f"left out: under {MIN_COMPILE_S:.0f} s of the {BUDGET_S:.0f} s left"}
+            log(out["main_py_compile"]["error"], out)
     log("roof again, on the warm GPU", out)
     roof_end = roof(device, graph=cuda, candidates=True)
     if cuda:
