@@ -446,12 +446,17 @@ def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     is_train = dict(_parsed(cub / "train_test_split.txt", 2, lambda f: (int(f[0]), int(f[1]) == 1)))
     labels = np.full((len(images), CUB_NUM_ATTRIBUTES), -1, dtype=np.int64)
     path = cub / "attributes" / "image_attribute_labels.txt"
-    for image_id, attribute_id, is_present in _parsed(path, 3, lambda f: (int(f[0]), int(f[1]), int(f[2]))):
+    for number, (image_id, attribute_id, is_present) in _parsed_lines(path, 3, lambda f: tuple(map(int, f[:3]))):
         if image_id not in image_row or not 1 <= attribute_id <= CUB_NUM_ATTRIBUTES or is_present not in (0, 1):
             raise DataError(f"{path}: the line '{image_id} {attribute_id} {is_present} ...' names an image not in "
                             f"images.txt, an attribute outside 1..{CUB_NUM_ATTRIBUTES} or a value other than 0/1. Use "
                             "the official CUB_200_2011 files (data/cub/README.md).")  # fmt: skip
-        labels[image_row[image_id], attribute_id - 1] = is_present
+        row = image_row[image_id]
+        if labels[row, attribute_id - 1] == 1 - is_present:  # a repeated line that agrees changes nothing
+            raise DataError(f"{path}: line {number} gives image {image_id}, attribute {attribute_id} the value "
+                            f"{is_present}, and an earlier line gave it {1 - is_present}. Use the official "
+                            "CUB_200_2011 files (data/cub/README.md).")  # fmt: skip
+        labels[row, attribute_id - 1] = is_present
     if (labels < 0).any():
         row, col = np.argwhere(labels < 0)[0]
         raise DataError(f"image_attribute_labels.txt has no line for image {images[row][0]}, attribute {col + 1}.")

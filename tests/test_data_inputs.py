@@ -921,3 +921,18 @@ def test_the_dataset_entries_carry_the_published_dataset_presets():
 
 def test_coco_fixture_image_ids_are_the_ones_the_counts_above_assume():
     assert len(COCO["train"][0]) == 6 and len(COCO["val"][0]) == 4  # 5 and 3 annotated
+
+
+def test_a_cub_attribute_given_two_values_names_the_line(tmp_path):
+    root = make_cub(tmp_path / "cub")
+    path = root / "CUB_200_2011/attributes/image_attribute_labels.txt"
+    image, attribute, value = map(int, path.read_text().split()[:3])  # the first line
+    clean = datasets.format_cub(root)
+    path.write_text(path.read_text() + f"{image} {attribute} {value} 3 5.0\n")  # the same value again
+    for split, (names, labels) in datasets.format_cub(root).items():  # changes nothing
+        assert names.tolist() == clean[split][0].tolist() and np.array_equal(labels, clean[split][1])
+    path.write_text(path.read_text() + f"{image} {attribute} {1 - value} 3 5.0\n")
+    lines = len(path.read_text().splitlines())
+    with pytest.raises(DataError, match=rf"line {lines} gives image {image}, attribute {attribute} the value "
+                       rf"{1 - value}, and an earlier line gave it {value}\."):  # fmt: skip
+        datasets.format_cub(root)
