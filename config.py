@@ -368,7 +368,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     scheme_flags = [f for m in methods.entries(methods.SCHEME) for f in m.flags]
     parser = argparse.ArgumentParser(
         description="Large Loss Matters (CVPR 2022): train a multi-label classifier from single positive labels.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         allow_abbrev=False,  # a flag is named in full: --mod is no silent --mod_scheme, and repeats can be told apart
     )
     parser.add_argument("--dataset", default="synthetic", choices=dataset_names())
@@ -413,7 +413,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "the data root, or a per-user cache folder when the data root is read-only",
     )
     parser.add_argument("--save_path", default="results", help="parent folder of run folders")
-    parser.add_argument("--exp_name", default=None, help="run folder name (default: dataset_scheme_delta_seed_time)")
+    name = "<dataset>_<scheme or loss>[_d<delta>]_s<seed>_<time>"
+    parser.add_argument("--exp_name", default=None, help=f"run folder name (default: {name})")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--gpu_num", type=int, default=0, help="CUDA device index")
     regime = parser.add_argument_group("partial-label regime (the paper: one positive per image)")
@@ -485,6 +486,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         if flag not in scheme_flags:
             _add_flag(baselines, flag, flag.name in presets)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already says it (a preset, "the cores") or there is
+    none (None: resolved later)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _default_num_workers(dataset: str) -> int:
@@ -635,10 +646,9 @@ def describe_registry() -> str:
         for flag in m.flags:
             preset = m.presets.get(flag.name)
             text = _format_preset(preset) if preset is not None else f"default {flag.default}"
-            missing = [d for d in datasets.DATASET_INFO if isinstance(preset, dict) and d not in preset]
-            if missing:
-                rest = f"default {flag.default}" if flag.always_preset else f"give --{flag.name}"
-                text += f"; {', '.join(missing)}: {rest}"
+            missing = [d for d in datasets.DATASET_INFO if isinstance(preset, dict) and d not in {**preset, **m.not_on}]
+            if missing:  # a run of this entry there stops and asks for the flag (the default is only recorded)
+                text += f"; {', '.join(missing)}: give --{flag.name}"
             lines.append(f"      --{flag.name}: {text}")
         for name, preset in m.presets.items():
             if name not in [f.name for f in m.flags]:

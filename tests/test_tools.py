@@ -289,8 +289,15 @@ def test_reproduce_table_runs_the_registry_rows(tmp_path):
     env = {**os.environ, "PY": f"{sys.executable} {stub}", "SAVE": str(tmp_path / "t")}
     script = str(REPO / "scripts" / "reproduce_table.sh")
     subprocess.run(["bash", script, "openimages", "3"], env=env, capture_output=True, text=True, check=True)
-    invoked = [line.split("--exp_name ")[1] for line in calls.read_text().splitlines()]
-    assert invoked == [
+    built_in = ("full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "gr", "LL-R", "LL-Ct", "LL-Cp",
+                "LL-R+BoostLU", "LL-Ct+BoostLU", "LL-Cp+BoostLU")  # fmt: skip
+
+    def built_in_rows(dataset: str) -> list[str]:  # a researcher's own rows (docs/extending.md) left aside
+        invoked = [line.split("--exp_name ")[1] for line in calls.read_text().splitlines()]
+        return [line for line in invoked if line.split()[0].removeprefix(f"{dataset}_").rsplit("_end_to_end", 1)[0]
+                in built_in]  # fmt: skip
+
+    assert built_in_rows("openimages") == [
         "openimages_AN_end_to_end_s3 --mod_scheme AN",
         "openimages_wan_end_to_end_s3 --loss wan",
         "openimages_lsan_end_to_end_s3 --loss lsan",
@@ -300,10 +307,7 @@ def test_reproduce_table_runs_the_registry_rows(tmp_path):
     ]
     calls.unlink()
     subprocess.run(["bash", script, "pascal"], env=env, capture_output=True, text=True, check=True)
-    rows = [line.split("--exp_name ")[1].split()[0].removeprefix("pascal_") for line in calls.read_text().splitlines()]
-    table = ("full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "gr", "LL-R", "LL-Ct", "LL-Cp", "LL-R+BoostLU",
-             "LL-Ct+BoostLU", "LL-Cp+BoostLU")  # fmt: skip
-    assert rows == [f"{r}_end_to_end_s0" for r in table]
+    assert [line.split()[0] for line in built_in_rows("pascal")] == [f"pascal_{r}_end_to_end_s0" for r in built_in]
     bad = subprocess.run(["bash", script, "openimages"], env={**env, "METHODS": "epr"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "epr is not a row offered on openimages" in bad.stderr
 
