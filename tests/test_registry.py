@@ -1,13 +1,17 @@
 """The method registry: a method is one entry (loss, flags, presets, state hooks, report row), picked up by the
 config, the loss dispatch, --list_methods and the report; an unknown or half-registered method is a clean error."""
 
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import config
+import datasets
+import losses
 import methods
 from config import parse_config
 from methods import LOSS, Flag, Method, MethodError
@@ -192,3 +196,42 @@ def test_registry_tables_are_complete():
     assert methods.single_process_reason(parse_config(["--loss", "wan", "--exp_name", "x"])) is None
     assert methods.corrects_labels(parse_config(["--mod_scheme", "LL-Cp", "--exp_name", "x"]))
     assert not methods.corrects_labels(parse_config(["--mod_scheme", "LL-Ct", "--exp_name", "x"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# docs/extending.md's examples, run as written: the doc promises that a method or a dataset is its code, one entry and
+# a test, so its code blocks must work against the current registry, config and loaders.
+
+
+def test_the_extending_doc_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 5, "the doc's blocks: the loss, its entry, its tests, the dataset, its test"
+    loss_code, entry_code, method_tests, dataset_code, dataset_test = blocks
+    namespace = dict(vars(losses))
+    exec(loss_code, namespace)  # "goes in losses.py"
+    monkeypatch.setattr(losses, "focal_an_loss", namespace["focal_an_loss"], raising=False)
+    monkeypatch.setitem(datasets.DATASET_INFO, "mydata", None)  # removed again after the test
+    exec(dataset_code, dict(vars(datasets)))  # "goes in datasets.py"
+    exec(entry_code, dict(vars(methods)))  # "goes in methods.py"
+    try:
+        for code, argument in ((method_tests, None), (dataset_test, tmp_path)):
+            tests = {}
+            exec(code, tests)
+            for name, test in tests.items():
+                if name.startswith("test_"):
+                    test(argument) if argument is not None else test()
+        # what the doc says the entries give, beside their own tests
+        assert parse_config(["--dataset", "coco", "--loss", "focal_an"]).exp_name.startswith("coco_focal_an_s0_")
+        assert methods.row_title("focal_an") == "Focal AN"
+        for argv, message in [
+            (["--dataset", "pascal", "--loss", "focal_an"], "--focal_gamma has no preset for --dataset pascal"),
+            (["--mod_scheme", "LL-R", "--loss", "focal_an"], "combine it with --loss an"),
+        ]:
+            with pytest.raises(SystemExit) as exc:
+                parse_config([*argv, "--exp_name", "x"])
+            assert exc.value.code == 2 and message in capsys.readouterr().err
+        cfg = parse_config(["--dataset", "mydata", "--mod_scheme", "LL-R", "--delta_rel", "0.3", "--exp_name", "x"])
+        assert (cfg.optimizer, cfg.lr, cfg.arch, cfg.image_size) == ("adam", 1e-4, "resnet50", 448)
+    finally:
+        methods.unregister("focal_an")
