@@ -732,32 +732,40 @@ def unused_flag_problems(cfg: Config, given: set[str]) -> list[str]:
     the run records without the flag (it changes nothing), or the one the run folder's ``config.json`` already holds
     (an unfinished run started before this check, resumed with its own command)."""
     values = cfg.to_dict()
+    ignored = {name: why for name, why in ignored_settings(values).items() if name in given}
+    saved = _saved_config(cfg.run_dir) if ignored else {}
+    return [message for name, message in ignored.items()
+            if values[name] != _value_without(name, values) and values[name] != saved.get(name, _MISSING)]  # fmt: skip
+
+
+def ignored_settings(values: dict) -> dict[str, str]:
+    """The settings that a run of these config values records but never reads, each with why: a setting of a method
+    it does not use, ``delta_rel`` with the plain AN loss, pretrained weights that are not loaded. ``report.py`` counts
+    runs that differ only in these as one setting."""
     ignored = {}
-    owned = {flag.name for m in methods.active(cfg) for flag in m.flags}
+    owned = {flag.name for m in methods.active(values) for flag in m.flags}
     for name in methods.flags():
-        if name in given and name not in owned:
+        if name not in owned:
             owners = [" ".join(m.selected_by) for m in methods.entries() if any(f.name == name for f in m.flags)]
             choice = owners[0] if len(owners) == 1 else "one of them"
             ignored[name] = (f"--{name} is a setting of {' or '.join(owners)}, which this run does not use: drop it, "
                              f"or add {choice}")  # fmt: skip
-    if "delta_rel" in given and cfg.mod_scheme == methods.PLAIN_SCHEME:
+    if values["mod_scheme"] == methods.PLAIN_SCHEME:
         schemes = [m.name for m in methods.entries(methods.SCHEME) if m.name != methods.PLAIN_SCHEME]
-        if methods.get(cfg.loss, methods.LOSS).combines_with_schemes:
+        if methods.get(values["loss"], methods.LOSS).combines_with_schemes:
             fix = f"drop it, or choose --mod_scheme {' / '.join(schemes)}"
         else:
-            fix = f"--loss {cfg.loss} takes no scheme: drop it"
+            fix = f"--loss {values['loss']} takes no scheme: drop it"
         ignored["delta_rel"] = (
             f"--delta_rel is the large-loss schemes' rate, and this run rejects or corrects nothing: {fix}"
         )
-    if "pretrained_weights" in given and not cfg.use_pretrained:
+    if not values.get("use_pretrained", True):
         ignored["pretrained_weights"] = "--pretrained_weights with --use_pretrained false loads no weights: drop one"
-    elif "pretrained_weights" in given and cfg.arch not in RESNETS:
+    elif (arch := values.get("arch")) not in RESNETS:
         ignored["pretrained_weights"] = (
-            f"--pretrained_weights names torchvision's weights for the ResNets; --arch {cfg.arch} has its own: drop it"
+            f"--pretrained_weights names torchvision's weights for the ResNets; --arch {arch} has its own: drop it"
         )
-    saved = _saved_config(cfg.run_dir) if ignored else {}
-    return [message for name, message in ignored.items()
-            if values[name] != _value_without(name, values) and values[name] != saved.get(name, _MISSING)]  # fmt: skip
+    return ignored
 
 
 def _value_without(name: str, values: dict):

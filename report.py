@@ -5,12 +5,13 @@ that recorded them.
     python report.py results/table_synthetic results/sweep --out results/report
 
 Reads every folder below the given paths that holds ``config.json`` and ``final.json``; a field missing from an older
-``config.json`` counts as its current default. Each (method, dataset, training settings such as delta_rel, seed)
-counts once: further run folders of the same are skipped as duplicates, folders whose files cannot be read are
-skipped, and both are listed. Methods, their titles and the paper's numbers come from the method registry
-(``methods.py``), dataset titles from ``datasets.DATASET_INFO``. Writes ``report.md``, ``report.csv`` (and
-``thresholds.csv`` when runs have threshold metrics) and, when matplotlib is installed, PNG plots (val mAP per epoch,
-the memorisation curves, LL's selection precision). Without matplotlib it writes the tables only and says so.
+``config.json`` counts as its current default. Each (method, dataset, training settings such as delta_rel, seed) counts
+once (settings a run records but never reads, such as an AN run's delta_rel, do not count): further run folders of the
+same are skipped as duplicates, folders whose files cannot be read are skipped, and both are listed. Methods, their
+titles and the paper's numbers come from the method registry (``methods.py``), dataset titles from
+``datasets.DATASET_INFO``. Writes ``report.md``, ``report.csv`` (and ``thresholds.csv`` when runs have threshold
+metrics) and, when matplotlib is installed, PNG plots (val mAP per epoch, the memorisation curves, LL's selection
+precision). Without matplotlib it writes the tables only and says so.
 """
 
 from __future__ import annotations
@@ -122,7 +123,10 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
 
 
 def _setting(values: dict) -> str:
-    return json.dumps({k: v for k, v in values.items() if k not in _NOT_A_SETTING}, sort_keys=True, default=str)
+    """The training settings of a run, as a key: without the seed and what does not change training, and without the
+    settings it records but never reads (an older AN run's delta_rel 0.5 trained as its delta_rel 0)."""
+    left_out = _NOT_A_SETTING | set(config.ignored_settings(values))
+    return json.dumps({k: v for k, v in values.items() if k not in left_out}, sort_keys=True, default=str)
 
 
 def drop_duplicates(runs: list[dict]) -> tuple[list[dict], dict[Path, list[Path]]]:

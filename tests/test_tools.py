@@ -319,3 +319,19 @@ def test_reproduce_table_refuses_extra_flags_that_repeat_its_own(tmp_path):
     bad = subprocess.run(["bash", script, "synthetic", "1"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seed given more than once" in bad.stderr
     assert not (tmp_path / "t" / "synthetic_AN_end_to_end_s1").exists()
+
+
+def test_report_counts_runs_that_differ_in_settings_they_never_read_as_one_setting(tmp_path, capsys):
+    """Older versions recorded settings a run ignores (an AN run's --delta_rel 0.5, an LL-R run's --em_alpha 5): they
+    trained the same, so they are seeds (or duplicates) of one setting, not settings competing by val mAP."""
+    runs = tmp_path / "runs"
+    write_run(runs, "an_d0", scheme="AN", delta=0.0, seed=0, val=70, test=80.0)
+    write_run(runs, "an_d0.5", scheme="AN", delta=0.5, seed=0, val=70, test=80.0)  # the same run, recorded otherwise
+    write_run(runs, "an_d0.5_s1", scheme="AN", delta=0.5, seed=1, val=90, test=90.0)
+    write_run(runs, "llr", seed=0, val=80, test=70.0)
+    write_run(runs, "llr_em5", seed=1, val=81, test=72.0, em_alpha=5.0)
+    write_run(runs, "llr_d0.4", delta=0.4, seed=0, val=79, test=99.0)  # a setting LL-R reads: compared by val, loses
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| Naive AN | 85.0 +- 7.1 [n=2]" in out and f"skipped as duplicates of {runs / 'an_d0'}" in out
+    assert "| LL-R | 71.0 +- 1.4 (d 0.2) [n=2]" in out
