@@ -125,7 +125,10 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], list[str]]:
 def _setting(values: dict) -> str:
     """The training settings of a run, as a key: without the seed and what does not change training, and without the
     settings it records but never reads (an older AN run's delta_rel 0.5 trained as its delta_rel 0)."""
-    left_out = _NOT_A_SETTING | set(config.ignored_settings(values))
+    try:
+        left_out = _NOT_A_SETTING | set(config.ignored_settings(values))
+    except methods.MethodError:  # a method not registered here (a researcher's own, say): all its settings count
+        left_out = _NOT_A_SETTING
     return json.dumps({k: v for k, v in values.items() if k not in left_out}, sort_keys=True, default=str)
 
 

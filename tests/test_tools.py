@@ -331,7 +331,8 @@ def test_report_counts_runs_that_differ_in_settings_they_never_read_as_one_setti
     write_run(runs, "llr", seed=0, val=80, test=70.0)
     write_run(runs, "llr_em5", seed=1, val=81, test=72.0, em_alpha=5.0)
     write_run(runs, "llr_d0.4", delta=0.4, seed=0, val=79, test=99.0)  # a setting LL-R reads: compared by val, loses
+    write_run(runs, "own", loss="focal_an", scheme="AN", delta=0.0, test=60.0)  # a method not registered here
     assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| Naive AN | 85.0 +- 7.1 [n=2]" in out and f"skipped as duplicates of {runs / 'an_d0'}" in out
-    assert "| LL-R | 71.0 +- 1.4 (d 0.2) [n=2]" in out
+    assert "| LL-R | 71.0 +- 1.4 (d 0.2) [n=2]" in out and "60.0 +- 0.0 [n=1]" in out
