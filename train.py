@@ -15,6 +15,7 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import models
 import resize
 import synthetic  # registers the synthetic dataset's generator with datasets (datasets never imports synthetic)
 import trainstep
-from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config
+from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config, ignored_settings
 
 EARLY_STOP_DROP = 3.0  # stop when val mAP falls more than this many points below the best so far (official rule)
 CHECK_EVERY = 25  # steps between host-side checks of the running loss (and, under torchrun, of a stop request)
@@ -317,9 +318,14 @@ def git_sha() -> str:
 def print_header(cfg: Config, run_dir: Path, device: torch.device, ctx: distributed.Context) -> None:
     processes = f"  processes {ctx.world}" if ctx.enabled else ""
     print(f"git {git_sha()}  torch {torch.__version__}  device {device}{processes}  run folder {run_dir}")
-    for key, value in sorted(cfg.to_dict().items()):
-        if key != "from_preset":
+    values = cfg.to_dict()
+    unused = ignored_settings(values)  # other methods' settings: one line, not one each
+    for key, value in sorted(values.items()):
+        if key != "from_preset" and key not in unused:
             print(f"  {key:18s} {value}{'   (preset)' if key in cfg.from_preset else ''}")
+    if unused:
+        names = f"recorded in config.json, not used by this run: {', '.join(sorted(unused))}"
+        print(textwrap.fill(names, 120, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
 
 
 def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:

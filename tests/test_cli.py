@@ -119,4 +119,9 @@ def test_config_json_is_the_printed_config(scheme_runs):
     run_dir, proc = scheme_runs["AN"]
     config = json.loads((run_dir / "config.json").read_text())
     assert "lr                 0.001   (preset)" in proc.stdout
+    names = proc.stdout.split("recorded in config.json, not used by this run: ")[1].split("\nimages:")[0]
+    unused = [name.strip() for name in names.split(",")]
+    assert "delta_rel" in unused and "em_alpha" in unused and "mod_scheme" not in unused  # an AN run
+    for key in config:  # every setting is printed, or named as not used
+        assert key == "from_preset" or key in unused or f"\n  {key:18s} " in proc.stdout, key
     assert config["from_preset"] and "lr" in config["from_preset"]
