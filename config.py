@@ -740,9 +740,12 @@ def unused_flag_problems(cfg: Config, given: set[str]) -> list[str]:
 
 def ignored_settings(values: dict) -> dict[str, str]:
     """The settings that a run of these config values records but never reads, each with why: a setting of a method
-    it does not use, ``delta_rel`` with the plain AN loss, pretrained weights that are not loaded. ``report.py`` counts
-    runs that differ only in these as one setting."""
-    ignored = {}
+    it does not use, ``delta_rel`` with the plain AN loss, pretrained weights that are not loaded, and (in an older
+    ``config.json``) a setting of a method no longer registered. ``report.py`` counts runs that differ only in these as
+    one setting."""
+    _ensure_current()
+    fields = {f.name for f in dataclasses.fields(Config)}
+    ignored = {name: f"{name} is no setting of this version" for name in values if name not in fields}
     owned = {flag.name for m in methods.active(values) for flag in m.flags}
     for name in methods.flags():
         if name not in owned:

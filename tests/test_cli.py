@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import drop_timings, read_run, run_cli, run_main
 
+import methods
+
 pytestmark = pytest.mark.slow  # every test here runs main.py: in this process (run_main), or a subprocess (run_cli)
 
 TINY = ["--ss_frac_train", "0.1", "--ss_frac_val", "0.2", "--num_epochs", "3", "--num_workers", "0"]
@@ -121,7 +123,8 @@ def test_config_json_is_the_printed_config(scheme_runs):
     assert "lr                 0.001   (preset)" in proc.stdout
     names = proc.stdout.split("recorded in config.json, not used by this run: ")[1].split("\nimages:")[0]
     unused = [name.strip() for name in names.split(",")]
-    assert "delta_rel" in unused and "em_alpha" in unused and "mod_scheme" not in unused  # an AN run
+    assert "delta_rel" in unused and "em_alpha" in unused  # an AN run: only the methods' settings it does not use
+    assert set(unused) <= {*methods.flags(), "pretrained_weights"}
     for key in config:  # every setting is printed, or named as not used
         assert key == "from_preset" or key in unused or f"\n  {key:18s} " in proc.stdout, key
     assert config["from_preset"] and "lr" in config["from_preset"]

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import BUILT_IN_DATASETS, REPO
 from fixtures_raw import (
     COCO,
     NUSWIDE_TRAIN_NAMES,
@@ -915,6 +915,7 @@ def test_the_dataset_entries_carry_the_published_dataset_presets():
         info = datasets.DATASET_INFO[name]
         assert (info.title, info.defaults["optimizer"], info.defaults["lr"]) == (title, optimizer, lr)
         assert (info.defaults["arch"], info.defaults["image_size"], info.defaults["num_epochs"]) == (arch, size, 10)
+    assert set(expected) == set(BUILT_IN_DATASETS)
     built_in = {n: datasets.DATASET_INFO[n] for n in expected}  # a researcher's own datasets left aside
     assert [n for n, i in built_in.items() if i.sparse] == ["openimages"]
     assert sorted(n for n, i in built_in.items() if i.formatter) == ["coco", "cub", "openimages", "pascal"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BUILT_IN_ROWS
 
 import config
 import datasets
@@ -186,10 +187,8 @@ def test_registry_tables_are_complete():
     for entry in methods.entries():
         if entry.kind in (methods.LOSS, methods.SCHEME):
             assert entry.loss is not None, entry.name
-    built_in = ["full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "gr", "LL-R", "LL-Ct", "LL-Cp",
-                "LL-R+BoostLU", "LL-Ct+BoostLU", "LL-Cp+BoostLU"]  # fmt: skip
     # in this order; a researcher's own entries may come between them (docs/extending.md: no test to edit)
-    assert [key for key, _, _ in methods.rows() if key in built_in] == built_in
+    assert tuple(key for key, _, _ in methods.rows() if key in BUILT_IN_ROWS) == BUILT_IN_ROWS
     assert methods.single_process_reason(parse_config(["--loss", "role", "--exp_name", "x"])).startswith(
         "--loss role runs in a single process"
     )
@@ -213,14 +212,16 @@ def test_the_extending_doc_examples_run_as_written(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(losses, "focal_an_loss", namespace["focal_an_loss"], raising=False)
     monkeypatch.setitem(datasets.DATASET_INFO, "mydata", None)  # removed again after the test
     exec(dataset_code, dict(vars(datasets)))  # "goes in datasets.py"
-    exec(entry_code, dict(vars(methods)))  # "goes in methods.py"
+    registered = set(methods.REGISTRY)
     try:
+        exec(entry_code, dict(vars(methods)))  # "goes in methods.py"
         for code, argument in ((method_tests, None), (dataset_test, tmp_path)):
             tests = {}
             exec(code, tests)
-            for name, test in tests.items():
-                if name.startswith("test_"):
-                    test(argument) if argument is not None else test()
+            ran = [name for name in tests if name.startswith("test_")]
+            assert ran, "each test block defines tests"
+            for name in ran:
+                tests[name](argument) if argument is not None else tests[name]()
         # what the doc says the entries give, beside their own tests
         assert parse_config(["--dataset", "coco", "--loss", "focal_an"]).exp_name.startswith("coco_focal_an_s0_")
         assert methods.row_title("focal_an") == "Focal AN"
@@ -233,5 +234,6 @@ def test_the_extending_doc_examples_run_as_written(tmp_path, monkeypatch, capsys
             assert exc.value.code == 2 and message in capsys.readouterr().err
         cfg = parse_config(["--dataset", "mydata", "--mod_scheme", "LL-R", "--delta_rel", "0.3", "--exp_name", "x"])
         assert (cfg.optimizer, cfg.lr, cfg.arch, cfg.image_size) == ("adam", 1e-4, "resnet50", 448)
-    finally:
-        methods.unregister("focal_an")
+    finally:  # whatever the doc's blocks registered, also when one of them failed
+        for name in set(methods.REGISTRY) - registered:
+            methods.unregister(name)

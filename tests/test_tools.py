@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, read_run, run_main
+from conftest import BUILT_IN_ROWS, REPO, read_run, run_main
 
 import report
 
@@ -289,13 +289,11 @@ def test_reproduce_table_runs_the_registry_rows(tmp_path):
     env = {**os.environ, "PY": f"{sys.executable} {stub}", "SAVE": str(tmp_path / "t")}
     script = str(REPO / "scripts" / "reproduce_table.sh")
     subprocess.run(["bash", script, "openimages", "3"], env=env, capture_output=True, text=True, check=True)
-    built_in = ("full", "AN", "wan", "lsan", "epr", "role", "em", "em_apl", "gr", "LL-R", "LL-Ct", "LL-Cp",
-                "LL-R+BoostLU", "LL-Ct+BoostLU", "LL-Cp+BoostLU")  # fmt: skip
 
     def built_in_rows(dataset: str) -> list[str]:  # a researcher's own rows (docs/extending.md) left aside
         invoked = [line.split("--exp_name ")[1] for line in calls.read_text().splitlines()]
         return [line for line in invoked if line.split()[0].removeprefix(f"{dataset}_").rsplit("_end_to_end", 1)[0]
-                in built_in]  # fmt: skip
+                in BUILT_IN_ROWS]  # fmt: skip
 
     assert built_in_rows("openimages") == [
         "openimages_AN_end_to_end_s3 --mod_scheme AN",
@@ -307,7 +305,7 @@ def test_reproduce_table_runs_the_registry_rows(tmp_path):
     ]
     calls.unlink()
     subprocess.run(["bash", script, "pascal"], env=env, capture_output=True, text=True, check=True)
-    assert [line.split()[0] for line in built_in_rows("pascal")] == [f"pascal_{r}_end_to_end_s0" for r in built_in]
+    assert [line.split()[0] for line in built_in_rows("pascal")] == [f"pascal_{r}_end_to_end_s0" for r in BUILT_IN_ROWS]
     bad = subprocess.run(["bash", script, "openimages"], env={**env, "METHODS": "epr"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "epr is not a row offered on openimages" in bad.stderr
 
@@ -331,8 +329,10 @@ def test_report_counts_runs_that_differ_in_settings_they_never_read_as_one_setti
     write_run(runs, "llr", seed=0, val=80, test=70.0)
     write_run(runs, "llr_em5", seed=1, val=81, test=72.0, em_alpha=5.0)
     write_run(runs, "llr_d0.4", delta=0.4, seed=0, val=79, test=99.0)  # a setting LL-R reads: compared by val, loses
+    write_run(runs, "llr_gamma", seed=2, val=80, test=71.0, focal_gamma=3.0)  # a method no longer registered had it
     write_run(runs, "own", loss="focal_an", scheme="AN", delta=0.0, test=60.0)  # a method not registered here
     assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| Naive AN | 85.0 +- 7.1 [n=2]" in out and f"skipped as duplicates of {runs / 'an_d0'}" in out
-    assert "| LL-R | 71.0 +- 1.4 (d 0.2) [n=2]" in out and "60.0 +- 0.0 [n=1]" in out
+    assert "| LL-R | 71.0 +- 1.0 (d 0.2) [n=3]" in out and "60.0 +- 0.0 [n=1]" in out
+    assert str(runs / "llr_d0.4") not in out  # not a duplicate of "llr": another setting, which lost on val
