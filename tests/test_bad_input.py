@@ -183,10 +183,10 @@ def test_ctrl_c_while_main_py_imports_torch(tmp_path, after):
 
 
 @pytest.mark.slow
-def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(synthetic_root, tmp_path):
     """`python main.py ... &` in a script starts it with Ctrl-C ignored: Ctrl-C in the terminal stops the script, not
     the runs. main.py must not install a handler of its own there."""
-    cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(tmp_path / "d"), "--save_path", str(tmp_path)]
+    cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(synthetic_root), "--save_path", str(tmp_path)]
     ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=ignore)
     try:
