@@ -391,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
             for f in files
             if f in scores
         ]
+        unlabelled = sum(not labels for _, labels in predictions)
+        if unlabelled:  # an empty row is no error, but a short run may leave every image there: say why
+            limit = 0.5 if args.threshold is None else args.threshold
+            print(f"note: {unlabelled} of {len(predictions)} images have no label with probability >= {limit:g} (a "
+                  "lower --threshold, or --top_k K for the K most probable whatever their probability)",
+                  file=sys.stderr)  # fmt: skip
         text = format_predictions(predictions, args.format)
         if args.output is None:
             sys.stdout.write(text)

@@ -158,6 +158,9 @@ def test_threshold_keeps_exactly_the_labels_at_or_above_it(run_dir, images, name
         want = sorted((p, names[c]) for c, p in enumerate(expected[row["path"]]) if p >= threshold)[::-1]
         assert [label["label"] for label in row["labels"]] == [name for _, name in want]
     assert 0 < sum(len(r["labels"]) for r in rows) < 32
+    code, out, err = call(capsys, run_dir, *files, "--threshold", "1", "--num_workers", "0")
+    assert code == 0 and out.splitlines()[1:] == [f"{f},," for f in files]  # no label: one row with both empty
+    assert "note: 2 of 2 images have no label with probability >= 1 (a lower --threshold, or --top_k K" in err
 
 
 @pytest.mark.slow
