@@ -373,7 +373,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", default="synthetic", choices=dataset_names())
     parser.add_argument(
-        "--mod_scheme", default=None, choices=methods.names(methods.SCHEME), help="default LL-R (AN with clean labels)"
+        "--mod_scheme",
+        default=None,
+        choices=methods.names(methods.SCHEME),
+        help="default LL-R (AN with clean labels or a --loss other than an)",
     )
     for flag in dict.fromkeys(scheme_flags):
         _add_flag(parser, flag, flag.name in presets)
