@@ -168,7 +168,9 @@ def summarize(runs: list[dict]) -> list[dict]:
         c = run["config"]
         groups[(c["train_mode"], c["dataset"], method_of(c), _setting(c))].append(run)
     best: dict[tuple, dict] = {}
-    for (mode, dataset, method, _), members in sorted(groups.items(), key=lambda item: item[0]):
+    compared: dict[tuple, list[dict]] = defaultdict(list)
+    for (mode, dataset, method, setting), members in sorted(groups.items(), key=lambda item: item[0]):
+        compared[(mode, dataset, method)].append(json.loads(setting))
         first = members[0]["config"]
         delta = first.get("delta_rel") if first["mod_scheme"] != methods.PLAIN_SCHEME else None
         val_mean, _ = _mean_std([r["final"]["val_map"] for r in members])
@@ -191,10 +193,33 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "thresholds": thresholds,
                 "thresholds_n": with_thresholds,
                 "runs": members,
+                "setting": json.loads(_setting(first)),
             }
+    for key, row in best.items():
+        row["settings"], row["differs"] = len(compared[key]), _differences(compared[key])
     return sorted(
         best.values(), key=lambda r: (r["train_mode"], dataset_order(r["dataset"]), methods.row_order(r["method"]))
     )
+
+
+def _differences(settings: list[dict]) -> dict[str, list]:
+    """The fields in which the compared settings differ, with their values in sorted order (None: not recorded)."""
+    out = {}
+    for name in sorted({k for s in settings for k in s}):
+        values = {json.dumps(s.get(name), sort_keys=True): s.get(name) for s in settings}
+        if len(values) > 1:
+            out[name] = sorted(values.values(), key=_order)
+    return out
+
+
+def _order(value) -> tuple:
+    """Numbers by value, then other values by their text, then None."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (value is None, not number, value if number else str(value))
+
+
+def _value_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _mode_title(mode: str) -> str:
@@ -220,6 +245,16 @@ def markdown(rows: list[dict]) -> str:
                 cells.append(_cell(row))
             out.append(f"| {methods.row_title(method)} | " + " | ".join(cells) + " |")
         out.append("")
+        chosen = [r for r in mode_rows if r["settings"] > 1]
+        if chosen:  # say what competed, so that a row chosen for another lr (say) is not taken for the preset's
+            out.append("Chosen by the best mean val mAP among settings that differ:\n")
+        for r in sorted(chosen, key=lambda r: (dataset_order(r["dataset"]), methods.row_order(r["method"]))):
+            differs = "; ".join(f"{name} {', '.join(map(_value_text, vals))}" for name, vals in r["differs"].items())
+            picked = ", ".join(f"{name} {_value_text(r['setting'].get(name))}" for name in r["differs"])
+            where = f"{methods.row_title(r['method'])}, {dataset_title(r['dataset'])}"
+            out.append(f"- {where}: {r['settings']} settings ({differs}); chosen: {picked}")
+        if chosen:
+            out.append("")
         for d in names:
             with_metrics = [r for r in mode_rows if r["dataset"] == d and r["thresholds"]]
             if not with_metrics:
@@ -257,12 +292,14 @@ def _cell(row: dict | None) -> str:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ("train_mode", "dataset", "method", "delta_rel", "seeds", "val_mean", "test_mean", "test_std", "paper",
-              "difference")  # fmt: skip
+              "difference", "settings", "chosen")  # fmt: skip
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (" ".join(map(str, row[k])) if k == "seeds" else row[k]) for k in fields})
+            chosen = " ".join(f"{name}={_value_text(row['setting'].get(name))}" for name in row["differs"])
+            line = {k: (" ".join(map(str, row[k])) if k == "seeds" else row.get(k)) for k in fields}
+            writer.writerow({**line, "chosen": chosen})
 
 
 def write_thresholds_csv(rows: list[dict], path: Path) -> bool:

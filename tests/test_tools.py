@@ -104,14 +104,20 @@ def test_report_picks_the_best_delta_by_val_and_averages_seeds(tmp_path):
     write_run(runs, "c", delta=0.4, seed=0, val=83, test=88, log=[{"epoch": 1, "val_map": 70, "fn_prob": 0.2}])
     write_run(runs, "d", delta=0.4, seed=1, val=83, test=90)
     write_run(runs, "e", loss="wan", scheme="AN", delta=0.0, seed=0, val=70, test=86.0)
+    write_run(runs, "f", loss="wan", scheme="AN", delta=0.0, seed=0, val=60, test=99.0, lr=1e-2)  # lost on val
+    write_run(runs, "g", loss="wan", scheme="AN", delta=0.0, seed=0, val=50, test=99.0, lr=1e-3)
     assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "report.md").read_text()
+    # what competed, so that a row chosen for another lr is not taken for the preset's
+    assert "- LL-R, VOC12: 2 settings (delta_rel 0.2, 0.4); chosen: delta_rel 0.4\n" in table
+    assert "- WAN, VOC12: 3 settings (lr 0.001, 0.005, 0.01); chosen: lr 0.005\n" in table
     # mean 89.0, sample std of (88, 90) = 1.414...; the paper's VOC LL-R is 89.2 -> difference -0.2
     assert "| LL-R | 89.0 +- 1.4 (d 0.4) [n=2] [paper 89.2, -0.2] |" in table
     assert "| WAN | 86.0 +- 0.0 [n=1] [paper 86.5, -0.5] |" in table
     rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
     ll_r = next(r for r in rows if r["method"] == "LL-R")
     assert ll_r["delta_rel"] == "0.4" and ll_r["seeds"] == "0 1" and float(ll_r["test_mean"]) == 89.0
+    assert (ll_r["settings"], ll_r["chosen"]) == ("2", "delta_rel=0.4")
     assert not (tmp_path / "out" / "thresholds.csv").exists()  # no run recorded threshold metrics
 
 
