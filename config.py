@@ -649,7 +649,8 @@ def describe_registry() -> str:
         for flag in m.flags:
             preset = m.presets.get(flag.name)
             text = _format_preset(preset) if preset is not None else f"default {flag.default}"
-            missing = [d for d in datasets.DATASET_INFO if isinstance(preset, dict) and d not in {**preset, **m.not_on}]
+            missing = [d for d in datasets.DATASET_INFO
+                       if isinstance(preset, dict) and d not in preset and d not in m.not_on]  # fmt: skip
             if missing:  # a run of this entry there stops and asks for the flag (the default is only recorded)
                 text += f"; {', '.join(missing)}: give --{flag.name}"
             lines.append(f"      --{flag.name}: {text}")

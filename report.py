@@ -170,7 +170,8 @@ def summarize(runs: list[dict]) -> list[dict]:
     best: dict[tuple, dict] = {}
     compared: dict[tuple, list[dict]] = defaultdict(list)
     for (mode, dataset, method, setting), members in sorted(groups.items(), key=lambda item: item[0]):
-        compared[(mode, dataset, method)].append(json.loads(setting))
+        parsed = json.loads(setting)
+        compared[(mode, dataset, method)].append(parsed)
         first = members[0]["config"]
         delta = first.get("delta_rel") if first["mod_scheme"] != methods.PLAIN_SCHEME else None
         val_mean, _ = _mean_std([r["final"]["val_map"] for r in members])
@@ -193,10 +194,11 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "thresholds": thresholds,
                 "thresholds_n": with_thresholds,
                 "runs": members,
-                "setting": json.loads(_setting(first)),
+                "setting": parsed,
             }
     for key, row in best.items():
         row["settings"], row["differs"] = len(compared[key]), _differences(compared[key])
+        row["chosen"] = {name: row["setting"].get(name) for name in row["differs"]}
     return sorted(
         best.values(), key=lambda r: (r["train_mode"], dataset_order(r["dataset"]), methods.row_order(r["method"]))
     )
@@ -248,12 +250,11 @@ def markdown(rows: list[dict]) -> str:
         chosen = [r for r in mode_rows if r["settings"] > 1]
         if chosen:  # say what competed, so that a row chosen for another lr (say) is not taken for the preset's
             out.append("Chosen by the best mean val mAP among settings that differ:\n")
-        for r in sorted(chosen, key=lambda r: (dataset_order(r["dataset"]), methods.row_order(r["method"]))):
-            differs = "; ".join(f"{name} {', '.join(map(_value_text, vals))}" for name, vals in r["differs"].items())
-            picked = ", ".join(f"{name} {_value_text(r['setting'].get(name))}" for name in r["differs"])
-            where = f"{methods.row_title(r['method'])}, {dataset_title(r['dataset'])}"
-            out.append(f"- {where}: {r['settings']} settings ({differs}); chosen: {picked}")
-        if chosen:
+            for r in sorted(chosen, key=lambda r: (dataset_order(r["dataset"]), methods.row_order(r["method"]))):
+                differs = "; ".join(f"{name} {', '.join(map(_value_text, vs))}" for name, vs in r["differs"].items())
+                picked = ", ".join(f"{name} {_value_text(value)}" for name, value in r["chosen"].items())
+                where = f"{methods.row_title(r['method'])}, {dataset_title(r['dataset'])}"
+                out.append(f"- {where}: {r['settings']} settings ({differs}); chosen: {picked}")
             out.append("")
         for d in names:
             with_metrics = [r for r in mode_rows if r["dataset"] == d and r["thresholds"]]
@@ -297,9 +298,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            chosen = " ".join(f"{name}={_value_text(row['setting'].get(name))}" for name in row["differs"])
-            line = {k: (" ".join(map(str, row[k])) if k == "seeds" else row.get(k)) for k in fields}
-            writer.writerow({**line, "chosen": chosen})
+            line = {k: row[k] for k in fields}
+            line["seeds"] = " ".join(map(str, row["seeds"]))
+            line["chosen"] = " ".join(f"{name}={_value_text(value)}" for name, value in row["chosen"].items())
+            writer.writerow(line)
 
 
 def write_thresholds_csv(rows: list[dict], path: Path) -> bool:
