@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -104,16 +105,15 @@ def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None) -> Non
     """The periodic host check: a non-finite loss stops the run; a stop request stops it at this safe point (agreed
     by every process, so none waits for another in a collective)."""
     requested = float(bool(stop and stop.requested))
-    flags = torch.stack(
-        [loss_sum.detach().double(), torch.tensor(requested, dtype=torch.float64, device=loss_sum.device)]
-    )
-    flags = distributed.all_sum(flags, ctx)
-    if not torch.isfinite(flags[0]):
+    # The flag is filled on the device (no copy from host memory) and both values come back in one read.
+    flags = torch.stack([loss_sum.detach().double(), torch.full_like(loss_sum, requested, dtype=torch.float64)])
+    loss, stop_flag = distributed.all_sum(flags, ctx).tolist()  # synchronises: the host waits for the device here
+    if not math.isfinite(loss):
         raise TrainingError(
             f"The training loss became NaN or infinite at epoch {epoch}, by step {step}. "
             "Lower --lr (or check the data for corrupt labels) and start again under another --exp_name."
         )
-    if flags[1] > 0:
+    if stop_flag > 0:
         raise Interrupted
 
 
