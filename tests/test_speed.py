@@ -159,9 +159,9 @@ def test_gpu_check_small_runs_every_step_and_prints_the_keys(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("train_img_s", "eval_img_s", "train_fed_img_s", "eval_fed_img_s", "eval_fed_same_stream_img_s",
-                "train_fused_adam_img_s", "train_default_adam_img_s"):  # fmt: skip
+                "train_fused_adam_img_s", "train_foreach_adam_img_s"):  # fmt: skip
         assert out["roof"][key] > 0
-    assert {"train_copy_side_stream_vs_same", "eval_copy_side_stream_vs_same", "train_fused_adam_vs_default"} <= out[
+    assert {"train_copy_side_stream_vs_same", "eval_copy_side_stream_vs_same", "train_fused_adam_vs_foreach"} <= out[
         "ratios"
     ].keys()
     assert out["official_style"]["train_img_s"] > 0

@@ -1,5 +1,7 @@
 """The training step: LL-Cp writes its corrections into the trainer's label matrix; a NaN loss stops the run."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,30 @@ def test_optimizer_gives_the_head_lr_times_lr_mult():
     optimizer = train.build_optimizer(cfg, tiny_model())
     assert [g["lr"] for g in optimizer.param_groups] == [0.002, 0.02]
     assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 1e-3
+
+
+def test_adam_is_fused_on_cuda_only_and_a_resumed_run_keeps_the_implementation_it_saved():
+    cuda, host = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert methods.fused_adam([{"params": [cuda, cuda]}, {"params": [cuda]}])
+    assert not methods.fused_adam([{"params": [cuda]}, {"params": [host]}])
+    assert not methods.fused_adam([{"params": []}])
+    # On a CPU the paper's Adam keeps torch's default implementation, so CPU results repeat as before.
+    optimizer = train.build_optimizer(parse_config(["--exp_name", "x"]), tiny_model())
+    assert [g["fused"] for g in optimizer.param_groups] == [None, None]
+    # A checkpoint of a fused (CUDA) run resumes fused wherever it resumes, and a default one stays default: the
+    # choice travels in the optimiser's state.
+    model = tiny_model()
+    saved = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    saved.step()
+    resumed = torch.optim.Adam(model.parameters(), lr=1e-5)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0]["fused"] is True
+    saved = torch.optim.Adam(model.parameters(), lr=1e-5)
+    saved.step()
+    resumed = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0]["fused"] is None
 
 
 def test_noting_first_batch_times_the_wait_for_the_first_batch_only(monkeypatch):
