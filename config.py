@@ -439,16 +439,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         default=False,
-        help="torch.compile the training step (full batches; the last batch and evaluation run eagerly), after about a "
-        "minute of compilation, and replay it as a CUDA graph under --cuda_graph auto. Not a promise of speed: alone "
-        "it did not beat eager on an H100, and with the graph it has not been measured yet (docs/performance.md)",
+        help="torch.compile the training step (full batches; the last batch and evaluation run eagerly) and replay it "
+        "as a CUDA graph under --cuda_graph auto: on an H100 1.3x the default's training rate, after about a minute of "
+        "compilation, so it pays on a run as long as COCO's, not on one as short as VOC's (docs/performance.md)",
     )
     speed.add_argument(
         "--cuda_graph",
         default="auto",
         choices=CUDA_GRAPHS,
         help="replay the training forward and backward of full batches as a CUDA graph (one launch instead of "
-        "hundreds; 1.9x the eager training rate on an H100, docs/performance.md); auto: on a single CUDA device "
+        "hundreds; 1.7 to 1.9x the eager training rate on an H100, docs/performance.md); auto: on a single CUDA device "
         "(with --compile too), else off",
     )
     speed.add_argument(
@@ -457,7 +457,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=EVAL_RESIZES,
         help="where validation and test images are resized to --image_size: workers (PIL, as the paper) or device "
         "(the loader's workers only decode, and the model's device resizes with PIL's arithmetic: the same pixels, "
-        "checked against PIL at start, also on the data's first images). For a GPU; on a CPU much slower than PIL",
+        "checked against PIL at start, also on the data's first images). Slower than workers on an H100 with 16 "
+        "cores (docs/performance.md); on a CPU much slower than PIL",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"
