@@ -785,6 +785,7 @@ def _readable_features(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray |
 def make_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     """The official optimiser over parameter groups that carry their own lr: Adam without weight decay, or SGD with
     momentum 0.9 and weight decay 1e-3. Adam on CUDA is torch's fused implementation (``fused_adam``)."""
+    groups = [{**group, "params": list(group["params"])} for group in groups]  # a generator is read once, here
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, fused=True if fused_adam(groups) else None)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=1e-3)

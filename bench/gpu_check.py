@@ -231,7 +231,8 @@ def roof_model(device: torch.device, seed: int = 0, foreach: bool = False):
     if foreach:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=True)
     else:
-        optimizer = methods.make_optimizer(SimpleNamespace(optimizer="adam", lr=1e-5), [{"params": model.parameters()}])
+        adam = SimpleNamespace(optimizer="adam", lr=1e-5)
+        optimizer = methods.make_optimizer(adam, [{"params": model.parameters()}])
     size = SETTINGS["size"]
     images = torch.randint(0, 256, (BSIZE, 3, size, size), dtype=torch.uint8, device=device)
     observed = (torch.rand(BSIZE, NUM_CLASSES, device=device) < 0.05).to(torch.int8)

@@ -81,6 +81,10 @@ def test_adam_is_fused_on_cuda_only_and_a_resumed_run_keeps_the_implementation_i
     # On a CPU the paper's Adam keeps torch's default implementation, so CPU results repeat as before.
     optimizer = train.build_optimizer(parse_config(["--exp_name", "x"]), tiny_model())
     assert [g["fused"] for g in optimizer.param_groups] == [None, None]
+    # Parameters given as a generator (model.parameters()) are all kept: deciding on fused must not use them up.
+    model = tiny_model()
+    optimizer = methods.make_optimizer(parse_config(["--exp_name", "x"]), [{"params": model.parameters()}])
+    assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters())) > 0
     # A checkpoint of a fused (CUDA) run resumes fused wherever it resumes, and a default one stays default: the
     # choice travels in the optimiser's state.
     model = tiny_model()
