@@ -139,13 +139,9 @@ def _registry_problems() -> list[str]:
         presets = [(m.presets, "presets")]
         presets += [(p, f"presets_with[{s!r}]") for s, p in m.presets_with.items()]
         for mapping, where in presets:
-            for flag, preset in mapping.items():
+            for flag in mapping:
                 if flag not in known_flags:
                     problems.append(f"{m.name!r} {where} names --{flag}, which no entry declares in its flags")
-                unknown = set(preset) - known_datasets if isinstance(preset, dict) else set()
-                if unknown:
-                    problems.append(f"{m.name!r} {where} --{flag} names unknown datasets {sorted(unknown)} "
-                                    f"(DATASET_INFO has {sorted(known_datasets)})")  # fmt: skip
         tables = [m.paper, *m.paper_with.values()]
         for table in tables:
             for per_dataset in table.values():
@@ -158,6 +154,21 @@ def _registry_problems() -> list[str]:
         unknown = set(m.not_on) | set(m.table_skip)
         if unknown - known_datasets:
             problems.append(f"{m.name!r} not_on / table_skip names unknown datasets {sorted(unknown - known_datasets)}")
+    return problems + _dataset_constant_problems()
+
+
+def _dataset_constant_problems() -> list[str]:
+    """Constants in the dataset entries that no method entry reads (a typo of a method's or a flag's name)."""
+    problems = []
+    read = methods.constants_read()
+    for dataset, info in datasets.DATASET_INFO.items():
+        for key, constants in info.method_constants.items():
+            unread = sorted(f"--{flag}" for flag in constants if (key, flag) not in read)
+            if unread:
+                readers = sorted({k for k, _ in read})
+                problems.append(f"datasets.DATASET_INFO[{dataset!r}].method_constants[{key!r}] holds "
+                                f"{', '.join(unread)}, which no entry of the method registry reads under {key!r} "
+                                f"(they read {', '.join(readers)})")  # fmt: skip
     return problems
 
 
@@ -181,11 +192,15 @@ _built_for = methods.registry_version()
 
 
 def _ensure_current() -> None:
-    """Rebuild ``Config`` when entries were registered or removed since it was built."""
+    """Rebuild ``Config`` when entries were registered or removed since it was built; check the dataset entries'
+    constants against the registry (a dataset entry may be added at any time)."""
     global Config, _built_for
     if _built_for != methods.registry_version():
         Config = _build_config_class()
         _built_for = methods.registry_version()
+    problems = _dataset_constant_problems()
+    if problems:
+        raise methods.MethodError("the dataset entries are incomplete: " + "; ".join(problems))
 
 
 def config_defaults() -> dict:
@@ -325,12 +340,9 @@ def _regime_problems(cfg) -> list[str]:
             p.append("--label_proportion is a regime of its own: give it without --num_pos / --num_neg")
     elif cfg.num_pos == 0 and cfg.num_neg == 0:
         p.append("--num_pos 0 --num_neg 0 observes no label at all: give at least one observed label per image")
-    if not _regime_is_default(cfg):
+    if not _regime_is_default(cfg):  # with the full labels (the clean variant), its own rule says so
         info = datasets.DATASET_INFO.get(cfg.dataset)
-        if cfg.train_set_variant != "observed":
-            p.append("--num_pos, --num_neg and --label_proportion choose the observed labels; with --train_set_variant "
-                     f"{cfg.train_set_variant} every label is known: drop them")  # fmt: skip
-        elif info is not None and info.sparse:
+        if cfg.train_set_variant == methods.OBSERVED and info is not None and info.sparse:
             p.append(f"{info.title} comes with its own partial labels (the annotated entries): --num_pos, "
                      "--num_neg and --label_proportion, which draw observed labels from full labels, do not apply to "
                      "it")  # fmt: skip
@@ -502,11 +514,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _default_num_workers(dataset: str) -> int:
-    """The available cores, shared among the processes torchrun starts on this machine. The synthetic images are
-    32x32 PNGs: decoding them in the main process is faster than feeding worker processes."""
-    if dataset == "synthetic":
-        return 0
+def _default_num_workers(info: datasets.DatasetInfo) -> int:
+    """The dataset entry's ``num_workers`` default when it has one (the synthetic images are 32x32 PNGs: decoding them
+    in the main process is faster than feeding worker processes), else the available cores, shared among the
+    processes torchrun starts on this machine."""
+    if "num_workers" in info.defaults:
+        return int(info.defaults["num_workers"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
@@ -544,28 +557,28 @@ _MISSING = object()
 
 def _resolve_preset(name: str, values: dict) -> tuple[Any, bool]:
     """A registry flag that was not given: (value, whether it counts as a preset). The active modifiers' presets for
-    the scheme win, then the active entries' own presets (an active entry without one for the dataset: a clean
-    error), then, for ``always_preset`` flags, any entry's; otherwise the flag's default."""
+    the scheme win, then the active entries' own presets; one that the dataset's entry lacks is a clean error (never
+    another entry's value). Then, for ``always_preset`` flags, any entry's; otherwise the flag's default."""
     dataset, scheme = values["dataset"], values["mod_scheme"]
     used = methods.active(values)
-    for m in used:
-        if m.kind == methods.MODIFIER and name in m.presets_with.get(scheme, {}):
-            value = methods.for_dataset(m.presets_with[scheme][name], dataset, _MISSING)
-            if value is not _MISSING:
-                return value, True
-    for m in used:
-        if m.kind != methods.MODIFIER and name in m.presets:
-            value = methods.for_dataset(m.presets[name], dataset, _MISSING)
-            if value is _MISSING:
-                raise ValueError(
-                    f"--{name} has no preset for --dataset {dataset} in the {m.name!r} entry of the method registry "
-                    f"(methods.py): give --{name} on the command line, or add {dataset!r} to that entry's presets"
-                )
-            return value, True
+    found = [(m, m.presets_with[scheme][name]) for m in used
+             if m.kind == methods.MODIFIER and name in m.presets_with.get(scheme, {})]  # fmt: skip
+    found += [(m, m.presets[name]) for m in used if m.kind != methods.MODIFIER and name in m.presets]
+    if found:
+        m, preset = found[0]
+        value = methods.for_dataset(preset, dataset, name, _MISSING)
+        if value is _MISSING:
+            raise ValueError(
+                f"--{name} has no preset for --dataset {dataset}: {' '.join(m.selected_by)} reads it from the "
+                f"dataset's entry, and datasets.DATASET_INFO[{dataset!r}].method_constants has no {name!r} under "
+                f"{preset.key!r}: give --{name} on the command line, or add "
+                f"{preset.key!r}: {{{name!r}: ...}} to that entry's method_constants"
+            )
+        return value, True
     flag = methods.flags()[name]
     if flag.always_preset:
         for m in methods.entries():
-            value = methods.for_dataset(m.presets.get(name, _MISSING), dataset, _MISSING)
+            value = methods.for_dataset(m.presets.get(name, _MISSING), dataset, name, _MISSING)
             if value is not _MISSING:
                 return value, True
         return flag.default, True
@@ -582,10 +595,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     info = datasets.DATASET_INFO.get(dataset)
     if info is None:
         raise ValueError(f"--dataset must be one of {', '.join(dataset_names())} (got {dataset!r})")
-    loss = methods.get(values["loss"], methods.LOSS)
     if values["mod_scheme"] is None:
-        observed = values["train_set_variant"] == "observed" and loss.combines_with_schemes
-        values["mod_scheme"] = "LL-R" if observed else methods.PLAIN_SCHEME
+        values["mod_scheme"] = methods.default_scheme(values)
     for name, flag in methods.flags().items():
         if flag.nargs is not None and isinstance(values.get(name), list):
             values[name] = tuple(values[name])
@@ -607,7 +618,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 from_preset.append(name)
     values["from_preset"] = tuple(from_preset)
     if values["num_workers"] is None:
-        values["num_workers"] = _default_num_workers(dataset)
+        values["num_workers"] = _default_num_workers(info)
     if values["data_root"] is None:
         values["data_root"] = str(REPO_DIR / "data" / dataset)
     if values["exp_name"] is None:
@@ -620,10 +631,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # --list_methods
 
 
-def _format_preset(preset) -> str:
-    if isinstance(preset, dict):
-        return ", ".join(f"{d} {v:g}" if isinstance(v, float) else f"{d} {v}" for d, v in preset.items())
-    return f"{preset:g} on every dataset" if isinstance(preset, float) else f"{preset} on every dataset"
+def _per_dataset(preset, flag: str) -> dict | None:
+    """A ``from_dataset`` preset's values, by dataset (the datasets whose entry has one; None for a general value)."""
+    if not isinstance(preset, methods.FromDataset):
+        return None
+    missing = object()
+    values = {d: methods.for_dataset(preset, d, flag, missing) for d in datasets.DATASET_INFO}
+    return {d: v for d, v in values.items() if v is not missing}
+
+
+def _format_preset(preset, flag: str) -> str:
+    def text(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    values = _per_dataset(preset, flag)
+    if values is None:
+        return f"{text(preset)} on every dataset"
+    if preset.has_default:
+        own = {d: v for d, v in values.items() if v != preset.default}
+        general = f"{text(preset.default)} on every dataset"
+        return general + "".join(f"; {d} {text(v)}" for d, v in own.items())
+    return ", ".join(f"{d} {text(v)}" for d, v in values.items())
 
 
 def describe_registry() -> str:
@@ -649,18 +677,19 @@ def describe_registry() -> str:
         lines.append(f"      {'; '.join(notes)}")
         for flag in m.flags:
             preset = m.presets.get(flag.name)
-            text = _format_preset(preset) if preset is not None else f"default {flag.default}"
+            text = _format_preset(preset, flag.name) if preset is not None else f"default {flag.default}"
+            values = _per_dataset(preset, flag.name)
             missing = [d for d in datasets.DATASET_INFO
-                       if isinstance(preset, dict) and d not in preset and d not in m.not_on]  # fmt: skip
+                       if values is not None and d not in values and d not in m.not_on]  # fmt: skip
             if missing:  # a run of this entry there stops and asks for the flag (the default is only recorded)
                 text += f"; {', '.join(missing)}: give --{flag.name}"
             lines.append(f"      --{flag.name}: {text}")
         for name, preset in m.presets.items():
             if name not in [f.name for f in m.flags]:
-                lines.append(f"      --{name}: {_format_preset(preset)}")
+                lines.append(f"      --{name}: {_format_preset(preset, name)}")
         for scheme, per_scheme in m.presets_with.items():
             for name, preset in per_scheme.items():
-                lines.append(f"      --{name} with {scheme}: {_format_preset(preset)}")
+                lines.append(f"      --{name} with {scheme}: {_format_preset(preset, name)}")
     return "\n".join(lines)
 
 

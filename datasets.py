@@ -56,8 +56,16 @@ class DatasetInfo:
     ``{phase: (names, labels)}``; ``raw_marker`` is a file (relative to the data root) whose presence says they are
     there. ``read_class_names(root)`` gives the column names from the raw files (``[]`` when they are absent).
     ``prepare(root)`` generates the dataset itself (the synthetic one: registered by ``synthetic.py``, which this
-    module does not import). ``sparse``: partially annotated labels stored as CSR whose annotated entries are the
-    observed labels (OpenImages): no observed-label generator, no full labels, unknown entries not scored.
+    module does not import); ``smallcnn_weights(root)`` makes (once) and returns the file of a pretrained ``smallcnn``
+    backbone for it (the synthetic one, likewise). ``sparse``: partially annotated labels stored as CSR whose
+    annotated entries are the observed labels (OpenImages): no observed-label generator, no full labels, unknown
+    entries not scored.
+
+    ``method_constants``: the constants the methods use on this dataset, ``{method: {flag: value}}``, keyed by the
+    entry (or table row, e.g. ``"LL-R+BoostLU"``) of the method registry whose constants they are; the method's entry
+    reads them with ``methods.from_dataset`` (docs/extending.md). A method with no value here is refused on the
+    dataset with a message naming the flag to give, unless its entry names a general default (GR Loss's released
+    values); it never gets another method's or another dataset's value.
     """
 
     num_classes: int
@@ -72,6 +80,8 @@ class DatasetInfo:
     raw_marker: str | None = None
     read_class_names: Callable[[Path], list[str]] | None = None
     prepare: Callable[[Path], object] | None = None
+    smallcnn_weights: Callable[[Path], Path] | None = None
+    method_constants: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
 
 
 def _defaults(optimizer: str, lr: float, **overrides) -> Mapping[str, object]:
@@ -646,43 +656,82 @@ def _synthetic_class_names(root: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # The datasets: one entry each.
 
+# Each entry's ``method_constants`` are the methods' published settings on it (docs/methods.md gives the sources):
+# - delta_rel of LL-R, LL-Ct, LL-Cp: the best settings the LL authors posted (official repository
+#   snucml/LargeLossMatters, issue #4);
+# - BoostLU's delta_rel with each scheme (Kim et al., CVPR 2023; youngwk/BridgeGapExplanationPAMC), the same on every
+#   real dataset;
+# - expected_num_pos (EPR, and ROLE, which reads EPR's): the expected positives per image of Cole et al. (CVPR 2021);
+# - em_alpha (EM, and EM+APL, which reads EM's), apl_beta, apl_warmup: Zhou et al.'s (ECCV 2022) released defaults.
+# GR Loss reads its authors' released values on every dataset (a general default, methods.py) unless an entry has
+# its own under "gr".
+BOOSTLU_DELTA_REL = {"LL-R+BoostLU": {"delta_rel": 0.5}, "LL-Ct+BoostLU": {"delta_rel": 0.2},
+                     "LL-Cp+BoostLU": {"delta_rel": 0.1}}  # fmt: skip
+
 DATASET_INFO: dict[str, DatasetInfo] = {
     "pascal": DatasetInfo(
         20, "VOCdevkit/VOC2012/JPEGImages", "VOC12", _defaults("sgd", 5e-3),
         formatter=format_pascal, raw_marker="VOCdevkit/VOC2012/ImageSets/Main/aeroplane_train.txt",
         read_class_names=lambda root: list(VOC_CLASSES),
+        method_constants={"LL-R": {"delta_rel": 0.2}, "LL-Ct": {"delta_rel": 0.2}, "LL-Cp": {"delta_rel": 0.1},
+                          **BOOSTLU_DELTA_REL, "epr": {"expected_num_pos": 1.5}, "em": {"em_alpha": 0.2},
+                          "em_apl": {"apl_beta": 0.02, "apl_warmup": 5}},
     ),
     "coco": DatasetInfo(
         COCO_NUM_CLASSES, "", "COCO14", _defaults("adam", 1e-5),
         formatter=format_coco, raw_marker="annotations/instances_train2014.json", read_class_names=_coco_class_names,
+        method_constants={"LL-R": {"delta_rel": 0.4}, "LL-Ct": {"delta_rel": 0.2}, "LL-Cp": {"delta_rel": 0.2},
+                          **BOOSTLU_DELTA_REL, "epr": {"expected_num_pos": 2.9}, "em": {"em_alpha": 0.1},
+                          "em_apl": {"apl_beta": 0.9, "apl_warmup": 5}},
     ),
     # NUS-WIDE comes as formatted files (Cole et al.'s re-crawled subset): no raw form here.
-    "nuswide": DatasetInfo(81, "Flickr", "NUS-WIDE", _defaults("adam", 1e-5), read_class_names=_listed_names(
-        "Concepts81.txt")),
+    "nuswide": DatasetInfo(
+        81, "Flickr", "NUS-WIDE", _defaults("adam", 1e-5), read_class_names=_listed_names("Concepts81.txt"),
+        method_constants={"LL-R": {"delta_rel": 0.4}, "LL-Ct": {"delta_rel": 0.2}, "LL-Cp": {"delta_rel": 0.2},
+                          **BOOSTLU_DELTA_REL, "epr": {"expected_num_pos": 1.9}, "em": {"em_alpha": 0.1},
+                          "em_apl": {"apl_beta": 0.2, "apl_warmup": 4}},
+    ),
     "cub": DatasetInfo(
         CUB_NUM_ATTRIBUTES, "CUB_200_2011/images", "CUB", _defaults("adam", 7.5e-5),
         formatter=format_cub, raw_marker="CUB_200_2011/attributes/image_attribute_labels.txt",
         read_class_names=_listed_names("attributes.txt", part=1),
+        method_constants={"LL-R": {"delta_rel": 0.4}, "LL-Ct": {"delta_rel": 0.4}, "LL-Cp": {"delta_rel": 0.2},
+                          **BOOSTLU_DELTA_REL, "epr": {"expected_num_pos": 31.4}, "em": {"em_alpha": 0.01},
+                          "em_apl": {"apl_beta": 0.4, "apl_warmup": 3}},
     ),
-    # The paper publishes no OpenImages settings: COCO's, the closest large-scale setting, as a starting point.
+    # The paper publishes no OpenImages settings: COCO's, the closest large-scale setting, as a starting point. No
+    # expected number of positives is published for it: EPR and ROLE are not offered there (methods.py's not_on).
     "openimages": DatasetInfo(
         OPENIMAGES_NUM_CLASSES, "", "OpenImages", _defaults("adam", 1e-5), ("train", "val", "test"), sparse=True,
         formatter=format_openimages, raw_marker="2017_11/classes-trainable.txt",
         read_class_names=_openimages_class_names,
+        method_constants={"LL-R": {"delta_rel": 0.4}, "LL-Ct": {"delta_rel": 0.2}, "LL-Cp": {"delta_rel": 0.2},
+                          **BOOSTLU_DELTA_REL, "em": {"em_alpha": 0.1}, "em_apl": {"apl_beta": 0.9, "apl_warmup": 5}},
     ),
-    # Generated by synthetic.py, which registers its generator as ``prepare`` (register_prepare). Its defaults were
-    # tuned for the embedded demo (docs/synthetic.md).
+    # Generated by synthetic.py, which registers its generator as ``prepare`` and its pretrained backbone as
+    # ``smallcnn_weights`` (register_prepare). Its settings were chosen for the embedded demo (docs/synthetic.md):
+    # BoostLU keeps each scheme's own delta_rel there; 32x32 PNGs decode faster in the main process than through
+    # loader workers (num_workers 0).
     "synthetic": DatasetInfo(
-        16, "images", "synthetic", _defaults("adam", 1e-3, arch="smallcnn", image_size=32),
+        16, "images", "synthetic", _defaults("adam", 1e-3, arch="smallcnn", image_size=32, num_workers=0),
         read_class_names=_synthetic_class_names,
+        method_constants={"LL-R": {"delta_rel": 1.0}, "LL-Ct": {"delta_rel": 0.5}, "LL-Cp": {"delta_rel": 0.5},
+                          "LL-R+BoostLU": {"delta_rel": 1.0}, "LL-Ct+BoostLU": {"delta_rel": 0.5},
+                          "LL-Cp+BoostLU": {"delta_rel": 0.5}, "epr": {"expected_num_pos": 2.5},
+                          "em": {"em_alpha": 0.1}, "em_apl": {"apl_beta": 0.2, "apl_warmup": 5}},
     ),
 }  # fmt: skip
 
 
-def register_prepare(dataset: str, prepare: Callable[[Path], object]) -> None:
-    """Set the function that generates ``dataset`` under a data root (called before its formatted files are read).
-    ``synthetic.py`` registers its generator this way, so this module needs no import of it."""
-    DATASET_INFO[dataset] = dataclasses.replace(DATASET_INFO[dataset], prepare=prepare)
+def register_prepare(
+    dataset: str, prepare: Callable[[Path], object], smallcnn_weights: Callable[[Path], Path] | None = None
+) -> None:
+    """Set the function that generates ``dataset`` under a data root (called before its formatted files are read),
+    and the one that makes its pretrained ``smallcnn`` backbone. ``synthetic.py`` registers its generator this way,
+    so this module needs no import of it."""
+    DATASET_INFO[dataset] = dataclasses.replace(
+        DATASET_INFO[dataset], prepare=prepare, smallcnn_weights=smallcnn_weights
+    )
 
 
 def formatted_files(dataset: str) -> list[str]:

@@ -20,15 +20,40 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-SCHEMES = ("AN", "LL-R", "LL-Ct", "LL-Cp")
+
+class Scheme(NamedTuple):
+    """What a large-loss scheme does with the k unobserved entries of largest loss: ``treat`` them as "reject" (loss
+    0), "correct" (BCE against 1) or None (select nothing: plain AN); and whether its rate ``grows`` with the epoch
+    (LL-R, LL-Ct) or stays at delta_rel per epoch (LL-Cp, whose corrections accumulate in the label matrix)."""
+
+    treat: str | None
+    grows: bool
 
 
-def _check_scheme(scheme: str) -> None:
+# The paper's four schemes by name. A new scheme passes its own ``Scheme`` to the functions below instead of a name.
+SCHEMES: dict[str, Scheme] = {
+    "AN": Scheme(None, grows=False),
+    "LL-R": Scheme("reject", grows=True),
+    "LL-Ct": Scheme("correct", grows=True),
+    "LL-Cp": Scheme("correct", grows=False),
+}
+_TREATMENTS = (None, "reject", "correct")
+
+
+def _check_scheme(scheme: str | Scheme) -> Scheme:
+    """The scheme's behaviour, from its name or as given."""
+    if isinstance(scheme, Scheme):
+        if scheme.treat not in _TREATMENTS:
+            raise ValueError(
+                f"a Scheme treats the selected entries as 'reject', 'correct' or None, not {scheme.treat!r}"
+            )
+        return scheme
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {tuple(SCHEMES)} or pass a losses.Scheme")
+    return SCHEMES[scheme]
 
 
-def modification_rate(scheme: str, epoch: int, delta_rel: float) -> float:
+def modification_rate(scheme: str | Scheme, epoch: int, delta_rel: float) -> float:
     """Fraction of a batch's B*C label entries to reject or correct at ``epoch`` (1-indexed).
 
     ``delta_rel`` is in percent per epoch, as on the official command line. LL-R and LL-Ct grow the rate linearly,
@@ -38,14 +63,14 @@ def modification_rate(scheme: str, epoch: int, delta_rel: float) -> float:
     exceeds 1.0: a schedule that would pass 1 (a large ``delta_rel``, or many epochs) stays at 1.0, i.e. every
     unobserved entry is modified; below 1 the values are exactly the formula's.
     """
-    _check_scheme(scheme)
+    behaviour = _check_scheme(scheme)
     if epoch < 1:
         raise ValueError(f"epoch is 1-indexed, got {epoch}")
     if delta_rel < 0:
         raise ValueError(f"delta_rel must be >= 0, got {delta_rel}")
-    if scheme == "AN" or epoch == 1:
+    if behaviour.treat is None or epoch == 1:
         return 0.0
-    if scheme == "LL-Cp":
+    if not behaviour.grows:
         return min(1.0, delta_rel / 100)
     return min(1.0, (epoch - 1) * delta_rel / 100)
 
@@ -78,7 +103,7 @@ Select = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def large_loss(
     logits: torch.Tensor,
     observed: torch.Tensor,
-    scheme: str,
+    scheme: str | Scheme,
     rate: float,
     *,
     select: Select | None = None,
@@ -95,20 +120,20 @@ def large_loss(
     selection made over the whole batch, gathered across processes) and ``reduce(loss_matrix)`` (this process's
     share of the batch mean); by default both work on this batch alone.
     """
-    _check_scheme(scheme)
+    treat = _check_scheme(scheme).treat
     if logits.dim() != 2 or logits.shape != observed.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and observed {tuple(observed.shape)} must be the same B x C")
     logits = logits.float()
     loss_matrix = F.binary_cross_entropy_with_logits(logits, observed.clamp(min=0).float(), reduction="none")
-    if scheme == "AN":
+    if treat is None:
         selected = torch.zeros_like(observed, dtype=torch.bool)
     elif select is not None:
         selected = select(loss_matrix.detach(), observed == 0)
     else:
         selected = select_largest(loss_matrix, observed == 0, num_to_select(logits.shape[0], logits.shape[1], rate))
-    if scheme == "LL-R":
+    if treat == "reject":
         loss_matrix = loss_matrix.masked_fill(selected, 0.0)
-    elif scheme in ("LL-Ct", "LL-Cp"):
+    elif treat == "correct":
         corrected = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
         loss_matrix = torch.where(selected, corrected, loss_matrix)
     return _reduce(loss_matrix, reduce), selected
@@ -256,8 +281,9 @@ class GRSchedule(NamedTuple):
 # --alpha [0.5, 2, 0.8, 0.5] = (mu start, sigma start, mu end, sigma end), --q2q3 [0.01, 1]; the same values are the
 # README's example; their --linear_init defaults to 0, as ``gr_loss``'s does). The repository publishes no per-dataset
 # values, and the paper's per-dataset table could not be checked for this implementation, so every dataset starts
-# from these; docs/gr_loss.md says so. Pairs are (value at the start of the schedule, value at its end).
-_GR_RELEASED = {
+# from these (the GR entry of methods.py: a general default; a dataset entry may hold its own); docs/gr_loss.md says
+# so. Pairs are (value at the start of the schedule, value at its end).
+GR_RELEASED = {
     "w": (0.0, 2.0),
     "b": (-2.0, -2.0),
     "mu": (0.5, 0.8),
@@ -265,17 +291,7 @@ _GR_RELEASED = {
     "q2": 0.01,
     "q3": 1.0,
 }
-GR_HYPERPARAMETERS = tuple(_GR_RELEASED)
-GR_DEFAULTS: dict[str, dict] = {
-    "pascal": dict(_GR_RELEASED),
-    "coco": dict(_GR_RELEASED),
-    "nuswide": dict(_GR_RELEASED),
-    "cub": dict(_GR_RELEASED),
-    # No published setting (the paper has no OpenImages experiment): the released defaults, as a starting point.
-    "openimages": dict(_GR_RELEASED),
-    # Chosen, not tuned: the released defaults.
-    "synthetic": dict(_GR_RELEASED),
-}
+GR_HYPERPARAMETERS = tuple(GR_RELEASED)
 # Test mAP (%) published for GR Loss, ResNet-50 at 448 x 448, end-to-end (paper's main results table). None: not
 # available to this implementation (see docs/gr_loss.md); never filled with a guess.
 GR_PAPER_MAP: dict[str, float | None] = {"pascal": 89.83, "coco": 73.17, "nuswide": None, "cub": None}
@@ -399,8 +415,8 @@ def gr_loss(
 ) -> torch.Tensor:
     """GR Loss of a batch at ``epoch`` of ``num_epochs``: ``gr_loss_matrix`` with ``gr_schedule``'s values, averaged
     over all B*C entries as the authors do (``reduce``: as in ``large_loss``). ``w``, ``b``, ``mu``, ``sigma`` are
-    (start, end) pairs; ``GR_DEFAULTS[dataset]`` holds a whole setting: ``gr_loss(z, y, epoch=e, num_epochs=T,
-    **GR_DEFAULTS["coco"])``. ``linear_init`` only delays the schedule, as the authors' --linear_init does; freezing the
+    (start, end) pairs; ``GR_RELEASED`` holds a whole setting: ``gr_loss(z, y, epoch=e, num_epochs=T,
+    **GR_RELEASED)``. ``linear_init`` only delays the schedule, as the authors' --linear_init does; freezing the
     backbone during those epochs (what their flag also does) is the trainer's business. No host synchronisation."""
     problems = gr_problems(w=w, b=b, mu=mu, sigma=sigma, q2=q2, q3=q3, linear_init=linear_init, num_epochs=num_epochs)
     if problems:

@@ -202,6 +202,8 @@ KINDS = (VARIANT, LOSS, SCHEME, MODIFIER, MODE)
 # The config field (and flag) that picks the entry of each kind; modifiers are switched on by their own flags.
 SELECTOR = {VARIANT: "train_set_variant", LOSS: "loss", SCHEME: "mod_scheme", MODE: "train_mode"}
 PLAIN_SCHEME = "AN"  # the scheme that modifies nothing
+DEFAULT_SCHEME = "LL-R"  # the paper's method: --mod_scheme's default for AN's loss on the observed labels
+OBSERVED = "observed"  # the variant that trains on the observed (partial) labels
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -224,6 +226,29 @@ class LossInputs(NamedTuple):
     epoch: int | None
     select: losses.Select | None
     reduce: losses.Reduce | None
+
+
+_NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class FromDataset:
+    """A preset that the dataset's entry holds: ``datasets.DATASET_INFO[dataset].method_constants[key][flag]``.
+    ``key``: the entry (or table row, ``"LL-R+BoostLU"``) whose constants they are; another entry may read them too
+    (ROLE reads EPR's expected number of positives). ``default``: the general value on a dataset whose entry has
+    none (GR Loss's released values); without it, running the method there stops and names the flag to give."""
+
+    key: str
+    default: Any = _NO_DEFAULT
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not _NO_DEFAULT
+
+
+def from_dataset(key: str, default: Any = _NO_DEFAULT) -> FromDataset:
+    """A per-dataset preset, read from the dataset entries' ``method_constants[key]`` (see ``FromDataset``)."""
+    return FromDataset(key, default)
 
 
 @dataclass(frozen=True)
@@ -260,16 +285,17 @@ class Method:
         ``scripts/reproduce_table.sh`` leaves the row out although it is offered there).
     Config:
         ``flags`` (the flags it owns; share one ``Flag`` object between entries that use the same flag),
-        ``presets`` (``{flag: value for every dataset}`` or ``{flag: {dataset: value}}``; may name another entry's
-        flag), ``validate(cfg)`` (its own rules, as readable problems; run when it is active), ``not_on``
-        (``{dataset: why}``: refused there).
+        ``presets`` (``{flag: value for every dataset}``, or ``{flag: from_dataset(key)}`` for a value per dataset,
+        held by the dataset entries; may name another entry's flag), ``validate(cfg)`` (its own rules, as readable
+        problems; run when it is active), ``not_on`` (``{dataset: why}``: refused there).
     Training:
         ``loss(LossInputs)`` (the batch loss, a scalar, or ``(loss, selected)`` for the schemes; required for losses
         and schemes), ``combines_with_schemes`` (a loss that ``--mod_scheme`` may modify: only AN's),
         ``rate(cfg, epoch)`` and ``corrects_labels`` (schemes: the modification rate; LL-Cp's permanent corrections),
         ``single_process`` (why it cannot run under torchrun; empty: it can), ``eager_forward`` (why the model's
         training forward must run as Python every step, e.g. a forward hook or a branch on the data: a CUDA graph
-        replays only what its capture recorded; empty: it may be replayed).
+        replays only what its capture recorded; empty: it may be replayed), ``model_options(cfg)`` (keyword arguments
+        of ``models.build_model``: BoostLU's ``boostlu_alpha``).
     Per-image state:
         ``init_state(cfg, state)`` (puts its state in ``state.extra``), ``save_state(state) -> dict`` and
         ``load_state(state, saved)`` (checkpoint hooks; both or neither), ``parameters(state)`` (state trained by the
@@ -301,6 +327,7 @@ class Method:
     corrects_labels: bool = False
     single_process: str = ""
     eager_forward: str = ""
+    model_options: Callable[[Any], dict] | None = None
     init_state: Callable[[Any, LabelState], None] | None = None
     save_state: Callable[[LabelState], dict] | None = None
     load_state: Callable[[LabelState, dict], None] | None = None
@@ -354,6 +381,11 @@ def _registration_problems(m: Method) -> list[str]:
         p.append("state trained by the optimiser (parameters=...) must be checkpointed: give save_state/load_state")
     if m.scores_train_set and m.after_epoch is None:
         p.append("scores_train_set is for an after_epoch hook, and there is none")
+    per_dataset = [f for p in (m.presets, *m.presets_with.values()) for f, v in p.items() if isinstance(v, Mapping)]
+    if per_dataset:
+        p.append(f"per-dataset values of {', '.join('--' + f for f in per_dataset)} belong in the dataset entries: "
+                 "presets={flag: from_dataset(key)} here, method_constants={key: {flag: value}} in each "
+                 "datasets.DATASET_INFO entry (docs/extending.md)")  # fmt: skip
     if m.row_key is not None and "+" in m.row_key:
         p.append("a row key cannot contain '+' (it joins a row and a modifier)")
     for flag in m.flags:
@@ -438,11 +470,42 @@ def active(cfg) -> list[Method]:
     return out
 
 
-def for_dataset(preset, dataset: str, missing=None):
-    """A preset's value for ``dataset``: the value itself when it is the same for every dataset."""
-    if isinstance(preset, Mapping):
-        return preset.get(dataset, missing)
-    return preset
+def for_dataset(preset, dataset: str, flag: str, missing=None):
+    """A preset's value of ``flag`` for ``dataset``: the value itself when it is the same for every dataset; for a
+    ``from_dataset`` preset, the dataset entry's, else the preset's general default, else ``missing``."""
+    if not isinstance(preset, FromDataset):
+        return preset
+    info = datasets.DATASET_INFO.get(dataset)
+    constants = info.method_constants.get(preset.key, {}) if info is not None else {}
+    if flag in constants:
+        return constants[flag]
+    return preset.default if preset.has_default else missing
+
+
+def constants_read() -> set[tuple[str, str]]:
+    """The (key, flag) pairs of the dataset entries' ``method_constants`` that some entry reads."""
+    out = set()
+    for m in REGISTRY.values():
+        for presets in (m.presets, *m.presets_with.values()):
+            out |= {(p.key, flag) for flag, p in presets.items() if isinstance(p, FromDataset)}
+    return out
+
+
+def default_scheme(values) -> str:
+    """``--mod_scheme`` when it is not given: the paper's LL-R for AN's loss on the observed labels; otherwise the
+    plain scheme (the other losses take none, the full labels have nothing to modify)."""
+    loss = get(value_of(values, SELECTOR[LOSS]), LOSS)
+    observed = value_of(values, SELECTOR[VARIANT]) == OBSERVED
+    return DEFAULT_SCHEME if observed and loss.combines_with_schemes else PLAIN_SCHEME
+
+
+def model_options(cfg) -> dict:
+    """The keyword arguments of ``models.build_model`` that the active entries set (BoostLU's ``boostlu_alpha``)."""
+    out: dict = {}
+    for method in active(cfg):
+        if method.model_options is not None:
+            out.update(method.model_options(cfg))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -868,9 +931,8 @@ def linear_init_phase(session, val_map: Callable[[torch.Tensor], float]) -> None
 # - Zhou et al., ECCV 2022 (Correr-Zhou/SPML-AckTheUnknown): EM and EM+APL, their released per-dataset defaults.
 # - BoostLU: Kim et al., CVPR 2023 (youngwk/BridgeGapExplanationPAMC): its delta_rel, and its table (which also
 #   reports EM+APL).
-# The synthetic dataset's values were chosen for the embedded demo (docs/synthetic.md). OpenImages has no published
-# setting: COCO's values, as a starting point (recorded in every OpenImages run's config, also for methods not
-# offered there).
+# The per-dataset constants are in the dataset entries (datasets.DATASET_INFO's method_constants), read here with
+# from_dataset; a value that is the same on every dataset stays in the method's entry.
 
 
 def _in_range(name: str, low: float, high: float, *, low_open=False, high_open=False) -> Callable[[Any], str | None]:
@@ -911,6 +973,9 @@ def _dense_state(method: str, state: LabelState) -> torch.Tensor:
 
 def _clean_rules(cfg) -> list[str]:
     problems = []
+    if (cfg.num_pos, cfg.num_neg, cfg.label_proportion) != (1, 0, None):
+        problems.append("--num_pos, --num_neg and --label_proportion choose the observed labels; with "
+                        "--train_set_variant clean every label is known: drop them")  # fmt: skip
     if cfg.mod_scheme != "AN" or cfg.loss != "an":
         problems.append(
             "--train_set_variant clean trains on full labels with plain BCE: no entry is unobserved, so there is "
@@ -923,7 +988,7 @@ def _clean_rules(cfg) -> list[str]:
     return problems
 
 
-register(Method("observed", VARIANT, summary="the observed (partial) labels: single positive by default"))
+register(Method(OBSERVED, VARIANT, summary="the observed (partial) labels: single positive by default"))
 register(
     Method(
         "clean", VARIANT, title="Full label", row="full", summary="plain BCE on the full labels (the upper bound)",
@@ -993,10 +1058,11 @@ register(
     )
 )  # fmt: skip
 
-# Cole et al.'s expected number of positives per image (their paper; the synthetic data's true mean). OpenImages has
-# none: EPR and ROLE are not offered there, and its runs record the flag's default 0.
+# Cole et al.'s expected number of positives per image (their paper; the synthetic data's true mean), in the dataset
+# entries under "epr"; ROLE reads the same. OpenImages has none: EPR and ROLE are not offered there, and its runs
+# record the flag's default 0.
 EXPECTED_NUM_POS = Flag("expected_num_pos", float, 0.0, "EPR/ROLE (default: preset)", always_preset=True)
-_EXPECTED_NUM_POS = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4, "synthetic": 2.5}
+_EXPECTED_NUM_POS = from_dataset("epr")
 _NO_EXPECTED_COUNT = {"openimages": "no expected number of positives is published for it"}
 
 register(
@@ -1039,10 +1105,11 @@ register(
     )
 )  # fmt: skip
 
-# Zhou et al.'s released per-dataset defaults.
+# Zhou et al.'s released per-dataset defaults, in the dataset entries: em_alpha under "em" (EM+APL reads the same),
+# apl_beta and apl_warmup under "em_apl".
 EM_ALPHA = Flag("em_alpha", float, 0.1, "EM entropy weight (default: preset)", check=_at_least("em_alpha", 0),
                 always_preset=True)  # fmt: skip
-_EM_ALPHA = {"pascal": 0.2, "coco": 0.1, "nuswide": 0.1, "cub": 0.01, "openimages": 0.1, "synthetic": 0.1}
+_EM_ALPHA = from_dataset("em")
 
 register(
     Method(
@@ -1105,8 +1172,8 @@ register(
         ),
         presets={
             "em_alpha": _EM_ALPHA,
-            "apl_beta": {"pascal": 0.02, "coco": 0.9, "nuswide": 0.2, "cub": 0.4, "openimages": 0.9, "synthetic": 0.2},
-            "apl_warmup": {"pascal": 5, "coco": 5, "nuswide": 4, "cub": 3, "openimages": 5, "synthetic": 5},
+            "apl_beta": from_dataset("em_apl"),
+            "apl_warmup": from_dataset("em_apl"),
         },
         validate=_apl_rules,
         not_on={"openimages": "its per-image pseudo-labels would take 3.4M x 5,000 entries"},
@@ -1117,15 +1184,19 @@ register(
 )  # fmt: skip
 
 
-# GR Loss (Chen et al., IJCAI 2024): the authors' released defaults for every dataset (docs/gr_loss.md).
+# GR Loss (Chen et al., IJCAI 2024): the authors' released defaults, a general default for every dataset (they publish
+# no per-dataset values; docs/gr_loss.md). A dataset entry may hold its own under "gr".
 
 
 def _gr_loss(b: LossInputs) -> torch.Tensor:
-    if b.epoch is None:
-        raise MethodError("GR Loss follows a per-epoch schedule: pass epoch= to compute_loss")
     c = b.cfg
-    return losses.gr_loss(b.logits, b.observed, epoch=b.epoch, num_epochs=c.num_epochs, w=c.gr_w, b=c.gr_b,
-                          mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, reduce=b.reduce)  # fmt: skip
+    if b.epoch is None:  # LinearInit's frozen phase: the authors' --linear_init holds the schedule at its start there
+        epoch, num_epochs, linear_init = 1, c.linear_epochs + c.num_epochs, c.linear_epochs
+    else:  # the same schedule as the authors' after their --linear_init epochs: it spans the end-to-end epochs
+        epoch, num_epochs, linear_init = b.epoch, c.num_epochs, 0
+    return losses.gr_loss(b.logits, b.observed, epoch=epoch, num_epochs=num_epochs, w=c.gr_w, b=c.gr_b, mu=c.gr_mu,
+                          sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, linear_init=linear_init,
+                          reduce=b.reduce)  # fmt: skip
 
 
 def _gr_rules(c) -> list[str]:
@@ -1134,14 +1205,14 @@ def _gr_rules(c) -> list[str]:
 
 
 _GR_PAIRS, _GR_SCALARS = ("w", "b", "mu", "sigma"), ("q2", "q3")
-_GR_SYNTHETIC = losses.GR_DEFAULTS["synthetic"]
+_GR_SYNTHETIC = losses.GR_RELEASED
 register(
     Method(
         "gr", LOSS, title="GR Loss", summary="generalised robust loss, soft pseudo-labels (Chen et al., IJCAI 2024)",
         flags=tuple(Flag(f"gr_{k}", float, tuple(_GR_SYNTHETIC[k]), f"GR {k}: start and end values (default: preset)",
                          nargs=2) for k in _GR_PAIRS)
         + tuple(Flag(f"gr_{k}", float, _GR_SYNTHETIC[k], f"GR {k} (default: preset)") for k in _GR_SCALARS),
-        presets={f"gr_{k}": {d: (tuple(v[k]) if k in _GR_PAIRS else v[k]) for d, v in losses.GR_DEFAULTS.items()}
+        presets={f"gr_{k}": from_dataset("gr", tuple(_GR_SYNTHETIC[k]) if k in _GR_PAIRS else _GR_SYNTHETIC[k])
                  for k in _GR_PAIRS + _GR_SCALARS},
         validate=_gr_rules,
         loss=_gr_loss,
@@ -1151,7 +1222,7 @@ register(
 )  # fmt: skip
 
 
-# The large-loss schemes: the authors' posted delta_rel per dataset.
+# The large-loss schemes: the authors' posted delta_rel per dataset, in the dataset entries under each scheme's name.
 
 
 def _ll_cp_rules(cfg) -> list[str]:
@@ -1162,8 +1233,7 @@ register(
     Method(
         "LL-R", SCHEME, title="LL-R", summary="reject the largest losses among unobserved labels",
         loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,),
-        presets={"delta_rel": {"pascal": 0.2, "coco": 0.4, "nuswide": 0.4, "cub": 0.4, "openimages": 0.4,
-                               "synthetic": 1.0}},
+        presets={"delta_rel": from_dataset("LL-R")},
         paper={"end_to_end": {"pascal": 89.2, "coco": 71.0, "nuswide": 47.4, "cub": 19.5, "openimages": 82.5},
                "linear_init": {"pascal": 89.4, "coco": 71.9, "nuswide": 49.1, "cub": 21.5}},
     )
@@ -1172,8 +1242,7 @@ register(
     Method(
         "LL-Ct", SCHEME, title="LL-Ct", summary="correct them to positive for the batch (temporary)",
         loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,),
-        presets={"delta_rel": {"pascal": 0.2, "coco": 0.2, "nuswide": 0.2, "cub": 0.4, "openimages": 0.2,
-                               "synthetic": 0.5}},
+        presets={"delta_rel": from_dataset("LL-Ct")},
         paper={"end_to_end": {"pascal": 89.0, "coco": 70.5, "nuswide": 48.0, "cub": 20.4, "openimages": 82.6},
                "linear_init": {"pascal": 89.3, "coco": 71.6, "nuswide": 49.6, "cub": 21.8}},
     )
@@ -1182,15 +1251,15 @@ register(
     Method(
         "LL-Cp", SCHEME, title="LL-Cp", summary="correct them to positive in the label store (permanent)",
         loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,), corrects_labels=True, validate=_ll_cp_rules,
-        presets={"delta_rel": {"pascal": 0.1, "coco": 0.2, "nuswide": 0.2, "cub": 0.2, "openimages": 0.2,
-                               "synthetic": 0.5}},
+        presets={"delta_rel": from_dataset("LL-Cp")},
         paper={"end_to_end": {"pascal": 88.4, "coco": 70.7, "nuswide": 48.3, "cub": 20.1, "openimages": 82.5},
                "linear_init": {"pascal": 88.3, "coco": 71.0, "nuswide": 49.4, "cub": 21.4}},
     )
 )  # fmt: skip
 
 
-# BoostLU: the CAM-form head with positive values boosted (models.MultiLabelClassifier), with its own delta_rel.
+# BoostLU: the CAM-form head with positive values boosted (models.MultiLabelClassifier), with its own delta_rel, in the
+# dataset entries under each combined row ("LL-R+BoostLU"); a dataset without it refuses the combination.
 
 
 def _boostlu_rules(cfg) -> list[str]:
@@ -1199,8 +1268,7 @@ def _boostlu_rules(cfg) -> list[str]:
     return []
 
 
-_BOOSTLU_DELTA_REL = {"LL-R": 0.5, "LL-Ct": 0.2, "LL-Cp": 0.1}
-_BOOSTLU_DATASETS = ("pascal", "coco", "nuswide", "cub", "openimages")  # synthetic: plain LL's delta_rel
+_BOOSTLU_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
 
 register(
     Method(
@@ -1209,8 +1277,9 @@ register(
         flags=(Flag("boostlu_alpha", float, 0.0, "BoostLU's alpha; 0 = off (paper: 5)",
                     check=_at_least("boostlu_alpha", 0)),),
         validate=_boostlu_rules, active=lambda cfg: value_of(cfg, "boostlu_alpha", 0.0) > 0,
-        cli=("--boostlu_alpha", "5"), applies_to=("LL-R", "LL-Ct", "LL-Cp"), table_skip=frozenset({"openimages"}),
-        presets_with={s: {"delta_rel": {d: v for d in _BOOSTLU_DATASETS}} for s, v in _BOOSTLU_DELTA_REL.items()},
+        cli=("--boostlu_alpha", "5"), applies_to=_BOOSTLU_SCHEMES, table_skip=frozenset({"openimages"}),
+        presets_with={s: {"delta_rel": from_dataset(f"{s}+BoostLU")} for s in _BOOSTLU_SCHEMES},
+        model_options=lambda cfg: {"boostlu_alpha": cfg.boostlu_alpha},
         paper_with={
             "LL-R": {"end_to_end": {"pascal": 89.29, "coco": 72.89, "nuswide": 49.59, "cub": 19.80}},
             "LL-Ct": {"end_to_end": {"pascal": 88.61, "coco": 71.78, "nuswide": 48.37, "cub": 19.25}},

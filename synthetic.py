@@ -360,4 +360,4 @@ def _pretrain(path: Path) -> None:
     files.save_torch_atomic(backbone.state_dict(), path)
 
 
-datasets.register_prepare("synthetic", ensure_dataset)
+datasets.register_prepare("synthetic", ensure_dataset, smallcnn_weights=ensure_pretrained_backbone)

@@ -33,7 +33,7 @@ import methods
 import metrics
 import models
 import resize
-import synthetic  # registers the synthetic dataset's generator with datasets (datasets never imports synthetic)
+import synthetic  # noqa: F401  registers the synthetic generator and backbone with datasets (which never imports it)
 import trainstep
 from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config, ignored_settings
 
@@ -329,16 +329,19 @@ def print_header(cfg: Config, run_dir: Path, device: torch.device, ctx: distribu
 
 
 def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
+    """The model, with the pretrained ``smallcnn`` backbone the dataset's entry makes (the synthetic one's) and the
+    options the active methods set (BoostLU's CAM-form head)."""
     smallcnn_weights = None
-    if cfg.arch == "smallcnn" and cfg.use_pretrained and cfg.dataset == "synthetic":
-        smallcnn_weights = synthetic.ensure_pretrained_backbone(cfg.data_root)
+    make_weights = datasets.DATASET_INFO[cfg.dataset].smallcnn_weights
+    if cfg.arch == "smallcnn" and cfg.use_pretrained and make_weights is not None:
+        smallcnn_weights = make_weights(cfg.data_root)
     return models.build_model(
         cfg.arch,
         num_classes,
         use_pretrained=cfg.use_pretrained,
         weights_name=cfg.pretrained_weights,
         smallcnn_weights=smallcnn_weights,
-        boostlu_alpha=cfg.boostlu_alpha,
+        **methods.model_options(cfg),
     )
 
 

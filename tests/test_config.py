@@ -160,7 +160,8 @@ def test_older_config_json_fields_read_as_defaults():
 
 
 def test_a_dataset_without_a_needed_preset_is_a_clean_error(monkeypatch, capsys):
-    toy = dataclasses.replace(datasets.DATASET_INFO["synthetic"], title="Toy", defaults={"arch": "smallcnn"})
+    toy = dataclasses.replace(datasets.DATASET_INFO["synthetic"], title="Toy", defaults={"arch": "smallcnn"},
+                              method_constants={})  # fmt: skip
     monkeypatch.setitem(datasets.DATASET_INFO, "toy", toy)
     with pytest.raises(SystemExit) as exc:
         parse_config(["--dataset", "toy", "--exp_name", "x"])
@@ -180,6 +181,30 @@ def test_a_dataset_without_a_needed_preset_is_a_clean_error(monkeypatch, capsys)
     out = capsys.readouterr().out  # what such a run needs, not the default it records when the entry is not used
     presets = "pascal 1.5, coco 2.9, nuswide 1.9, cub 31.4, synthetic 2.5"
     assert f"--expected_num_pos: {presets}; toy: give --expected_num_pos\n" in out
+
+
+def test_a_modifier_never_falls_back_to_the_plain_scheme_s_constant(monkeypatch, capsys):
+    """A dataset entry with LL-R's delta_rel but not BoostLU's: LL-R + BoostLU is refused, never run with LL-R's."""
+    info = datasets.DATASET_INFO["coco"]
+    constants = {k: v for k, v in info.method_constants.items() if k != "LL-R+BoostLU"}
+    monkeypatch.setitem(datasets.DATASET_INFO, "coco", dataclasses.replace(info, method_constants=constants))
+    assert parse_config(["--dataset", "coco", "--exp_name", "x"]).delta_rel == 0.4
+    with pytest.raises(SystemExit):
+        parse_config(["--dataset", "coco", "--boostlu_alpha", "5", "--exp_name", "x"])
+    err = capsys.readouterr().err
+    assert "--delta_rel has no preset for --dataset coco" in err and "'LL-R+BoostLU'" in err
+    given = ["--dataset", "coco", "--boostlu_alpha", "5", "--delta_rel", "0.5", "--exp_name", "x"]
+    assert parse_config(given).delta_rel == 0.5
+
+
+def test_a_dataset_constant_no_entry_reads_is_a_clean_error(monkeypatch, capsys):
+    info = datasets.DATASET_INFO["coco"]
+    constants = {**info.method_constants, "LL_R": {"delta_rel": 0.3}}  # a typo of a method's name
+    monkeypatch.setitem(datasets.DATASET_INFO, "coco", dataclasses.replace(info, method_constants=constants))
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--exp_name", "x"])
+    assert exc.value.code == 2
+    assert "DATASET_INFO['coco'].method_constants['LL_R'] holds --delta_rel, which no entry" in capsys.readouterr().err
 
 
 def test_list_methods_prints_the_registry(capsys):

@@ -5,11 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import BUILT_IN_DATASETS
 
+import config
 from losses import (
-    GR_DEFAULTS,
     GR_HYPERPARAMETERS,
     GR_PAPER_MAP,
+    GR_RELEASED,
     gr_loss,
     gr_loss_matrix,
     gr_problems,
@@ -133,7 +135,7 @@ def test_schedule_waits_for_linear_init_epochs():
 
 
 def test_schedule_accepts_a_whole_setting():
-    assert gr_schedule(1, 8, **GR_DEFAULTS["coco"]) == gr_schedule(1, 8, **RELEASED)
+    assert gr_schedule(1, 8, **GR_RELEASED) == gr_schedule(1, 8, **RELEASED)
 
 
 # ---------------------------------------------------------------------------------------------------------- the batch
@@ -164,14 +166,14 @@ def test_batch_loss_is_the_mean_over_all_entries_with_the_epoch_values():
 def test_gradients_stay_finite_where_p_rounds_to_0_or_1(observed):
     # sigmoid(-120) is 0 in fp32, where the derivative of p^0.01 is infinite: the log-space form keeps it finite.
     logits = torch.tensor([[-200.0, -120.0, -30.0, 0.0, 30.0, 120.0, 200.0]], requires_grad=True)
-    loss = gr_loss(logits, torch.full((1, 7), observed), epoch=1, num_epochs=8, **GR_DEFAULTS["pascal"])
+    loss = gr_loss(logits, torch.full((1, 7), observed), epoch=1, num_epochs=8, **GR_RELEASED)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
 def test_bfloat16_logits_give_an_fp32_loss():
     logits = torch.tensor([[2.0, -1.0]]).bfloat16()
-    loss = gr_loss(logits, torch.tensor([[1, 0]]), epoch=2, num_epochs=8, **GR_DEFAULTS["coco"])
+    loss = gr_loss(logits, torch.tensor([[1, 0]]), epoch=2, num_epochs=8, **GR_RELEASED)
     assert loss.dtype == torch.float32
 
 
@@ -180,11 +182,11 @@ def test_bfloat16_logits_give_an_fp32_loss():
 
 def test_defaults_are_the_released_values_for_every_dataset():
     released = dict(RELEASED, q2=0.01, q3=1.0)
-    assert set(GR_DEFAULTS) == {"pascal", "coco", "nuswide", "cub", "openimages", "synthetic"}
-    for name, setting in GR_DEFAULTS.items():
-        assert tuple(setting) == GR_HYPERPARAMETERS, name
-        assert setting == released, name
-        assert gr_problems(**setting, linear_init=0, num_epochs=10) == [], name
+    assert tuple(GR_RELEASED) == GR_HYPERPARAMETERS and GR_RELEASED == released
+    assert gr_problems(**GR_RELEASED, linear_init=0, num_epochs=10) == []
+    for dataset in BUILT_IN_DATASETS:  # the GR entry's general default; no built-in dataset has its own
+        cfg = config.parse_config(["--dataset", dataset, "--loss", "gr", "--exp_name", "x"])
+        assert {k: getattr(cfg, f"gr_{k}") for k in GR_HYPERPARAMETERS} == released, dataset
 
 
 def test_published_numbers():
@@ -203,7 +205,7 @@ def test_published_numbers():
     ],
 )
 def test_bad_settings_are_refused_with_the_name_of_the_value(change, phrase):
-    setting = dict(GR_DEFAULTS["cub"], linear_init=0) | change
+    setting = dict(GR_RELEASED, linear_init=0) | change
     with pytest.raises(ValueError, match=phrase):
         gr_loss(torch.zeros(1, 2), torch.tensor([[1, 0]]), epoch=1, num_epochs=8, **setting)
 
@@ -216,4 +218,4 @@ def test_epochs_outside_the_run_are_refused(epoch):
 
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="same B x C"):
-        gr_loss(torch.zeros(2, 3), torch.zeros(2, 2), epoch=1, num_epochs=8, **GR_DEFAULTS["coco"])
+        gr_loss(torch.zeros(2, 3), torch.zeros(2, 2), epoch=1, num_epochs=8, **GR_RELEASED)

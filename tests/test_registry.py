@@ -1,6 +1,7 @@
 """The method registry: a method is one entry (loss, flags, presets, state hooks, report row), picked up by the
 config, the loss dispatch, --list_methods and the report; an unknown or half-registered method is a clean error."""
 
+import dataclasses
 import re
 import types
 from pathlib import Path
@@ -37,14 +38,18 @@ THROWAWAY = Method(
     summary="AN's BCE times --halving (a test method)",
     loss=_halved_loss,
     flags=(Flag("halving", float, 0.5, "weight of the BCE (default: preset)", check=_weight_check),),
-    presets={"halving": {"synthetic": 0.25}},
+    presets={"halving": methods.from_dataset("halved_an")},  # per dataset: in the dataset entries
     paper={"end_to_end": {"synthetic": 50.0}},
 )
 
 
 @pytest.fixture
-def throwaway():
+def throwaway(monkeypatch):
     methods.register(THROWAWAY)
+    synthetic_entry = datasets.DATASET_INFO["synthetic"]
+    constants = {**synthetic_entry.method_constants, "halved_an": {"halving": 0.25}}
+    monkeypatch.setitem(datasets.DATASET_INFO, "synthetic", dataclasses.replace(synthetic_entry,
+                        method_constants=constants))  # fmt: skip
     try:
         yield THROWAWAY
     finally:
@@ -117,6 +122,16 @@ def test_an_unknown_loss_is_a_clean_error_not_another_method():
         (Method("boost2", methods.MODIFIER, title="B2"), "a modifier needs active"),
         (Method("a+b", LOSS, loss=_halved_loss), "the name must be"),
         (Method("clash", LOSS, loss=_halved_loss, flags=(Flag("ls_coef", float, 0.2, "another"),)), "share that Flag"),
+        (
+            Method(
+                "per_dataset",
+                LOSS,
+                loss=_halved_loss,
+                flags=(Flag("pd_w", float, 1.0, "w"),),
+                presets={"pd_w": {"coco": 2.0}},
+            ),
+            "per-dataset values of --pd_w belong in the dataset entries",
+        ),
     ],
 )
 def test_a_half_registered_method_is_refused(entry, message):
@@ -126,14 +141,14 @@ def test_a_half_registered_method_is_refused(entry, message):
     assert methods.REGISTRY == before
 
 
-def test_a_preset_for_an_unknown_dataset_is_a_clean_error(capsys):
+def test_a_preset_for_an_unknown_flag_is_a_clean_error(capsys):
     methods.register(Method("typo", LOSS, loss=_halved_loss, flags=(Flag("typo_w", float, 1.0, "w"),),
-                            presets={"typo_w": {"voc": 2.0}}))  # fmt: skip
+                            presets={"typo_ww": 2.0}))  # fmt: skip
     try:
         with pytest.raises(SystemExit) as exc:
             parse_config(["--exp_name", "x"])
         assert exc.value.code == 2
-        assert "'typo' presets --typo_w names unknown datasets ['voc']" in capsys.readouterr().err
+        assert "'typo' presets names --typo_ww, which no entry declares" in capsys.readouterr().err
     finally:
         methods.unregister("typo")
     assert parse_config(["--exp_name", "x"]).loss == "an"
@@ -225,15 +240,20 @@ def test_the_extending_doc_examples_run_as_written(tmp_path, monkeypatch, capsys
         # what the doc says the entries give, beside their own tests
         assert parse_config(["--dataset", "coco", "--loss", "focal_an"]).exp_name.startswith("coco_focal_an_s0_")
         assert methods.row_title("focal_an") == "Focal AN"
-        for argv, message in [
-            (["--dataset", "pascal", "--loss", "focal_an"], "--focal_gamma has no preset for --dataset pascal"),
-            (["--mod_scheme", "LL-R", "--loss", "focal_an"], "combine it with --loss an"),
-        ]:
-            with pytest.raises(SystemExit) as exc:
-                parse_config([*argv, "--exp_name", "x"])
-            assert exc.value.code == 2 and message in capsys.readouterr().err
-        cfg = parse_config(["--dataset", "mydata", "--mod_scheme", "LL-R", "--delta_rel", "0.3", "--exp_name", "x"])
-        assert (cfg.optimizer, cfg.lr, cfg.arch, cfg.image_size) == ("adam", 1e-4, "resnet50", 448)
+        assert parse_config(["--dataset", "pascal", "--loss", "focal_an", "--exp_name", "x"]).focal_gamma == 2.0
+        with pytest.raises(SystemExit) as exc:
+            parse_config(["--mod_scheme", "LL-R", "--loss", "focal_an", "--exp_name", "x"])
+        assert exc.value.code == 2 and "combine it with --loss an" in capsys.readouterr().err
+        cfg = parse_config(["--dataset", "mydata", "--mod_scheme", "LL-R", "--exp_name", "x"])
+        assert (cfg.optimizer, cfg.lr, cfg.arch, cfg.image_size, cfg.delta_rel) == ("adam", 1e-4, "resnet50", 448, 0.4)
+        # every built-in row runs on it with the entry's constants, or is refused before training
+        for key, _title, flags in methods.rows():
+            argv = ["--dataset", "mydata", *flags, "--exp_name", "x"]
+            values = parse_config(argv).to_dict()
+            assert "delta_rel" in values["from_preset"], key
+        boostlu = parse_config(["--dataset", "mydata", "--mod_scheme", "LL-Ct", "--boostlu_alpha", "5"])
+        assert boostlu.delta_rel == 0.2
+        assert parse_config(["--dataset", "mydata", "--loss", "role"]).expected_num_pos == 1.2
     finally:  # whatever the doc's blocks registered, also when one of them failed
         for name in set(methods.REGISTRY) - registered:
             methods.unregister(name)
