@@ -94,6 +94,7 @@ class ConfigCore:
     num_pos: int = 1
     num_neg: int = 0
     label_proportion: float | None = None
+    label_proportion_seed: int = datasets.OBSERVED_SEED
     precision: str = "auto"
     compile: bool = False
     cuda_graph: str = "auto"
@@ -325,6 +326,8 @@ def _regime_problems(cfg) -> list[str]:
             p.append("--label_proportion is a regime of its own: give it without --num_pos / --num_neg")
     elif cfg.num_pos == 0 and cfg.num_neg == 0:
         p.append("--num_pos 0 --num_neg 0 observes no label at all: give at least one observed label per image")
+    if cfg.label_proportion is None and cfg.label_proportion_seed != datasets.OBSERVED_SEED:
+        p.append("--label_proportion_seed is the seed of --label_proportion's draw: give it with --label_proportion")
     if not _regime_is_default(cfg):
         info = datasets.DATASET_INFO.get(cfg.dataset)
         if cfg.train_set_variant != "observed":
@@ -429,6 +432,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead: each label of each image known with this probability, positives and negatives alike",
     )
+    regime.add_argument(
+        "--label_proportion_seed",
+        type=int,
+        default=datasets.OBSERVED_SEED,
+        help="the --label_proportion draw's seed: 1200 (default, the official generator's seed) or 0, which gives "
+        "exactly HCP-MLR-PL's files (its changeLabelProportion, on which SST, SARB and HST trained)",
+    )
     speed = parser.add_argument_group("speed and precision")
     speed.add_argument(
         "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"
@@ -514,7 +524,8 @@ def _default_num_workers(dataset: str) -> int:
 def regime_name(values: dict) -> str:
     """The partial-label regime in a run name: '' for the paper's single positive, else e.g. ``_p2n1``, ``_prop0.3``."""
     if values.get("label_proportion") is not None:
-        return f"_prop{values['label_proportion']:g}"
+        seed = values.get("label_proportion_seed", datasets.OBSERVED_SEED)
+        return f"_prop{values['label_proportion']:g}" + ("" if seed == datasets.OBSERVED_SEED else f"_seed{seed}")
     if (values.get("num_pos", 1), values.get("num_neg", 0)) != (1, 0):
         return f"_p{values['num_pos']}n{values['num_neg']}"
     return ""
