@@ -441,7 +441,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     speed = parser.add_argument_group("speed and precision")
     speed.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32: the official precision (the layout stays channels-last, "
+        "so not bit for bit the official NCHW arithmetic: docs/protocol.md)",
     )
     speed.add_argument(
         "--compile",
@@ -450,15 +454,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         const=True,
         default=False,
         help="torch.compile the training step (full batches; the last batch and evaluation run eagerly) and replay it "
-        "as a CUDA graph under --cuda_graph auto: on an H100 1.3x the default's training rate, after about a minute of "
-        "compilation, so it pays on a run as long as COCO's, not on one as short as VOC's (docs/performance.md)",
+        "as a CUDA graph under --cuda_graph auto: faster steps after about a minute of compilation on every start, "
+        "so it pays on long runs, not short ones; fused kernels may round differently (docs/performance.md)",
     )
     speed.add_argument(
         "--cuda_graph",
         default="auto",
         choices=CUDA_GRAPHS,
         help="replay the training forward and backward of full batches as a CUDA graph (one launch instead of "
-        "hundreds; 1.7 to 1.9x the eager training rate on an H100, docs/performance.md); auto: on a single CUDA device "
+        "hundreds, which frees a launch-bound step; measurements: docs/performance.md); auto: on a single CUDA device "
         "(with --compile too), else off",
     )
     speed.add_argument(
@@ -467,8 +471,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=EVAL_RESIZES,
         help="where validation and test images are resized to --image_size: workers (PIL, as the paper) or device "
         "(the loader's workers only decode, and the model's device resizes with PIL's arithmetic: the same pixels, "
-        "checked against PIL at start, also on the data's first images). Slower than workers on an H100 with 16 "
-        "cores (docs/performance.md); on a CPU much slower than PIL",
+        "checked against PIL at start, also on the data's first images). May pay where the host has few cores per "
+        "GPU; slower than workers where it has many, and on a CPU device much slower than PIL (docs/performance.md)",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"
