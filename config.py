@@ -94,6 +94,7 @@ class ConfigCore:
     num_pos: int = 1
     num_neg: int = 0
     label_proportion: float | None = None
+    label_proportion_seed: int = datasets.OBSERVED_SEED
     precision: str = "auto"
     compile: bool = False
     cuda_graph: str = "auto"
@@ -340,6 +341,8 @@ def _regime_problems(cfg) -> list[str]:
             p.append("--label_proportion is a regime of its own: give it without --num_pos / --num_neg")
     elif cfg.num_pos == 0 and cfg.num_neg == 0:
         p.append("--num_pos 0 --num_neg 0 observes no label at all: give at least one observed label per image")
+    if cfg.label_proportion is None and cfg.label_proportion_seed != datasets.OBSERVED_SEED:
+        p.append("--label_proportion_seed is the seed of --label_proportion's draw: give it with --label_proportion")
     if not _regime_is_default(cfg):  # with the full labels (the clean variant), its own rule says so
         info = datasets.DATASET_INFO.get(cfg.dataset)
         if cfg.train_set_variant == methods.OBSERVED and info is not None and info.sparse:
@@ -441,9 +444,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead: each label of each image known with this probability, positives and negatives alike",
     )
+    regime.add_argument(
+        "--label_proportion_seed",
+        type=int,
+        default=datasets.OBSERVED_SEED,
+        help="the --label_proportion draw's seed: 1200 (default, the official generator's seed) or 0, which gives "
+        "exactly HCP-MLR-PL's files (its changeLabelProportion, on which SST, SARB and HST trained)",
+    )
     speed = parser.add_argument_group("speed and precision")
     speed.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32: the official precision (the layout stays channels-last, "
+        "so not bit for bit the official NCHW arithmetic: docs/protocol.md)",
     )
     speed.add_argument(
         "--compile",
@@ -452,15 +466,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         const=True,
         default=False,
         help="torch.compile the training step (full batches; the last batch and evaluation run eagerly) and replay it "
-        "as a CUDA graph under --cuda_graph auto: on an H100 1.3x the default's training rate, after about a minute of "
-        "compilation, so it pays on a run as long as COCO's, not on one as short as VOC's (docs/performance.md)",
+        "as a CUDA graph under --cuda_graph auto: faster steps after about a minute of compilation on every start, "
+        "so it pays on long runs, not short ones; fused kernels may round differently (docs/performance.md)",
     )
     speed.add_argument(
         "--cuda_graph",
         default="auto",
         choices=CUDA_GRAPHS,
         help="replay the training forward and backward of full batches as a CUDA graph (one launch instead of "
-        "hundreds; 1.7 to 1.9x the eager training rate on an H100, docs/performance.md); auto: on a single CUDA device "
+        "hundreds, which frees a launch-bound step; measurements: docs/performance.md); auto: on a single CUDA device "
         "(with --compile too), else off",
     )
     speed.add_argument(
@@ -469,8 +483,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=EVAL_RESIZES,
         help="where validation and test images are resized to --image_size: workers (PIL, as the paper) or device "
         "(the loader's workers only decode, and the model's device resizes with PIL's arithmetic: the same pixels, "
-        "checked against PIL at start, also on the data's first images). Slower than workers on an H100 with 16 "
-        "cores (docs/performance.md); on a CPU much slower than PIL",
+        "checked against PIL at start, also on the data's first images). May pay where the host has few cores per "
+        "GPU; slower than workers where it has many, and on a CPU device much slower than PIL (docs/performance.md)",
     )
     speed.add_argument(
         "--cache", default="none", choices=CACHES, help="disk: decode and resize every image once, to disk"
@@ -527,7 +541,8 @@ def _default_num_workers(info: datasets.DatasetInfo) -> int:
 def regime_name(values: dict) -> str:
     """The partial-label regime in a run name: '' for the paper's single positive, else e.g. ``_p2n1``, ``_prop0.3``."""
     if values.get("label_proportion") is not None:
-        return f"_prop{values['label_proportion']:g}"
+        seed = values.get("label_proportion_seed", datasets.OBSERVED_SEED)
+        return f"_prop{values['label_proportion']:g}" + ("" if seed == datasets.OBSERVED_SEED else f"_seed{seed}")
     if (values.get("num_pos", 1), values.get("num_neg", 0)) != (1, 0):
         return f"_p{values['num_pos']}n{values['num_neg']}"
     return ""

@@ -131,13 +131,22 @@ def observe_labels(
     return observed
 
 
-def observe_label_proportion(label_matrix: np.ndarray, proportion: float, seed: int = OBSERVED_SEED) -> np.ndarray:
-    """Each label of each image known with probability ``proportion`` (the partial-label regime of Durand et al.,
-    CVPR 2019): known positives +1, known negatives -1, the rest 0.
+# HCP-MLR-PL's seed for its known-label-proportion files (``changeLabelProportion``: ``np.random.seed(0)``), on which
+# SST, SARB and HST trained: ``--label_proportion_seed 0`` draws exactly their mask.
+HCP_MLR_PL_SEED = 0
 
-    Draw order: one ``RandomState(seed)`` per label file, one ``random_sample(N * C)`` call, the uniforms assigned in
-    row-major order (row 0's classes 0..C-1, then row 1, ...); entry (i, c) is known when its uniform is
-    ``< proportion``. The output dtype follows ``observe_labels``.
+
+def observe_label_proportion(label_matrix: np.ndarray, proportion: float, seed: int = OBSERVED_SEED) -> np.ndarray:
+    """Each label of each image known with probability ``proportion``, positives and negatives alike: known positives
+    +1, known negatives -1, the rest 0 (the known-label-proportion regime of Durand et al., CVPR 2019, who released no
+    generator; the draw is that of HCP-MLR-PL's ``changeLabelProportion``, github.com/HCPLab-SYSU/HCP-MLR-PL).
+
+    Draw order, as theirs: one ``RandomState(seed)`` per label file, N x C uniforms in one call, assigned in row-major
+    order (row 0's classes 0..C-1, then row 1, ...); entry (i, c) is known when its uniform is ``< proportion``. Their
+    global ``np.random.seed(0); np.random.random((N, C))`` is ``RandomState(0).random_sample(N * C)`` reshaped, so
+    with ``seed=HCP_MLR_PL_SEED`` the known entries equal theirs for the same N x C matrix in the same row order (the
+    mask depends only on the shape). The default seed is the official single-positive generator's. The output dtype
+    follows ``observe_labels``.
     """
     if not 0 < proportion <= 1:
         raise ValueError("proportion must lie in (0, 1]")
@@ -154,12 +163,15 @@ class Regime:
     num_pos: int = 1
     num_neg: int = 0
     proportion: float | None = None  # when set: each label known with this probability (num_pos/num_neg unused)
+    proportion_seed: int = OBSERVED_SEED  # the proportion draw's seed (HCP_MLR_PL_SEED: HCP-MLR-PL's files)
 
     @property
     def tag(self) -> str:
-        """Empty for the paper's regime; ``p2n1`` (2 positives, 1 negative) or ``prop0.3`` otherwise."""
+        """Empty for the paper's regime; ``p2n1`` (2 positives, 1 negative), ``prop0.3`` or, with another seed than
+        the default, ``prop0.3_seed0`` otherwise (files of different draws never mix)."""
         if self.proportion is not None:
-            return f"prop{self.proportion:g}"
+            seed = "" if self.proportion_seed == OBSERVED_SEED else f"_seed{self.proportion_seed}"
+            return f"prop{self.proportion:g}{seed}"
         return "" if (self.num_pos, self.num_neg) == (1, 0) else f"p{self.num_pos}n{self.num_neg}"
 
     def file(self, phase: str) -> str:
@@ -169,14 +181,15 @@ class Regime:
 
     def describe(self) -> str:
         if self.proportion is not None:
-            return f"each label known with probability {self.proportion:g}"
+            seed = "" if self.proportion_seed == OBSERVED_SEED else f" (seed {self.proportion_seed})"
+            return f"each label known with probability {self.proportion:g}{seed}"
         if (self.num_pos, self.num_neg) == (1, 0):
             return "single positive (the paper's regime)"
         return f"{self.num_pos} positive(s) and {self.num_neg} negative(s) per image"
 
     def observe(self, labels: np.ndarray) -> np.ndarray:
         if self.proportion is not None:
-            return observe_label_proportion(labels, self.proportion)
+            return observe_label_proportion(labels, self.proportion, self.proportion_seed)
         return observe_labels(labels, self.num_pos, self.num_neg)
 
 
@@ -191,7 +204,8 @@ def regime_of(cfg) -> Regime:
                             "--num_pos or --num_neg. Give one or the other.")  # fmt: skip
         if not 0 < proportion <= 1:
             raise DataError(f"--label_proportion must lie in (0, 1] (got {proportion}).")
-        return Regime(proportion=float(proportion))
+        seed = int(getattr(cfg, "label_proportion_seed", OBSERVED_SEED))
+        return Regime(proportion=float(proportion), proportion_seed=seed)
     if num_pos < 0 or num_neg < 0 or num_pos + num_neg == 0:
         raise DataError(f"--num_pos {num_pos} --num_neg {num_neg} observes no label: both must be >= 0 and at least "
                         "one positive (the paper: --num_pos 1 --num_neg 0).")  # fmt: skip

@@ -1,6 +1,7 @@
 """The prepared GPU check: the paper's COCO setting at the GPU's limit, measured with ``main.py`` itself.
 
     bash bench/gpu_check.sh                      # on the GPU machine: system python3, no venv, no network; < 6 min
+    bash bench/gpu_check.sh --arch resnet101     # another backbone, built as main.py builds it (default resnet50)
     GPU_CHECK_SMALL=1 bash bench/gpu_check.sh    # the same steps, tiny, on a CPU (a test runs it)
 
 Steps, all in one process tree on one machine, so every ratio compares numbers measured together:
@@ -18,7 +19,9 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    with ``torch.optim.Adam(fused=True)`` (one kernel for all parameters; main.py's on CUDA since two checks measured
    1.03x), timed in turn with ``*_foreach_adam_img_s`` (torch's default implementation; ``ratios.*_vs_foreach``).
 2. ``official_style``: the released code's data path and precision (PIL transforms per item in 4 workers, fp32, NCHW)
-   training the same model (``bench/throughput.py``), and its evaluation.
+   training the same model (``bench/throughput.py``), and its evaluation, with the official code's ``cudnn.benchmark``
+   (off), timed as main.py's rates are read: after a full warm-up pass, over full batches only (its smaller last batch
+   is dropped; ``throughput.measure`` refuses a batch of another size inside a timed window).
 3. a generated COCO-2014 tree (``train2014``, ``val2014`` and ``annotations/instances_*2014.json``; 640x480 JPEGs),
    formatted by ``main.py`` on first use as any real COCO folder;
    ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory),
@@ -49,6 +52,7 @@ Prints one JSON object on stdout (progress on stderr).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -69,7 +73,6 @@ import throughput  # noqa: E402
 import datasets  # noqa: E402
 import losses  # noqa: E402
 import methods  # noqa: E402
-import models  # noqa: E402
 import resize  # noqa: E402
 import train  # noqa: E402
 import trainstep  # noqa: E402
@@ -224,8 +227,7 @@ def error_line(err: Exception) -> str:
 
 def roof_model(device: torch.device, seed: int = 0, foreach: bool = False):
     torch.manual_seed(seed)
-    model = models.build_model(SETTINGS["arch"], NUM_CLASSES, use_pretrained=False)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = throughput.build_model(SETTINGS["arch"], NUM_CLASSES).to(device, memory_format=torch.channels_last)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # main.py's optimiser (fused Adam on CUDA, methods.fused_adam); ``foreach``: torch's foreach Adam instead
     if foreach:
@@ -300,21 +302,25 @@ def timed(step, device: torch.device, batch_size: int, batches: int | None = Non
 
 
 def official_style(paths: list[str], device: torch.device) -> dict:
-    """The released code's pipeline: training rate (4 workers, fp32) and evaluation rate (batch 16, fp32)."""
+    """The released code's pipeline: training rate (4 workers, fp32, NCHW) and evaluation rate (batch 16, fp32), with
+    the official code's own setting, ``cudnn.benchmark`` off, and timed as main.py's rates are read: after a full
+    warm-up pass, over full batches only (the smaller last batch dropped; ``throughput.measure``)."""
     torch.manual_seed(0)
-    model = models.build_model(SETTINGS["arch"], NUM_CLASSES, use_pretrained=False).to(device)
+    model = throughput.build_model(SETTINGS["arch"], NUM_CLASSES).to(device)
     loader = torch.utils.data.DataLoader(
         throughput.OfficialStyle(paths, SETTINGS["size"]), batch_size=BSIZE, shuffle=True, num_workers=4,
-        pin_memory=device.type == "cuda", persistent_workers=True,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=True,
     )  # fmt: skip
-    args = SimpleNamespace(warmup=SETTINGS["warmup"], batches=SETTINGS["batches"], bsize=BSIZE)
+    args = SimpleNamespace(batches=SETTINGS["batches"], bsize=BSIZE)
 
     def prepare(batch):
         return batch[0].to(device, non_blocking=True)
 
-    result = throughput.run_pipeline("official-style", loader, prepare, model, device, throughput._no_amp, args)
-    result["eval_img_s"] = throughput.eval_throughput(model, loader, prepare, device, throughput._no_amp, args)
-    return {k: v for k, v in result.items() if k in ("train_img_s", "eval_img_s", "data_img_s")}
+    amp = throughput._no_amp
+    result = throughput.run_pipeline("official-style", loader, prepare, model, device, amp, args, benchmark=False)
+    result["eval_img_s"] = throughput.eval_throughput(model, loader, prepare, device, amp, args, benchmark=False)
+    result = {k: v for k, v in result.items() if k in ("train_img_s", "eval_img_s", "data_img_s")}
+    return {**result, "cudnn_benchmark": False, "timing": "a full warm-up pass, then full batches only"}
 
 
 def make_coco_tree(root: Path) -> list[str]:
@@ -516,6 +522,12 @@ def rounded(value):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default=None, help="any --arch main.py takes, built as main.py builds it (default: "
+                        f"{SETTINGS['arch']}); the roof is that model alone")  # fmt: skip
+    arch = parser.parse_args().arch
+    if arch:
+        SETTINGS["arch"] = arch
     started = time.time()
     cuda = torch.cuda.is_available() and not SMALL
     device = torch.device("cuda" if cuda else "cpu")

@@ -191,6 +191,7 @@ def test_defaults_are_the_released_values_for_every_dataset():
 
 def test_published_numbers():
     assert GR_PAPER_MAP["pascal"] == 89.83 and GR_PAPER_MAP["coco"] == 73.17
+    assert GR_PAPER_MAP["nuswide"] == 49.08 and GR_PAPER_MAP["cub"] == 21.64
     assert set(GR_PAPER_MAP) == {"pascal", "coco", "nuswide", "cub"}
 
 

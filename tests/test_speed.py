@@ -127,13 +127,14 @@ def test_bf16_autocast_model_selects_like_fp32_on_a_separated_batch():
 @pytest.mark.slow  # runs main.py or several processes
 def test_throughput_benchmark_small_prints_both_pipelines_and_the_ratio():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "throughput.py"), "--small", "--images", "32", "--batches", "2"],
+        [sys.executable, str(REPO / "bench" / "throughput.py"), "--small", "--images", "64", "--batches", "2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for pipeline in ("official", "project", "project_disk_cache"):
         assert result[pipeline]["train_img_s"] > 0 and result[pipeline]["data_img_s"] > 0
+    assert result["model_alone"]["train_img_s"] > 0 and result["official"]["eval_img_s"] > 0
     assert result["ratio_train"] == pytest.approx(
         result["project"]["train_img_s"] / result["official"]["train_img_s"], rel=0.02
     )
