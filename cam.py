@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 import checkpoint
 import datasets
+import loaders
 import models
 from predict import load_run, positive_int
 
@@ -40,8 +41,8 @@ def colour_scale(values: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def cam_figure(model: models.MultiLabelClassifier, image_path: str, image_size: int, names: list[str], top: int):
     """The figure for one image: the image, then one overlay per top class with its name and score."""
-    pixels = datasets.load_image(image_path, image_size)
-    x = datasets.to_model_input(datasets.pixels_to_tensor(pixels)[None])
+    pixels = loaders.load_image(image_path, image_size)
+    x = loaders.to_model_input(loaders.pixels_to_tensor(pixels)[None])
     fmap = model.backbone(x)
     scores = torch.sigmoid(model(x))[0]
     cams = model.class_activation_map(fmap)[0]

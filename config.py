@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import label_rules
 import methods
 from models import ARCHS, RESNETS
 
@@ -94,7 +95,7 @@ class ConfigCore:
     num_pos: int = 1
     num_neg: int = 0
     label_proportion: float | None = None
-    label_proportion_seed: int = datasets.OBSERVED_SEED
+    label_proportion_seed: int = label_rules.OBSERVED_SEED
     precision: str = "auto"
     compile: bool = False
     cuda_graph: str = "auto"
@@ -341,7 +342,7 @@ def _regime_problems(cfg) -> list[str]:
             p.append("--label_proportion is a regime of its own: give it without --num_pos / --num_neg")
     elif cfg.num_pos == 0 and cfg.num_neg == 0:
         p.append("--num_pos 0 --num_neg 0 observes no label at all: give at least one observed label per image")
-    if cfg.label_proportion is None and cfg.label_proportion_seed != datasets.OBSERVED_SEED:
+    if cfg.label_proportion is None and cfg.label_proportion_seed != label_rules.OBSERVED_SEED:
         p.append("--label_proportion_seed is the seed of --label_proportion's draw: give it with --label_proportion")
     if not _regime_is_default(cfg):  # with the full labels (the clean variant), its own rule says so
         info = datasets.DATASET_INFO.get(cfg.dataset)
@@ -447,7 +448,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     regime.add_argument(
         "--label_proportion_seed",
         type=int,
-        default=datasets.OBSERVED_SEED,
+        default=label_rules.OBSERVED_SEED,
         help="the --label_proportion draw's seed: 1200 (default, the official generator's seed) or 0, which gives "
         "exactly HCP-MLR-PL's files (its changeLabelProportion, on which SST, SARB and HST trained)",
     )
@@ -541,8 +542,8 @@ def _default_num_workers(info: datasets.DatasetInfo) -> int:
 def regime_name(values: dict) -> str:
     """The partial-label regime in a run name: '' for the paper's single positive, else e.g. ``_p2n1``, ``_prop0.3``."""
     if values.get("label_proportion") is not None:
-        seed = values.get("label_proportion_seed", datasets.OBSERVED_SEED)
-        return f"_prop{values['label_proportion']:g}" + ("" if seed == datasets.OBSERVED_SEED else f"_seed{seed}")
+        seed = values.get("label_proportion_seed", label_rules.OBSERVED_SEED)
+        return f"_prop{values['label_proportion']:g}" + ("" if seed == label_rules.OBSERVED_SEED else f"_seed{seed}")
     if (values.get("num_pos", 1), values.get("num_neg", 0)) != (1, 0):
         return f"_p{values['num_pos']}n{values['num_neg']}"
     return ""

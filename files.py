@@ -14,6 +14,7 @@ import fcntl
 import gc
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,5 +147,36 @@ def lock(path: Path, what: str) -> Iterator[Lock]:
     held = acquire_lock(path, what)
     try:
         yield held
+    finally:
+        held.release()
+
+
+DATA_LOCK_NAME = ".largeloss.lock"
+LOCK_WAIT_S = 3600.0  # how long a process waits for another that is writing the same derived files
+
+
+@contextlib.contextmanager
+def data_lock(folder: Path, what: str, lock_file: Path | None = None, wait_s: float | None = None) -> Iterator[None]:
+    """Hold ``folder/.largeloss.lock`` (or ``lock_file``) for the block, so two processes never write the same derived
+    files at once. While another process holds it, wait (saying so once) up to ``wait_s`` (``LOCK_WAIT_S``), then
+    raise ``LockError``. A lock left by a killed process is free (see ``acquire_lock``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = lock_file if lock_file is not None else folder / DATA_LOCK_NAME
+    wait = LOCK_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            held = acquire_lock(path, what)
+            break
+        except LockError as err:
+            if not said and wait > 0:
+                print(f"{err} Waiting for it (up to {wait:.0f} s) ...", flush=True)
+                said = True
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        yield
     finally:
         held.release()

@@ -30,6 +30,8 @@ from tqdm import tqdm
 import datasets
 import distributed
 import files
+import label_rules
+import loaders
 import losses
 import models
 
@@ -88,7 +90,7 @@ class SparseLabelStore:
 
     FLUSH_EVERY = 32  # steps whose corrections are read back to the host together
 
-    def __init__(self, observed: datasets.SparseLabels, device: torch.device) -> None:
+    def __init__(self, observed: label_rules.SparseLabels, device: torch.device) -> None:
         self.labels, self.device = observed, device
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.queued: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -130,21 +132,21 @@ class SparseLabelStore:
     def state(self) -> dict:
         return {
             part: torch.from_numpy(np.ascontiguousarray(getattr(self.labels, part)))
-            for part in datasets.SparseLabels._PARTS
+            for part in label_rules.SparseLabels._PARTS
         }
 
     def load_state(self, state: dict) -> None:
-        parts = [state[part].numpy() for part in datasets.SparseLabels._PARTS]
-        self.labels = datasets.SparseLabels(*parts, self.labels.num_classes)
+        parts = [state[part].numpy() for part in label_rules.SparseLabels._PARTS]
+        self.labels = label_rules.SparseLabels(*parts, self.labels.num_classes)
 
     def checksum(self) -> float:
         return float(sum(np.asarray(getattr(self.labels, p), dtype=np.float64).sum() * (i + 1) for i, p in
-                         enumerate(datasets.SparseLabels._PARTS)))  # fmt: skip
+                         enumerate(label_rules.SparseLabels._PARTS)))  # fmt: skip
 
 
 def label_store(observed, device: torch.device) -> DenseLabelStore | SparseLabelStore:
-    """A dense store for a label matrix, a sparse one for ``datasets.SparseLabels`` (OpenImages)."""
-    if isinstance(observed, datasets.SparseLabels):
+    """A dense store for a label matrix, a sparse one for ``label_rules.SparseLabels`` (OpenImages)."""
+    if isinstance(observed, label_rules.SparseLabels):
         return SparseLabelStore(observed, device)
     return DenseLabelStore(observed, device)
 
@@ -647,7 +649,7 @@ def build_label_state(cfg, split: datasets.Split, device: torch.device) -> Label
     observed = label_store(split.observed, device)
     used = active(cfg)
     state = LabelState(observed, hooks=tuple(m for m in used if m.save_state is not None))
-    if not isinstance(split.observed, datasets.SparseLabels):
+    if not isinstance(split.observed, label_rules.SparseLabels):
         state.initial = observed.matrix.clone()
         state.clean = torch.from_numpy(split.labels > 0).to(device)
     for method in used:
@@ -799,7 +801,7 @@ def feature_cache_path(cfg, split: datasets.Split) -> Path:
         weights = f"scratch-seed{cfg.seed}"
     else:
         weights = "pretrained" if cfg.arch == "smallcnn" else cfg.pretrained_weights
-    name = f"{cfg.arch}_{weights}_{cfg.image_size}px_{datasets.split_fingerprint(split)}.npy"
+    name = f"{cfg.arch}_{weights}_{cfg.image_size}px_{loaders.split_fingerprint(split)}.npy"
     return datasets.derived_dir(cfg) / "features" / name
 
 
@@ -816,12 +818,10 @@ def cached_features(
             return torch.from_numpy(cached).to(device)
         print(f"LinearInit: the cached features {path} {problem}: computing them again")  # a cache: nothing is lost
     model.eval()
-    loader = datasets.make_loader(
-        split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize=cfg.eval_resize
-    )
+    loader = loaders.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize=cfg.eval_resize)
 
     def features(images) -> torch.Tensor:
-        x = datasets.to_model_input(datasets.batch_to_device(images, device))
+        x = loaders.to_model_input(loaders.batch_to_device(images, device))
         return model.pool_features(model.backbone(x)).float().cpu()
 
     feats = [features(images) for images, _ in tqdm(loader, desc=f"features {path.name}", leave=False, file=sys.stderr)]
@@ -873,7 +873,7 @@ def train_linear_head(
     learnt = [m for m in active(cfg) if m.parameters is not None]
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult}, *extra_param_groups(cfg, state)]
     optimizer = make_optimizer(cfg, groups)
-    batches = datasets.EpochBatches(len(train_feats), cfg.bsize, shuffle=True, seed=cfg.seed + 1)
+    batches = loaders.EpochBatches(len(train_feats), cfg.bsize, shuffle=True, seed=cfg.seed + 1)
     best = {"val_map": -1.0, "epoch": 0}
     best_states: tuple = ()
     for epoch in range(1, cfg.linear_epochs + 1):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import checkpoint
 import config
 import datasets
+import loaders
 import models
 import resize
 from files import write_text_atomic
@@ -212,7 +213,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = datasets.loader_item(self.files[index], self.image_size, self.pass_order)
+            image = loaders.loader_item(self.files[index], self.image_size, self.pass_order)
         except datasets.DataError as err:
             return None, index, str(err)
         except Exception as err:  # e.g. PIL's DecompressionBombError: still just an unreadable file here
@@ -225,7 +226,7 @@ def collate(items):
     [(index, error)] of the unreadable ones)."""
     good = [(image, index) for image, index, error in items if error is None]
     bad = [(index, error) for _, index, error in items if error is not None]
-    images = datasets.collate_images(good)[0] if good else None
+    images = loaders.collate_images(good)[0] if good else None
     return images, [index for _, index in good], bad
 
 
@@ -262,7 +263,7 @@ def score_files(
     order = None
     if eval_resize == "device":  # the installed Pillow's pass order, checked on probe images and on the first files
         order = resize.checked_pass_order()
-        datasets.check_device_resize(files[:64], run.cfg.image_size, device, order)
+        loaders.check_device_resize(files[:64], run.cfg.image_size, device, order)
     loader = torch.utils.data.DataLoader(
         ImageFiles(files, run.cfg.image_size, order),
         batch_size=batch_size,
@@ -278,7 +279,7 @@ def score_files(
         if images is None:
             continue
         with amp():
-            logits = model(datasets.to_model_input(datasets.batch_to_device(images, device)))
+            logits = model(loaders.to_model_input(loaders.batch_to_device(images, device)))
         probs = torch.sigmoid(logits.float()).cpu()
         scores.update({files[i]: p for i, p in zip(indices, probs, strict=True)})
     return scores, skipped

@@ -12,7 +12,7 @@ the rest). PIL's 8-bit resize is integer arithmetic, so it can be reproduced exa
   twice as many pixels as its width (Pillow 13 here), that order for those images (``PASS_ORDERS``).
 
 Workers only decode (``Decoded``); ``DecodedBatch`` carries a batch at its own sizes, with the weights, to the device,
-where ``DecodedBatch.resize`` gives the batch ``datasets.load_image`` would have given. ``pass_order`` checks the
+where ``DecodedBatch.resize`` gives the batch ``loaders.load_image`` would have given. ``pass_order`` checks the
 installed Pillow against this module on probe images and says which order rule it follows (``None``: neither, and
 the device resize must not be used).
 """
@@ -257,7 +257,7 @@ class DecodedBatch:
                 t.record_stream(stream)
 
     def resize(self) -> torch.Tensor:
-        """The batch as ``datasets.load_image`` gives it: uint8 N x 3 x size x size, channels-last strides, on the
+        """The batch as ``loaders.load_image`` gives it: uint8 N x 3 x size x size, channels-last strides, on the
         batch's device."""
         device = self.groups[0][1]["pixels"].device
         out = torch.empty((self.count, self.size, self.size, 3), dtype=torch.uint8, device=device)

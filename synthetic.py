@@ -20,6 +20,7 @@ from PIL import Image
 
 import datasets
 import files
+import loaders
 
 # Bump when the drawing code changes, so a stale cache is rebuilt instead of silently reused.
 GENERATOR_VERSION = 2
@@ -252,7 +253,7 @@ def ensure_dataset(root: str | os.PathLike) -> Path:
     if _is_current(root):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    with datasets.data_lock(root, f"The synthetic data folder {root} (being generated)"):
+    with files.data_lock(root, f"The synthetic data folder {root} (being generated)"):
         if not _is_current(root):  # another process may have generated it while this one waited
             _generate(root)
     return root
@@ -318,7 +319,7 @@ def ensure_pretrained_backbone(root: str | os.PathLike) -> Path:
     path = pretrained_backbone_path(root)
     if path.exists():
         return path
-    with datasets.data_lock(Path(root), f"The synthetic data folder {root} (backbone being pretrained)"):
+    with files.data_lock(Path(root), f"The synthetic data folder {root} (backbone being pretrained)"):
         if not path.exists():  # another process may have made it while this one waited
             _pretrain(path)
     return path
@@ -334,7 +335,7 @@ def _pretrain(path: Path) -> None:
     drawn = [draw_pretrain_image(rng) for _ in range(NUM_PRETRAIN)]
     images = torch.from_numpy(np.stack([d[0] for d in drawn])).permute(0, 3, 1, 2).contiguous()
     targets = torch.tensor([d[1] for d in drawn])
-    inputs = datasets.to_model_input(images)
+    inputs = loaders.to_model_input(images)
 
     generator = torch.Generator().manual_seed(PRETRAIN_SEED)
     with torch.random.fork_rng(devices=[]):

@@ -29,6 +29,8 @@ import checkpoint
 import datasets
 import distributed
 import files
+import label_rules
+import loaders
 import methods
 import metrics
 import models
@@ -134,7 +136,7 @@ def train_one_epoch(
     """One pass over the training set. The label state takes LL-Cp's corrections; diagnostics are collected from the
     same forward passes when the full labels are known."""
     model.train()
-    sampler: datasets.EpochBatches = loader.batch_sampler
+    sampler: loaders.EpochBatches = loader.batch_sampler
     sampler.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device)
     num_selected = torch.zeros((), dtype=torch.long, device=device)
@@ -151,7 +153,7 @@ def train_one_epoch(
         idx = idx.to(device, non_blocking=True)
         real = idx >= 0
         rows = torch.where(real, idx, -1 - idx)
-        x = datasets.to_model_input(datasets.batch_to_device(images, device), flips[rows])
+        x = loaders.to_model_input(loaders.batch_to_device(images, device), flips[rows])
         batch_observed = state.observed.batch(rows, host_rows)
         select = reduce = None
         if ctx.enabled:
@@ -213,7 +215,7 @@ def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None, t
     torchrun each process scores its contiguous share and the shares are gathered: every image exactly once.
 
     The loader's batches (``bsize`` images, so that every worker delivers its first batch soon) are joined on the
-    device into model batches of ``datasets.EVAL_BATCH_FACTOR`` of them: the model sees the same batches of
+    device into model batches of ``loaders.EVAL_BATCH_FACTOR`` of them: the model sees the same batches of
     ``4 x bsize`` images in row order as with one large loader batch, so the scores are the same. ``timings``: a dict
     that receives ``first_batch_seconds`` (``noting_first_batch``)."""
     ctx = ctx or SINGLE
@@ -223,14 +225,14 @@ def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None, t
     def score() -> None:
         images = torch.cat(pending) if len(pending) > 1 else pending[0]
         with amp():
-            logits = model(datasets.to_model_input(images))
+            logits = model(loaders.to_model_input(images))
         scores.append(torch.sigmoid(logits.float()))
         pending.clear()
 
     bar = tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main)
     for images, _ in noting_first_batch(bar, {} if timings is None else timings):
-        pending.append(datasets.batch_to_device(images, device))
-        if len(pending) == datasets.EVAL_BATCH_FACTOR:
+        pending.append(loaders.batch_to_device(images, device))
+        if len(pending) == loaders.EVAL_BATCH_FACTOR:
             score()
     if pending:
         score()
@@ -244,18 +246,18 @@ def _num_outputs(model: torch.nn.Module) -> int:
     return model.head.out_features
 
 
-def ap_against(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> torch.Tensor:
+def ap_against(scores: torch.Tensor, labels: torch.Tensor | label_rules.SparseLabels) -> torch.Tensor:
     """Per-class AP: against full labels, or, for partial labels (OpenImages), over the annotated entries only."""
-    if isinstance(labels, datasets.SparseLabels):
+    if isinstance(labels, label_rules.SparseLabels):
         rows, cols, values = (torch.from_numpy(a).to(scores.device) for a in labels.entries())
         return metrics.average_precision_entries(scores[rows, cols], values > 0, cols, labels.num_classes)
     return metrics.average_precision(scores, labels)
 
 
-def threshold_metrics_against(scores: torch.Tensor, labels: torch.Tensor | datasets.SparseLabels) -> dict:
+def threshold_metrics_against(scores: torch.Tensor, labels: torch.Tensor | label_rules.SparseLabels) -> dict:
     """CP, CR, CF1, OP, OR, OF1 at 0.5 and for the top 3 (``metrics.report_metrics``); for partial labels
     (OpenImages) over the annotated entries only."""
-    if isinstance(labels, datasets.SparseLabels):
+    if isinstance(labels, label_rules.SparseLabels):
         dense = torch.from_numpy(labels.dense(np.arange(len(labels)))).to(scores.device)
         return metrics.report_metrics(scores, dense > 0, dense != 0)
     return metrics.report_metrics(scores, labels)
@@ -296,9 +298,9 @@ def _null_if_nan(value: float) -> float | None:
     return None if value != value else value
 
 
-def eval_labels(split: datasets.Split, device: torch.device) -> torch.Tensor | datasets.SparseLabels:
+def eval_labels(split: datasets.Split, device: torch.device) -> torch.Tensor | label_rules.SparseLabels:
     """What a split is scored against: full labels on the device, or the sparse annotated entries."""
-    if isinstance(split.labels, datasets.SparseLabels):
+    if isinstance(split.labels, label_rules.SparseLabels):
         return split.labels
     return torch.from_numpy(split.labels).to(device)
 
@@ -360,25 +362,27 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
     for name, split in splits.items():
         cache = None
         if cfg.cache == "disk":
-            cache = datasets.disk_cache_path(split, cfg.image_size, datasets.derived_dir(cfg))
+            cache = loaders.disk_cache_path(split, cfg.image_size, datasets.derived_dir(cfg))
             if ctx.is_main:
-                datasets.build_disk_cache(split, cfg.image_size, cache, cfg.num_workers or 1)
+                loaders.build_disk_cache(split, cfg.image_size, cache, cfg.num_workers or 1)
         if name != "train":
             split = split.share(ctx.rank, ctx.world)
         parts[name] = (split, name == "train", cache)
-    loaders = datasets.make_loaders(parts, cfg, pin_memory=device.type == "cuda", ctx=ctx, eval_resize=cfg.eval_resize)
+    split_loaders = loaders.make_loaders(
+        parts, cfg, pin_memory=device.type == "cuda", ctx=ctx, eval_resize=cfg.eval_resize
+    )
     if cfg.eval_resize == "device":
         order = resize.checked_pass_order()
         checked = 0
         for name in ("val", "test"):  # the first 64 images of each scored split
             split = parts[name][0]
             paths = [split.image_path(row) for row in range(min(64, len(split)))]
-            checked += datasets.check_device_resize(paths, cfg.image_size, device, order)
+            checked += loaders.check_device_resize(paths, cfg.image_size, device, order)
         if ctx.is_main:
             print(f"--eval_resize device: val and test images resized on {device.type} with PIL's arithmetic (the "
                   f"installed Pillow's pass order: {order}; the same pixels as PIL on {checked} of them)")  # fmt: skip
     distributed.barrier(ctx)
-    return loaders
+    return split_loaders
 
 
 @dataclass
@@ -497,7 +501,7 @@ def data_fingerprint(data: datasets.Data) -> str:
     digest = hashlib.sha256()
     for split in (data.train, data.val, data.test):
         for part in (split.image_names, split.labels, split.observed):
-            arrays = [getattr(part, p) for p in part._PARTS] if isinstance(part, datasets.SparseLabels) else [part]
+            arrays = [getattr(part, p) for p in part._PARTS] if isinstance(part, label_rules.SparseLabels) else [part]
             for array in arrays:
                 digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]

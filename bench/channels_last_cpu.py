@@ -3,7 +3,7 @@
     python bench/channels_last_cpu.py    # smallcnn (32 px), ResNet-18 and ResNet-50 (64 px), batch 8, random weights
 
 ``main.py`` lays out the model and its input channels-last on every device and precision (``train.py``,
-``datasets.to_model_input``); the official code runs NCHW. Same arithmetic in exact terms, but the convolutions sum in
+``loaders.to_model_input``); the official code runs NCHW. Same arithmetic in exact terms, but the convolutions sum in
 another order, so fp32 results can differ in the last bits. Prints one JSON object per model: the share of logits that
 differ at all, the largest absolute and relative difference, and whether the top-1 class of any image changes.
 """

@@ -30,14 +30,15 @@ sys.path.insert(0, str(REPO / "bench"))
 import throughput  # noqa: E402
 
 import datasets  # noqa: E402
+import loaders  # noqa: E402
 import resize  # noqa: E402
 
 
-def batches_cpu_seconds(dataset: datasets.ImageDataset, bsize: int) -> float:
+def batches_cpu_seconds(dataset: loaders.ImageDataset, bsize: int) -> float:
     """Process CPU time to turn every image of ``dataset`` into batches, as a worker does."""
     start = time.process_time()
     for first in range(0, len(dataset), bsize):
-        datasets.collate_images([dataset[i] for i in range(first, min(first + bsize, len(dataset)))])
+        loaders.collate_images([dataset[i] for i in range(first, min(first + bsize, len(dataset)))])
     return time.process_time() - start
 
 
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         paths = throughput.make_jpegs_named(Path(tmp), names, 640, 480)
         split = datasets.Split("", np.array(paths), None, None)
         ways = {
-            "workers": datasets.ImageDataset(split, size),
-            "device": datasets.ImageDataset(split, size, pass_order=resize.checked_pass_order()),
+            "workers": loaders.ImageDataset(split, size),
+            "device": loaders.ImageDataset(split, size, pass_order=resize.checked_pass_order()),
         }
         for dataset in ways.values():  # warm-up: file cache, the weights' cache
             batches_cpu_seconds(dataset, bsize)

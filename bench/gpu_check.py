@@ -14,7 +14,7 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    and eager against eager with foreach Adam: the first step's logits, and the parameters and BatchNorm statistics at
    the end (see ``graph_check``).
    ``*_fed_img_s``: the same steps fed from pinned host memory each step, the copy on a side stream (as main.py runs,
-   ``datasets.batch_to_device``), and ``*_fed_same_stream_img_s`` on the current stream, for the price of the copy
+   ``loaders.batch_to_device``), and ``*_fed_same_stream_img_s`` on the current stream, for the price of the copy
    and what the side stream takes off it (``ratios.*_copy_side_stream_vs_same``). ``*_fused_adam_img_s``: the step
    with ``torch.optim.Adam(fused=True)`` (one kernel for all parameters; main.py's on CUDA since two checks measured
    1.03x), timed in turn with ``*_foreach_adam_img_s`` (torch's default implementation; ``ratios.*_vs_foreach``).
@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import throughput  # noqa: E402
 
 import datasets  # noqa: E402
+import loaders  # noqa: E402
 import losses  # noqa: E402
 import methods  # noqa: E402
 import resize  # noqa: E402
@@ -127,11 +128,11 @@ def roof(device: torch.device, graph: bool, candidates: bool = False) -> dict:
     workers. ``candidates``: also the side-stream copies and fused Adam against their baselines (``alternated``;
     once per check, with the graph on a GPU: main.py's step)."""
     model, optimizer, amp, images, observed = roof_model(device)
-    x = datasets.to_model_input(images)
+    x = loaders.to_model_input(images)
     host = images.cpu().pin_memory() if device.type == "cuda" else images.clone()
 
     def fed() -> torch.Tensor:  # the batch copied from pinned host memory each step, as main.py's loop gets it
-        return datasets.to_model_input(datasets.batch_to_device(host, device))
+        return loaders.to_model_input(loaders.batch_to_device(host, device))
 
     def train_step(forward=model, inputs=lambda: x, adam=optimizer) -> None:
         with amp:
@@ -141,7 +142,7 @@ def roof(device: torch.device, graph: bool, candidates: bool = False) -> dict:
         loss.backward()
         adam.step()
 
-    eval_x = datasets.to_model_input(images.repeat(datasets.EVAL_BATCH_FACTOR, 1, 1, 1))
+    eval_x = loaders.to_model_input(images.repeat(loaders.EVAL_BATCH_FACTOR, 1, 1, 1))
 
     @torch.inference_mode()
     def eval_step(inputs=lambda: eval_x) -> None:
@@ -149,8 +150,8 @@ def roof(device: torch.device, graph: bool, candidates: bool = False) -> dict:
             torch.sigmoid(model(inputs()).float())
 
     def eval_fed() -> torch.Tensor:  # train.predict's model batch: loader batches copied one by one, then joined
-        return datasets.to_model_input(
-            torch.cat([datasets.batch_to_device(host, device) for _ in range(datasets.EVAL_BATCH_FACTOR)])
+        return loaders.to_model_input(
+            torch.cat([loaders.batch_to_device(host, device) for _ in range(loaders.EVAL_BATCH_FACTOR)])
         )
 
     model.train()
@@ -186,13 +187,13 @@ def alternated(variants: dict, device: torch.device, batch_size: int) -> dict:
 
 
 def copy_stream_rates(name: str, step, device: torch.device, batch_size: int) -> dict:
-    """``step`` fed from pinned host memory, its copies on a side stream (``datasets.batch_to_device``, as main.py
+    """``step`` fed from pinned host memory, its copies on a side stream (``loaders.batch_to_device``, as main.py
     runs) and on the current stream (the baseline), ``alternated``."""
-    previous = datasets.SIDE_STREAM_COPIES
+    previous = loaders.SIDE_STREAM_COPIES
 
     def copies_on(side: bool):
         def run() -> None:
-            datasets.SIDE_STREAM_COPIES = side
+            loaders.SIDE_STREAM_COPIES = side
             step()
 
         return run
@@ -201,7 +202,7 @@ def copy_stream_rates(name: str, step, device: torch.device, batch_size: int) ->
         variants = {f"{name}_fed_img_s": copies_on(True), f"{name}_fed_same_stream_img_s": copies_on(False)}
         return alternated(variants, device, batch_size)
     finally:
-        datasets.SIDE_STREAM_COPIES = previous
+        loaders.SIDE_STREAM_COPIES = previous
 
 
 def fused_adam_rates(name: str, step, model: torch.nn.Module, device: torch.device) -> dict:
@@ -257,7 +258,7 @@ def graph_check(device: torch.device, steps: int = 12) -> dict:
         generator = torch.Generator(device=device).manual_seed(1)
         first_logits = None
         for _ in range(steps):
-            x = datasets.to_model_input(images, torch.rand(BSIZE, device=device, generator=generator) < 0.5)
+            x = loaders.to_model_input(images, torch.rand(BSIZE, device=device, generator=generator) < 0.5)
             with amp:
                 logits = forward(x)
             if first_logits is None:
@@ -358,14 +359,14 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
     whether the batches reach the device as the workers laid them out (channels-last: nothing transposed on the way)."""
     split = datasets.Split("/", np.array(paths), None, None)
     cfg = SimpleNamespace(bsize=BSIZE, seed=0, num_workers=cores(), image_size=SETTINGS["size"])
-    loader = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda")
+    loader = loaders.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda")
     rates, layouts = [], set()
     for _ in range(2):
         start = time.perf_counter()
         for images, _ in loader:
-            on_device = datasets.batch_to_device(images, device)  # as main.py copies it
+            on_device = loaders.batch_to_device(images, device)  # as main.py copies it
             layouts.add(on_device.is_contiguous(memory_format=torch.channels_last))
-            datasets.to_model_input(on_device)
+            loaders.to_model_input(on_device)
         sync(device)
         rates.append(len(paths) / (time.perf_counter() - start))
     # The same loader through main.py's own scoring loop (train.predict) with the model, outside main.py: if main.py's
@@ -398,12 +399,12 @@ def device_resize_rates(split, cfg, loader, device: torch.device, predict_rate) 
     """``--eval_resize device`` on the same images: the first pass (a warm-up) also compares every batch with the
     workers' ``loader`` (one read-back per batch, outside the timed pass); then the resize alone on a batch already
     on the device (its cost in device time), the data path timed alone, and the scoring loop."""
-    decoded = datasets.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize="device")
+    decoded = loaders.make_loader(split, cfg, train=False, pin_memory=device.type == "cuda", eval_resize="device")
     same, kept = True, None
     for (expected, _), (images, _) in zip(loader, decoded, strict=True):
         if kept is None:
             kept = images.to(device)
-        same &= torch.equal(datasets.batch_to_device(images, device), expected.to(device))
+        same &= torch.equal(loaders.batch_to_device(images, device), expected.to(device))
     out = {"device_resize_same_pixels": same}
     repeats = 3 if SMALL else 50
     kept.resize()
@@ -415,7 +416,7 @@ def device_resize_rates(split, cfg, loader, device: torch.device, predict_rate) 
     out["device_resize_only_img_s"] = repeats * len(kept) / (time.perf_counter() - start)
     start = time.perf_counter()
     for images, _ in decoded:
-        datasets.to_model_input(datasets.batch_to_device(images, device))
+        loaders.to_model_input(loaders.batch_to_device(images, device))
     sync(device)
     out["device_resize_img_s"] = len(split) / (time.perf_counter() - start)
     out["predict_device_resize_img_s"] = predict_rate(decoded)

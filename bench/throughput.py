@@ -40,6 +40,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
+import loaders  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 
@@ -77,7 +78,7 @@ class OfficialStyle(torch.utils.data.Dataset):
     """The released code's dataset: PIL open, convert RGB, torchvision transforms, per item."""
 
     def __init__(self, paths: list[str], size: int) -> None:
-        mean, std = datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
+        mean, std = loaders.IMAGENET_MEAN, loaders.IMAGENET_STD
         self.paths = paths
         self.tx = transforms.Compose(
             [
@@ -205,8 +206,8 @@ def model_alone(model, device, amp, size: int, args) -> dict:
     beat. Warm-up and window as ``measure``'s (a pass's worth of batches first)."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (args.bsize, 3, size, size), dtype=torch.uint8, device=device)
-    x = datasets.to_model_input(images)
-    eval_x = datasets.to_model_input(images.repeat(datasets.EVAL_BATCH_FACTOR, 1, 1, 1))
+    x = loaders.to_model_input(images)
+    eval_x = loaders.to_model_input(images.repeat(loaders.EVAL_BATCH_FACTOR, 1, 1, 1))
     observed = (torch.rand(args.bsize, NUM_CLASSES, device=device) < 0.05).to(torch.int8)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     fake = [(None, range(args.bsize))] * (args.images // args.bsize)  # a pass's worth of full batches
@@ -228,7 +229,7 @@ def model_alone(model, device, amp, size: int, args) -> dict:
         model.train()
         result = {"train_img_s": measure(fake, train_step, device, args.batches, args.bsize)}
         model.eval()
-        eval_fake = [(None, range(len(eval_x)))] * max(len(fake) // datasets.EVAL_BATCH_FACTOR, 1)
+        eval_fake = [(None, range(len(eval_x)))] * max(len(fake) // loaders.EVAL_BATCH_FACTOR, 1)
         result["eval_img_s"] = measure(eval_fake, eval_step, device, args.batches // 2 + 1, len(eval_x))
     print(f"model alone: {json.dumps({k: round(v, 2) for k, v in result.items()})}", file=sys.stderr)
     return result
@@ -251,7 +252,7 @@ def main() -> None:
     jpeg_size = (128, 96) if small else (640, 480)
     args.images = args.images or (128 if small else 1024)
     args.batches = args.batches or (8 if small else 150)
-    eval_batch = args.bsize * datasets.EVAL_BATCH_FACTOR
+    eval_batch = args.bsize * loaders.EVAL_BATCH_FACTOR
     if args.images % eval_batch:
         parser.error(f"--images must be a multiple of {eval_batch} (4 x --bsize): every timed batch is a full one")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -291,27 +292,27 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(arch, NUM_CLASSES).to(device, memory_format=torch.channels_last)
         split = datasets.Split(tmp, np.array([Path(p).name for p in paths]), None, None)
-        sampler = datasets.EpochBatches(len(paths), args.bsize, shuffle=True, seed=0)
+        sampler = loaders.EpochBatches(len(paths), args.bsize, shuffle=True, seed=0)
         flips = sampler.flips
 
         def project_prepare(batch):
             images, idx = batch
-            return datasets.to_model_input(images.to(device, non_blocking=True), flips[idx].to(device))
+            return loaders.to_model_input(images.to(device, non_blocking=True), flips[idx].to(device))
 
         def project_loader(cache):
             return torch.utils.data.DataLoader(
-                datasets.ImageDataset(split, size, cache), batch_sampler=sampler, collate_fn=datasets.collate_images,
+                loaders.ImageDataset(split, size, cache), batch_sampler=sampler, collate_fn=loaders.collate_images,
                 num_workers=workers, pin_memory=cuda, persistent_workers=True, prefetch_factor=4,
             )  # fmt: skip
 
         project = run_pipeline("project", project_loader(None), project_prepare, model, device, amp, args,
                                benchmark=True)  # fmt: skip
-        cache = datasets.build_disk_cache(split, size, Path(tmp) / "cache" / "bench.u8", workers)
+        cache = loaders.build_disk_cache(split, size, Path(tmp) / "cache" / "bench.u8", workers)
         project_cache = run_pipeline("project + disk cache", project_loader(cache), project_prepare, model, device,
                                      amp, args, benchmark=True)  # fmt: skip
         eval_loader = torch.utils.data.DataLoader(
-            datasets.ImageDataset(split, size), batch_sampler=datasets.EpochBatches(len(paths), eval_batch,
-            shuffle=False), collate_fn=datasets.collate_images, num_workers=workers, pin_memory=cuda,
+            loaders.ImageDataset(split, size), batch_sampler=loaders.EpochBatches(len(paths), eval_batch,
+            shuffle=False), collate_fn=loaders.collate_images, num_workers=workers, pin_memory=cuda,
             persistent_workers=True, prefetch_factor=4,
         )  # fmt: skip
         eval_img_s = eval_throughput(model, eval_loader, lambda b: project_prepare((b[0], b[1])), device, amp, args,

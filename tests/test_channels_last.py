@@ -3,7 +3,7 @@ bit the official NCHW arithmetic), and that the layout changes fp32 results by r
 
 import torch
 
-import datasets
+import loaders
 import models
 from config import parse_config
 from train import autocast_for
@@ -16,7 +16,7 @@ def test_fp32_runs_channels_last_within_rounding_of_nchw():
         assert not torch.is_autocast_enabled("cpu")  # fp32: no autocast
     torch.manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    x = datasets.to_model_input(images)
+    x = loaders.to_model_input(images)
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()  # the layout main.py feeds
     model = models.build_model("smallcnn", 10, use_pretrained=False).eval()
     with torch.inference_mode():

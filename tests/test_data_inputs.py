@@ -35,10 +35,14 @@ from PIL import Image
 
 import datasets
 import files
+import formats
+import label_rules
+import loaders
 import main
 import resize
 import synthetic
-from datasets import DataError, Regime
+from datasets import DataError
+from label_rules import Regime
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
@@ -100,7 +104,7 @@ def npy_bytes(array, allow_pickle=False) -> bytes:
 @pytest.mark.parametrize("num_pos, num_neg", [(1, 0), (2, 0), (2, 1), (0, 3), (5, 5)])
 def test_num_pos_num_neg_match_the_official_generator_element_for_element(num_pos, num_neg):
     full = random_full()
-    got = datasets.observe_labels(full, num_pos, num_neg)
+    got = label_rules.observe_labels(full, num_pos, num_neg)
     np.testing.assert_array_equal(got, official_observe(full, num_pos, num_neg))
     got_regime = Regime(num_pos, num_neg).observe(full)
     np.testing.assert_array_equal(got_regime, got)
@@ -109,7 +113,7 @@ def test_num_pos_num_neg_match_the_official_generator_element_for_element(num_po
 @pytest.mark.parametrize("proportion", [0.1, 0.3, 1.0])
 def test_label_proportion_matches_the_documented_draw_order(proportion):
     full = random_full()
-    got = datasets.observe_label_proportion(full, proportion)
+    got = label_rules.observe_label_proportion(full, proportion)
     np.testing.assert_array_equal(got, plain_proportion(full, proportion))
     assert ((got == 1) <= (full == 1)).all() and ((got == -1) <= (full == 0)).all()
     if proportion == 1.0:
@@ -127,15 +131,15 @@ def test_regime_file_names_keep_the_official_name_for_the_paper_regime():
 
 
 def test_regime_of_reads_the_config_and_refuses_impossible_combinations():
-    assert datasets.regime_of(SimpleNamespace()) == Regime()  # fields absent: the paper's regime
-    assert datasets.regime_of(SimpleNamespace(num_pos=2, num_neg=1, label_proportion=None)) == Regime(2, 1)
-    assert datasets.regime_of(SimpleNamespace(num_pos=1, num_neg=0, label_proportion=0.5)) == Regime(proportion=0.5)
+    assert label_rules.regime_of(SimpleNamespace()) == Regime()  # fields absent: the paper's regime
+    assert label_rules.regime_of(SimpleNamespace(num_pos=2, num_neg=1, label_proportion=None)) == Regime(2, 1)
+    assert label_rules.regime_of(SimpleNamespace(num_pos=1, num_neg=0, label_proportion=0.5)) == Regime(proportion=0.5)
     with pytest.raises(DataError, match="--label_proportion .* cannot be combined with --num_pos or --num_neg"):
-        datasets.regime_of(SimpleNamespace(num_pos=2, num_neg=0, label_proportion=0.5))
+        label_rules.regime_of(SimpleNamespace(num_pos=2, num_neg=0, label_proportion=0.5))
     with pytest.raises(DataError, match=r"--label_proportion must lie in \(0, 1\]"):
-        datasets.regime_of(SimpleNamespace(label_proportion=0.0))
+        label_rules.regime_of(SimpleNamespace(label_proportion=0.0))
     with pytest.raises(DataError, match="--num_pos 0 --num_neg 0 observes no label"):
-        datasets.regime_of(SimpleNamespace(num_pos=0, num_neg=0))
+        label_rules.regime_of(SimpleNamespace(num_pos=0, num_neg=0))
 
 
 def test_a_proportion_that_observes_no_label_at_all_is_refused(tmp_path):
@@ -251,7 +255,7 @@ def test_cache_dir_takes_every_derived_file_and_the_official_file_in_the_root_st
 
 def test_disk_cache_path_under_the_derived_dir(tmp_path):
     split = datasets.Split("", np.array(["a.png"]), np.zeros((1, 2)), np.zeros((1, 2)))
-    path = datasets.disk_cache_path(split, 8, tmp_path / "derived")
+    path = loaders.disk_cache_path(split, 8, tmp_path / "derived")
     assert path.parent == tmp_path / "derived" / "cache"
 
 
@@ -272,8 +276,8 @@ def hold_lock_in_thread(path: Path, seconds: float) -> threading.Thread:
 
 def test_observed_labels_wait_for_the_data_lock_then_are_refused_with_a_message(tmp_path, monkeypatch, capsys):
     root = make_nuswide(tmp_path / "nuswide", images=False)
-    lock = root / datasets.LOCK_NAME
-    monkeypatch.setattr(datasets, "LOCK_WAIT_S", 0.3)
+    lock = root / files.DATA_LOCK_NAME
+    monkeypatch.setattr(files, "LOCK_WAIT_S", 0.3)
     held = files.acquire_lock(lock, "test")
     try:
         with pytest.raises(files.LockError, match=f"The data folder {root} .* is in use by another process"):
@@ -282,7 +286,7 @@ def test_observed_labels_wait_for_the_data_lock_then_are_refused_with_a_message(
         assert "Waiting for it" in capsys.readouterr().out
     finally:
         held.release()
-    monkeypatch.setattr(datasets, "LOCK_WAIT_S", 30)
+    monkeypatch.setattr(files, "LOCK_WAIT_S", 30)
     thread = hold_lock_in_thread(lock, 0.5)  # released while the loader waits: it then goes on
     data = datasets.load_formatted("nuswide", root)
     thread.join()
@@ -293,15 +297,15 @@ def test_disk_cache_build_waits_for_its_lock(tmp_path, monkeypatch):
     image = tmp_path / "a.png"
     Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(image)
     split = datasets.Split("", np.array([str(image)]), np.zeros((1, 2)), np.zeros((1, 2)))
-    path = datasets.disk_cache_path(split, 4, tmp_path)
+    path = loaders.disk_cache_path(split, 4, tmp_path)
     path.parent.mkdir(parents=True)
-    monkeypatch.setattr(datasets, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(files, "LOCK_WAIT_S", 0.2)
     held = files.acquire_lock(path.with_name(path.name + ".lock"), "test")
     with pytest.raises(files.LockError, match="The disk cache .* is in use by another process"):
-        datasets.build_disk_cache(split, 4, path, 0)
+        loaders.build_disk_cache(split, 4, path, 0)
     held.release()
-    datasets.build_disk_cache(split, 4, path, 0)
-    assert datasets.disk_cache_complete(path, 1, 4)
+    loaders.build_disk_cache(split, 4, path, 0)
+    assert loaders.disk_cache_complete(path, 1, 4)
 
 
 def test_a_disk_cache_cut_short_behind_an_intact_bitmap_is_rebuilt_not_read(tmp_path):
@@ -310,16 +314,16 @@ def test_a_disk_cache_cut_short_behind_an_intact_bitmap_is_rebuilt_not_read(tmp_
         images.append(tmp_path / f"{value}.png")
         Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(images[-1])
     split = datasets.Split("", np.array([str(i) for i in images]), np.zeros((2, 2)), np.zeros((2, 2)))
-    path = datasets.disk_cache_path(split, 4, tmp_path)
-    datasets.build_disk_cache(split, 4, path, 0)
+    path = loaders.disk_cache_path(split, 4, tmp_path)
+    loaders.build_disk_cache(split, 4, path, 0)
     with open(path, "r+b") as f:
         f.truncate(50)  # the second image cut short; its .done.npy still marks every image done
-    assert not datasets.disk_cache_complete(path, 2, 4)
+    assert not loaders.disk_cache_complete(path, 2, 4)
     with pytest.raises(DataError, match=rf"The disk cache {path} holds 50 bytes, not the 2 x 4 x 4 x 3 = 96 .* Delete"):
-        datasets.ImageDataset(split, 4, path)[1]  # read as it is (a process that did not build it)
-    datasets.build_disk_cache(split, 4, path, 0)  # the path a missing cache takes: built anew
-    assert path.stat().st_size == 96 and datasets.disk_cache_complete(path, 2, 4)
-    cached = datasets.ImageDataset(split, 4, path)
+        loaders.ImageDataset(split, 4, path)[1]  # read as it is (a process that did not build it)
+    loaders.build_disk_cache(split, 4, path, 0)  # the path a missing cache takes: built anew
+    assert path.stat().st_size == 96 and loaders.disk_cache_complete(path, 2, 4)
+    cached = loaders.ImageDataset(split, 4, path)
     assert (cached[0][0] == 7).all() and (cached[1][0] == 9).all()
 
 
@@ -360,10 +364,10 @@ def test_two_first_runs_on_one_fresh_data_root_do_not_race(tmp_path):
 def test_synthetic_generation_takes_the_data_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "NUM_TRAIN", 4)
     monkeypatch.setattr(synthetic, "NUM_TEST", 2)
-    monkeypatch.setattr(datasets, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(files, "LOCK_WAIT_S", 0.2)
     root = tmp_path / "syn"
     root.mkdir()
-    held = files.acquire_lock(root / datasets.LOCK_NAME, "test")
+    held = files.acquire_lock(root / files.DATA_LOCK_NAME, "test")
     with pytest.raises(files.LockError, match="The synthetic data folder"):
         synthetic.ensure_dataset(root)
     held.release()
@@ -386,13 +390,13 @@ def test_label_files_of_any_numeric_dtype_are_read_as_their_numbers(tmp_path, dt
     np.testing.assert_array_equal(observed.astype(np.float64), expected)
     assert (observed == 1).sum() == 8  # the 8 rows with a positive, one positive each
     np.testing.assert_array_equal(np.load(root / "formatted_train_labels_obs.npy").astype(np.float64), expected)
-    negatives = datasets.observe_labels(nuswide_labels("train").astype(dtype), 1, 2)
+    negatives = label_rules.observe_labels(nuswide_labels("train").astype(dtype), 1, 2)
     np.testing.assert_array_equal(negatives.astype(np.float64), official_observe(nuswide_labels("train"), 1, 2))
 
 
 def test_observe_labels_on_bool_input_gives_signed_labels():
     full = np.array([[True, False, False], [False, True, True]])
-    observed = datasets.observe_labels(full, 1, 1)
+    observed = label_rules.observe_labels(full, 1, 1)
     assert observed.dtype == np.int8
     np.testing.assert_array_equal(observed, official_observe(full.astype(float), 1, 1))
     assert set(np.unique(observed)) == {-1, 0, 1}
@@ -450,7 +454,7 @@ def test_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     path = saved(tmp_path, Image.fromarray(values), "g16.png")
     with Image.open(path) as raw:
         assert raw.mode == "I;16"
-    image = datasets.load_image(path, 2)
+    image = loaders.load_image(path, 2)
     assert image.dtype == np.uint8 and image.shape == (2, 2, 3)
     np.testing.assert_array_equal(image[..., 0], [[0, 100], [255, 128]])
     assert (image[..., 0] == image[..., 2]).all()
@@ -458,32 +462,32 @@ def test_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     path_i = saved(tmp_path, Image.fromarray(values.astype(np.int32)), "gI.tif")
     with Image.open(path_i) as raw:
         assert raw.mode == "I"
-    np.testing.assert_array_equal(datasets.load_image(path_i, 2)[..., 1], [[0, 100], [255, 128]])
+    np.testing.assert_array_equal(loaders.load_image(path_i, 2)[..., 1], [[0, 100], [255, 128]])
 
 
 def test_other_image_modes_become_the_right_rgb(tmp_path):
     palette = Image.new("P", (2, 1))
     palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     palette.putpixel((1, 0), 1)
-    assert datasets.load_image(saved(tmp_path, palette, "p.png"), 2).tolist()[0] == [[0, 0, 0], [10, 20, 30]]
+    assert loaders.load_image(saved(tmp_path, palette, "p.png"), 2).tolist()[0] == [[0, 0, 0], [10, 20, 30]]
     la = Image.fromarray(np.array([[[60, 0], [200, 255]]], dtype=np.uint8), "LA")
-    assert datasets.load_image(saved(tmp_path, la, "la.png"), 2).tolist()[0] == [[60, 60, 60], [200, 200, 200]]
+    assert loaders.load_image(saved(tmp_path, la, "la.png"), 2).tolist()[0] == [[60, 60, 60], [200, 200, 200]]
     rgba = Image.fromarray(np.array([[[1, 2, 3, 0], [4, 5, 6, 255]]], dtype=np.uint8), "RGBA")
-    assert datasets.load_image(saved(tmp_path, rgba, "rgba.png"), 2).tolist()[0] == [[1, 2, 3], [4, 5, 6]]
+    assert loaders.load_image(saved(tmp_path, rgba, "rgba.png"), 2).tolist()[0] == [[1, 2, 3], [4, 5, 6]]
     cmyk = Image.fromarray(np.array([[[0, 0, 0, 0], [255, 0, 0, 0]]], dtype=np.uint8), "CMYK")
-    assert datasets.load_image(saved(tmp_path, cmyk, "c.tif"), 2).tolist()[0] == [[255, 255, 255], [0, 255, 255]]
+    assert loaders.load_image(saved(tmp_path, cmyk, "c.tif"), 2).tolist()[0] == [[255, 255, 255], [0, 255, 255]]
     bits = Image.fromarray(np.array([[False, True]]))
-    assert datasets.load_image(saved(tmp_path, bits, "b.png"), 2).tolist()[0] == [[0, 0, 0], [255, 255, 255]]
+    assert loaders.load_image(saved(tmp_path, bits, "b.png"), 2).tolist()[0] == [[0, 0, 0], [255, 255, 255]]
 
 
 def test_an_image_too_large_to_decode_safely_is_an_undecodable_image(tmp_path, monkeypatch):
     path = saved(tmp_path, Image.new("1", (20, 16)), "big.png")  # 320 pixels, over twice the limit set below
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as a 15000 x 15000 image against PIL's own limit
-    for decode in (lambda p: datasets.load_image(p, 8), datasets.decode_image):
+    for decode in (lambda p: loaders.load_image(p, 8), loaders.decode_image):
         with pytest.raises(DataError, match=rf"Cannot decode image {path}: it is too large to decode safely \("):
             decode(path)
     order = next(iter(resize.PASS_ORDERS))
-    assert datasets.check_device_resize([path], 8, torch.device("cpu"), order) == 0  # skipped, as unreadable files
+    assert loaders.check_device_resize([path], 8, torch.device("cpu"), order) == 0  # skipped, as unreadable files
 
 
 # ------------------------------------------------------------------------------------------- damaged formatted files
@@ -559,9 +563,9 @@ def test_an_image_in_both_the_train_and_the_test_file_is_refused(tmp_path):
 
 def test_repeated_name_is_exact_for_sorted_shuffled_and_mixed_names():
     rng = np.random.default_rng(0)
-    names = np.char.add(np.char.add(b"images_train/", datasets._hex_ids(np.unique(rng.integers(0, 2**63, 5000).astype(
+    names = np.char.add(np.char.add(b"images_train/", formats._hex_ids(np.unique(rng.integers(0, 2**63, 5000).astype(
         np.uint64)))), b".jpg")  # fmt: skip
-    val = np.char.add(b"images_val/", datasets._hex_ids(np.arange(1, 40, dtype=np.uint64)))
+    val = np.char.add(b"images_val/", formats._hex_ids(np.arange(1, 40, dtype=np.uint64)))
     assert datasets.repeated_name({"train": names, "val": val}) is None  # sorted, disjoint: one pass
     shuffled = names[rng.permutation(len(names))]
     assert datasets.repeated_name({"train": shuffled, "val": val[::-1]}) is None  # unsorted: through np.unique
@@ -859,7 +863,7 @@ def test_one_note_names_the_classes_without_a_positive_in_val_and_test(tmp_path,
 def test_classes_without_positives_dense_and_sparse():
     dense = np.array([[1, 0, 0], [1, 0, 1]], dtype=np.float32)
     assert datasets.classes_without_positives(dense).tolist() == [1]
-    sparse = datasets.SparseLabels.from_entries(
+    sparse = label_rules.SparseLabels.from_entries(
         np.array([0, 1, 1]), np.array([0, 0, 2]), np.array([1, -1, -1], dtype=np.int8), 2, 4
     )  # class 0 has a positive, class 2 only a negative (AP 0), classes 1 and 3 no entry (left out of the mAP)
     assert datasets.classes_without_positives(sparse).tolist() == [2]
@@ -929,12 +933,12 @@ def test_a_cub_attribute_given_two_values_names_the_line(tmp_path):
     root = make_cub(tmp_path / "cub")
     path = root / "CUB_200_2011/attributes/image_attribute_labels.txt"
     image, attribute, value = map(int, path.read_text().split()[:3])  # the first line
-    clean = datasets.format_cub(root)
+    clean = formats.format_cub(root)
     path.write_text(path.read_text() + f"{image} {attribute} {value} 3 5.0\n")  # the same value again
-    for split, (names, labels) in datasets.format_cub(root).items():  # changes nothing
+    for split, (names, labels) in formats.format_cub(root).items():  # changes nothing
         assert names.tolist() == clean[split][0].tolist() and np.array_equal(labels, clean[split][1])
     path.write_text(path.read_text() + f"{image} {attribute} {1 - value} 3 5.0\n")
     lines = len(path.read_text().splitlines())
     with pytest.raises(DataError, match=rf"line {lines} gives image {image}, attribute {attribute} the value "
                        rf"{1 - value}, and an earlier line gave it {value}\."):  # fmt: skip
-        datasets.format_cub(root)
+        formats.format_cub(root)

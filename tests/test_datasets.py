@@ -10,7 +10,10 @@ from PIL import Image
 from torchvision import transforms
 
 import datasets
-from datasets import DataError, EpochBatches, load_formatted, observe_labels, split_indices, subsample_indices
+import loaders
+from datasets import DataError, load_formatted
+from label_rules import observe_labels, split_indices, subsample_indices
+from loaders import EpochBatches
 
 # A 4 x 5 full label matrix. Row 1 has no positive, row 3 no negative.
 FULL = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=np.float64)
@@ -127,19 +130,19 @@ def test_image_path_is_bit_identical_to_the_paper_transforms(odd_images):
         [
             transforms.Resize((size, size)),
             transforms.ToTensor(),
-            transforms.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD),
+            transforms.Normalize(loaders.IMAGENET_MEAN, loaders.IMAGENET_STD),
         ]
     )
     split = datasets.Split("", np.array(odd_images), np.zeros((4, 1)), np.zeros((4, 1)))
-    dataset = datasets.ImageDataset(split, size)
+    dataset = loaders.ImageDataset(split, size)
     for i, path in enumerate(odd_images):
         with Image.open(path) as raw:
             reference = paper_train(raw.convert("RGB"))
         image, index = dataset[i]
         assert index == i and image.dtype == torch.uint8
-        ours = datasets.to_model_input(image[None])[0]
+        ours = loaders.to_model_input(image[None])[0]
         assert torch.equal(ours, reference)
-        flipped = datasets.to_model_input(image[None], torch.tensor([True]))[0]
+        flipped = loaders.to_model_input(image[None], torch.tensor([True]))[0]
         assert torch.equal(flipped, transforms.functional.hflip(reference))
 
 
@@ -150,7 +153,7 @@ def test_loader_batches_are_the_paper_pixels_in_channels_last_layout(odd_images,
     size = 20
     split = datasets.Split("", np.array(odd_images), np.zeros((4, 1)), np.zeros((4, 1)))
     cfg = SimpleNamespace(bsize=3, seed=0, num_workers=workers, image_size=size)
-    loader = datasets.make_loader(split, cfg, train=False, pin_memory=False)
+    loader = loaders.make_loader(split, cfg, train=False, pin_memory=False)
     batches = list(loader)
     assert [b[1].tolist() for b in batches] == [[0, 1, 2], [3]]
     for images, rows in batches:
@@ -161,8 +164,8 @@ def test_loader_batches_are_the_paper_pixels_in_channels_last_layout(odd_images,
                 reference = transforms.functional.pil_to_tensor(transforms.Resize((size, size))(raw.convert("RGB")))
             assert torch.equal(image, reference)
         assert torch.equal(
-            datasets.to_model_input(images),
-            datasets.to_model_input(images.contiguous()),  # the layout changes nothing but the layout
+            loaders.to_model_input(images),
+            loaders.to_model_input(images.contiguous()),  # the layout changes nothing but the layout
         )
 
 
@@ -170,7 +173,7 @@ def test_undecodable_image_names_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="broken.jpg"):
-        datasets.load_image(str(bad), 8)
+        loaders.load_image(str(bad), 8)
 
 
 def test_epoch_batches_are_a_seeded_permutation_with_a_smaller_last_batch():

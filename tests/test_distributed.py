@@ -14,6 +14,7 @@ from conftest import REPO, read_run
 
 import datasets
 import distributed
+import loaders
 import losses
 
 RATES = (0.01, 0.05, 0.2, 0.6)
@@ -63,8 +64,8 @@ def test_shares_of_a_global_batch_keep_its_order_and_pad_empty_ones():
 
 
 def test_epoch_batches_shares_cover_the_single_process_batches():
-    single = datasets.EpochBatches(37, 8, shuffle=True, seed=3)
-    shares = [datasets.EpochBatches(37, 8, shuffle=True, seed=3, rank=r, world=2) for r in range(2)]
+    single = loaders.EpochBatches(37, 8, shuffle=True, seed=3)
+    shares = [loaders.EpochBatches(37, 8, shuffle=True, seed=3, rank=r, world=2) for r in range(2)]
     for sampler in [single, *shares]:
         sampler.set_epoch(4)
     together = [a + b for a, b in zip(*shares, strict=True)]

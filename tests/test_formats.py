@@ -26,10 +26,13 @@ from fixtures_raw import (
 
 import config
 import datasets
+import formats
+import loaders
 import main
 import metrics
 import train
-from datasets import DataError, SparseLabels, class_groups, format_dataset, load_formatted
+from datasets import DataError, class_groups, format_dataset, load_formatted
+from label_rules import SparseLabels
 
 
 def load(root, name):
@@ -74,7 +77,7 @@ def test_pascal_fixture_uses_the_real_line_format(tmp_path):
     make_pascal(tmp_path)
     lines = (tmp_path / "VOCdevkit/VOC2012/ImageSets/Main/person_train.txt").read_text().splitlines()
     assert lines[:2] == ["2008_000015  1", "2008_000008  0"] and lines[2] == "2010_000002 -1"
-    assert VOC_CLASSES == datasets.VOC_CLASSES  # the fixture's column names are the project's
+    assert VOC_CLASSES == formats.VOC_CLASSES  # the fixture's column names are the project's
 
 
 def test_pascal_formatted_files(tmp_path):
@@ -523,5 +526,5 @@ def test_an_undecodable_image_names_the_file(tmp_path, workers):
 
 def test_fixture_images_are_real_jpegs(tmp_path):
     write_jpeg(tmp_path / "x.jpg", 3)
-    image = datasets.load_image(str(tmp_path / "x.jpg"), 16)
+    image = loaders.load_image(str(tmp_path / "x.jpg"), 16)
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8

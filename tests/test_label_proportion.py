@@ -4,7 +4,7 @@ different seeds never mix."""
 import numpy as np
 import pytest
 
-import datasets
+import label_rules
 from config import parse_config
 
 
@@ -27,22 +27,22 @@ def hcp_mlr_pl_draw(labels01: np.ndarray, proportion: float) -> np.ndarray:
 @pytest.mark.parametrize("proportion", [0.1, 0.3, 0.5, 0.9, 1.0])
 def test_seed_0_draws_hcp_mlr_pls_mask_element_for_element(proportion):
     labels = (np.random.default_rng(1).random((53, 20)) < 0.15).astype(np.float32)
-    ours = datasets.observe_label_proportion(labels, proportion, seed=datasets.HCP_MLR_PL_SEED)
+    ours = label_rules.observe_label_proportion(labels, proportion, seed=label_rules.HCP_MLR_PL_SEED)
     np.testing.assert_array_equal(ours, hcp_mlr_pl_draw(labels, proportion))
 
 
 def test_the_default_seed_is_another_draw():
     labels = (np.random.default_rng(1).random((53, 20)) < 0.15).astype(np.float32)
-    ours = datasets.observe_label_proportion(labels, 0.3)  # seed 1200, the official single-positive generator's
+    ours = label_rules.observe_label_proportion(labels, 0.3)  # seed 1200, the official single-positive generator's
     assert (ours != hcp_mlr_pl_draw(labels, 0.3)).mean() > 0.2
 
 
 def test_the_seed_flag_reaches_the_draw_and_names_its_files():
     cfg = parse_config(["--label_proportion", "0.3", "--label_proportion_seed", "0", "--exp_name", "x"])
-    regime = datasets.regime_of(cfg)
-    assert regime == datasets.Regime(proportion=0.3, proportion_seed=0)
+    regime = label_rules.regime_of(cfg)
+    assert regime == label_rules.Regime(proportion=0.3, proportion_seed=0)
     assert regime.file("train") == "formatted_train_labels_obs_prop0.3_seed0.npy"
-    default = datasets.regime_of(parse_config(["--label_proportion", "0.3", "--exp_name", "x"]))
+    default = label_rules.regime_of(parse_config(["--label_proportion", "0.3", "--exp_name", "x"]))
     assert default.file("train") == "formatted_train_labels_obs_prop0.3.npy" and default.proportion_seed == 1200
     labels = (np.random.default_rng(2).random((30, 7)) < 0.3).astype(np.float32)
     np.testing.assert_array_equal(regime.observe(labels), hcp_mlr_pl_draw(labels, 0.3))

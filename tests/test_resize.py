@@ -13,6 +13,7 @@ from fixtures_raw import COCO_IDS_80, make_coco
 from PIL import Image
 
 import datasets
+import loaders
 import resize
 
 
@@ -113,17 +114,17 @@ def test_device_resized_batches_are_the_workers_batches(mixed_images, workers):
     n = len(mixed_images)
     split = datasets.Split("", np.array(mixed_images), np.zeros((n, 1)), np.zeros((n, 1)))
     cfg = SimpleNamespace(bsize=4, seed=0, num_workers=workers, image_size=size)
-    host = list(datasets.make_loader(split, cfg, train=False, pin_memory=False))
-    device = list(datasets.make_loader(split, cfg, train=False, pin_memory=False, eval_resize="device"))
+    host = list(loaders.make_loader(split, cfg, train=False, pin_memory=False))
+    device = list(loaders.make_loader(split, cfg, train=False, pin_memory=False, eval_resize="device"))
     assert [rows.tolist() for _, rows in device] == [rows.tolist() for _, rows in host] == [[0, 1, 2, 3], [4, 5, 6]]
     for (expected, _), (decoded, _) in zip(host, device, strict=True):
         assert isinstance(decoded, resize.DecodedBatch) and len(decoded) == len(expected)
         assert sorted(len(g["positions"]) for _, g in decoded.groups) != [len(expected)]  # both orders in a batch
-        images = datasets.batch_to_device(decoded, torch.device("cpu"))
+        images = loaders.batch_to_device(decoded, torch.device("cpu"))
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(images, expected)
     # a training split is never decoded only: its flips and the CUDA graph's input are the workers' batches
-    train_batch, _ = next(iter(datasets.make_loader(split, cfg, train=True, pin_memory=False, eval_resize="device")))
+    train_batch, _ = next(iter(loaders.make_loader(split, cfg, train=True, pin_memory=False, eval_resize="device")))
     assert isinstance(train_batch, torch.Tensor)
 
 
@@ -133,10 +134,10 @@ def test_device_resize_needs_no_host_read_back(mixed_images):
     n = len(mixed_images)
     split = datasets.Split("", np.array(mixed_images), np.zeros((n, 1)), np.zeros((n, 1)))
     cfg = SimpleNamespace(bsize=n, seed=0, num_workers=0, image_size=32)
-    (decoded, _), *_ = list(datasets.make_loader(split, cfg, train=False, pin_memory=False, eval_resize="device"))
+    (decoded, _), *_ = list(loaders.make_loader(split, cfg, train=False, pin_memory=False, eval_resize="device"))
     counter = SyncCounter(set())
     with counter:
-        datasets.batch_to_device(decoded, torch.device("cpu"))
+        loaders.batch_to_device(decoded, torch.device("cpu"))
     assert not counter.calls, dict(counter.calls)
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 import datasets
+import loaders
 import losses
 import resize
 
@@ -43,9 +44,9 @@ def pil_pixels(path: str, size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("size", [16, 29])
 def test_decoded_and_cached_pixels_equal_the_pil_path(odd_images, tmp_path, size):
-    cache = datasets.build_disk_cache(odd_images, size, tmp_path / "cache" / f"c{size}.u8", num_workers=2)
-    decoded = datasets.ImageDataset(odd_images, size)
-    cached = datasets.ImageDataset(odd_images, size, cache)
+    cache = loaders.build_disk_cache(odd_images, size, tmp_path / "cache" / f"c{size}.u8", num_workers=2)
+    decoded = loaders.ImageDataset(odd_images, size)
+    cached = loaders.ImageDataset(odd_images, size, cache)
     for i in range(len(odd_images)):
         reference = pil_pixels(odd_images.image_path(i), size)
         for dataset in (decoded, cached):
@@ -55,21 +56,21 @@ def test_decoded_and_cached_pixels_equal_the_pil_path(odd_images, tmp_path, size
 
 
 def test_an_interrupted_cache_build_resumes_where_it_stopped(odd_images, tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "_CACHE_CHUNK", 2)
+    monkeypatch.setattr(loaders, "_CACHE_CHUNK", 2)
     decoded = []
-    real_load = datasets.load_image
-    monkeypatch.setattr(datasets, "load_image", lambda p, s: decoded.append(p) or real_load(p, s))
+    real_load = loaders.load_image
+    monkeypatch.setattr(loaders, "load_image", lambda p, s: decoded.append(p) or real_load(p, s))
     path = tmp_path / "cache.u8"
 
     def interrupt(done):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        datasets.build_disk_cache(odd_images, 12, path, num_workers=0, on_chunk=interrupt)
-    assert len(decoded) == 2 and not datasets.disk_cache_complete(path, len(odd_images), 12)
-    datasets.build_disk_cache(odd_images, 12, path, num_workers=0)
+        loaders.build_disk_cache(odd_images, 12, path, num_workers=0, on_chunk=interrupt)
+    assert len(decoded) == 2 and not loaders.disk_cache_complete(path, len(odd_images), 12)
+    loaders.build_disk_cache(odd_images, 12, path, num_workers=0)
     assert len(decoded) == len(odd_images)  # the first chunk was not decoded again
-    assert datasets.disk_cache_complete(path, len(odd_images), 12)
+    assert loaders.disk_cache_complete(path, len(odd_images), 12)
     pixels = np.memmap(path, dtype=np.uint8, mode="r", shape=(len(odd_images), 12, 12, 3))
     for i in range(len(odd_images)):
         np.testing.assert_array_equal(pixels[i], pil_pixels(odd_images.image_path(i), 12))
@@ -79,9 +80,9 @@ def test_the_cache_announces_its_size_and_refuses_a_short_disk(odd_images, tmp_p
     class Usage:
         free = 10_000
 
-    monkeypatch.setattr(datasets.shutil, "disk_usage", lambda path: Usage())
+    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda path: Usage())
     with pytest.raises(datasets.DataError, match="needs 0.00 GB .* only 0.00 GB are free"):
-        datasets.build_disk_cache(odd_images, 64, tmp_path / "cache.u8", num_workers=0)
+        loaders.build_disk_cache(odd_images, 64, tmp_path / "cache.u8", num_workers=0)
     assert "disk cache: 5 images x 64x64x3" in capsys.readouterr().out
     assert not (tmp_path / "cache.u8").exists()
 
@@ -257,16 +258,16 @@ def test_gpu_check_candidates_leave_the_check_as_they_found_it(monkeypatch):
     assert out == {"train_fused_adam_error": "RuntimeError: fused=True needs CUDA here"}
 
     seen = []
-    assert gpu_check.copy_stream_rates("x", lambda: seen.append(datasets.SIDE_STREAM_COPIES), torch.device("cpu"), 1)
-    assert datasets.SIDE_STREAM_COPIES is True and {True, False} == set(seen)
+    assert gpu_check.copy_stream_rates("x", lambda: seen.append(loaders.SIDE_STREAM_COPIES), torch.device("cpu"), 1)
+    assert loaders.SIDE_STREAM_COPIES is True and {True, False} == set(seen)
 
     def fails():
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(datasets, "SIDE_STREAM_COPIES", False)
+    monkeypatch.setattr(loaders, "SIDE_STREAM_COPIES", False)
     with pytest.raises(RuntimeError):
         gpu_check.copy_stream_rates("x", fails, torch.device("cpu"), 1)
-    assert datasets.SIDE_STREAM_COPIES is False
+    assert loaders.SIDE_STREAM_COPIES is False
 
 
 @pytest.mark.slow  # one main.py start (it stops at its arguments)

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import datasets
+import loaders
 import methods
 import models
 import train
@@ -80,7 +81,7 @@ def count_syncs(cfg, data, steps: int) -> tuple[list[int], collections.Counter]:
     model = models.build_model(cfg.arch, data.num_classes, use_pretrained=False).to(memory_format=torch.channels_last)
     state = methods.build_label_state(cfg, data.train, device)
     optimizer = train.build_optimizer(cfg, model, state)
-    loader = datasets.make_loader(data.train, cfg, train=True, pin_memory=False)
+    loader = loaders.make_loader(data.train, cfg, train=True, pin_memory=False)
     epoch = 3
     # One step outside the count creates the optimiser's state (its step counters live on the host on a GPU too).
     train.train_one_epoch(
@@ -148,7 +149,7 @@ class FakeStreams:
         self.side, self.current = self.Stream("side", self.log), self.Stream("current", self.log)
         self.active = [self.current]
         self.copies: set[int] = set()  # ids of the tensors the copies made
-        monkeypatch.setattr(datasets, "_copy_stream", lambda device: self.side)
+        monkeypatch.setattr(loaders, "_copy_stream", lambda device: self.side)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.active[-1])
         monkeypatch.setattr(torch.cuda, "stream", self.use)
         copy = torch.Tensor.to
@@ -187,12 +188,12 @@ def test_batches_cross_to_the_device_on_a_side_stream(monkeypatch):
     would wait for the previous step's kernels and hold back the next step's."""
     images = torch.arange(48, dtype=torch.uint8).view(2, 3, 2, 4)
     streams = FakeStreams(monkeypatch)
-    assert torch.equal(datasets.batch_to_device(images, torch.device("cpu")), images)
+    assert torch.equal(loaders.batch_to_device(images, torch.device("cpu")), images)
     assert streams.log == ["copy on side", "current waits for side", "copy kept for current"]
 
     streams.log.clear()
-    monkeypatch.setattr(datasets, "SIDE_STREAM_COPIES", False)  # the GPU check's baseline
-    datasets.batch_to_device(images, torch.device("cpu"))
+    monkeypatch.setattr(loaders, "SIDE_STREAM_COPIES", False)  # the GPU check's baseline
+    loaders.batch_to_device(images, torch.device("cpu"))
     assert streams.log == ["copy on current"]
 
 
@@ -210,11 +211,11 @@ def test_decoded_batches_cross_on_the_side_stream_too(monkeypatch, tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
     order = resize.pass_order()
-    decoded = resize.DecodedBatch.collate([datasets.decode_for_device(p, 16, order) for p in paths])
-    expected = torch.stack([torch.from_numpy(datasets.load_image(p, 16)).permute(2, 0, 1) for p in paths])
+    decoded = resize.DecodedBatch.collate([loaders.decode_for_device(p, 16, order) for p in paths])
+    expected = torch.stack([torch.from_numpy(loaders.load_image(p, 16)).permute(2, 0, 1) for p in paths])
     tensors = sum(len(g) for _, g in decoded.groups)
     streams = FakeStreams(monkeypatch)
-    images = datasets.batch_to_device(decoded, torch.device("cpu"))
+    images = loaders.batch_to_device(decoded, torch.device("cpu"))
     assert torch.equal(images, expected)
     wait = streams.log.index("current waits for side")
     assert streams.log[:wait] == ["copy on side"] * tensors
@@ -223,16 +224,16 @@ def test_decoded_batches_cross_on_the_side_stream_too(monkeypatch, tmp_path):
 
 
 def test_off_cuda_there_is_no_side_stream():
-    assert datasets._copy_stream(torch.device("cpu")) is None
+    assert loaders._copy_stream(torch.device("cpu")) is None
 
 
 def test_a_bare_cuda_device_gets_the_current_devices_stream(monkeypatch):
     """The side stream is cached per device: ``cuda`` is named ``cuda:N`` (the current device) first, so that a copy
     made after a change of the current device does not go to the stream of the one before."""
     asked = []
-    monkeypatch.setattr(datasets, "_copy_stream", lambda device: asked.append(device))  # None: no side stream
+    monkeypatch.setattr(loaders, "_copy_stream", lambda device: asked.append(device))  # None: no side stream
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    datasets.batch_to_device(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.device("cpu"))
+    loaders.batch_to_device(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.device("cpu"))
     with contextlib.suppress(RuntimeError, AssertionError):  # no CUDA here: the copy itself fails after the lookup
-        datasets.batch_to_device(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.device("cuda"))
+        loaders.batch_to_device(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.device("cuda"))
     assert asked == [torch.device("cpu"), torch.device("cuda", 3)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import datasets
+import loaders
 import losses
 import methods
 import models
@@ -18,7 +19,7 @@ def tiny_loader(synthetic_root, n=24, bsize=8):
     names = np.array([f"train/train_{i:06d}.png" for i in range(n)])
     split = datasets.Split(str(synthetic_root / "images"), names, np.zeros((n, 16)), np.zeros((n, 16)))
     return torch.utils.data.DataLoader(
-        datasets.ImageDataset(split, 32), batch_sampler=datasets.EpochBatches(n, bsize, shuffle=True, seed=0)
+        loaders.ImageDataset(split, 32), batch_sampler=loaders.EpochBatches(n, bsize, shuffle=True, seed=0)
     )
 
 

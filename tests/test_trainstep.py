@@ -9,6 +9,7 @@ from conftest import drop_timings
 
 import datasets
 import distributed
+import loaders
 import methods
 import models
 import train
@@ -127,9 +128,9 @@ def test_one_pool_of_workers_gives_each_split_the_batches_of_its_own_loader(synt
     splits = {"train": split_of(synthetic_root, 0, 10), "val": split_of(synthetic_root, 10, 6),
               "test": split_of(synthetic_root, 16, 5)}  # fmt: skip
     parts = {name: (split, name == "train", None) for name, split in splits.items()}
-    pooled = datasets.make_loaders(parts, cfg, pin_memory=False)
+    pooled = loaders.make_loaders(parts, cfg, pin_memory=False)
     assert len({id(loader.pool) for loader in pooled.values()}) == 1
-    alone = {name: datasets.make_loader(split, cfg, train=name == "train", pin_memory=False)
+    alone = {name: loaders.make_loader(split, cfg, train=name == "train", pin_memory=False)
              for name, split in splits.items()}  # fmt: skip
 
     def batches(loader):
@@ -161,7 +162,7 @@ def test_epochs_through_the_fast_step_equal_eager_epochs(synthetic_root, monkeyp
         initial = np.zeros((20, 16), dtype=np.int8)
         initial[:, 0] = 1
         state = methods.LabelState(methods.DenseLabelStore(initial, torch.device("cpu")))
-        loader = datasets.make_loader(split, cfg, train=True, pin_memory=False)
+        loader = loaders.make_loader(split, cfg, train=True, pin_memory=False)
         stats = [train.train_one_epoch(cfg, forward, loader, optimizer, state, rate=0.05, epoch=e,
                                        device=torch.device("cpu")) for e in (1, 2)]  # fmt: skip
         results.append((stats, model.state_dict(), state.observed.matrix.clone()))
