@@ -356,13 +356,30 @@ def _timm_weights_message(name: str, err: Exception) -> str:
     )
 
 
+def _check_timm_file(model: nn.Module, state: dict, path: str | Path, name: str) -> None:
+    """timm loads a file's weights leniently (keys that do not match only warn): refuse, before it does, a file whose
+    keys are not the model's, its classifier aside. Shapes are timm's to adapt (a ViT's position embeddings)."""
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    ignore = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(ignore)]
+    if missing or unexpected:
+        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in (("missing", missing),
+                 ("unexpected", unexpected)) if v]  # fmt: skip
+        raise PretrainedWeightsUnavailable(
+            f"--pretrained_path {path} does not fit timm's {name}: keys {'; '.join(parts)}. Give timm's weights of "
+            f"this model (model.safetensors from https://huggingface.co/timm/{name})."
+        )
+
+
 def _build_timm(arch: str, image_size: int | None, use_pretrained: bool, pretrained_path: str | None) -> TimmBackbone:
     name = _timm_name(arch)
     layout, _, _ = timm_feature_shape(arch, image_size)
     if use_pretrained and pretrained_path is not None:
-        if not Path(pretrained_path).is_file():
-            raise PretrainedWeightsUnavailable(f"--pretrained_path {pretrained_path}: no such file")
-        # timm's own loader: its filters (a ViT's position embeddings resized, the classifier dropped), strict keys.
+        model = _create_timm(name, image_size, pretrained=False)
+        _check_timm_file(model, _read_weights_file(pretrained_path), pretrained_path, name)
+        # timm's own loader: its filters (a ViT's position embeddings resized to the size, the classifier dropped).
         overlay = dict(file=str(pretrained_path), custom_load=False)
         try:
             model = _create_timm(name, image_size, pretrained=True, pretrained_cfg_overlay=overlay)
