@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import datasets
 import label_rules
 import methods
+import models
 from models import ARCHS, RESNETS
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -105,6 +107,7 @@ class ConfigCore:
     sync_bn: bool = True
     resume: bool = False
     debug: bool = False
+    pretrained_path: str | None = None
     from_preset: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -252,7 +255,7 @@ def _of_type(value, types: tuple) -> bool:
 def validate(cfg) -> list[str]:
     """Every rule a config must satisfy, as readable problems (empty when valid)."""
     p = []
-    choices = {"dataset": dataset_names(), "optimizer": OPTIMIZERS, "arch": ARCHS}
+    choices = {"dataset": dataset_names(), "optimizer": OPTIMIZERS}
     choices.update({selector: methods.names(kind) for kind, selector in methods.SELECTOR.items()})
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -279,6 +282,9 @@ def validate(cfg) -> list[str]:
             p.append(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
     if cfg.bsize > MAX_BATCH:
         p.append(f"--bsize must be at most {MAX_BATCH} (got {cfg.bsize})")
+    arch_problem = models.arch_problem(cfg.arch)  # the name only; parse_config looks a timm name up
+    if arch_problem:
+        p.append(arch_problem)
     low, high = IMAGE_SIZE_RANGE
     if not low <= cfg.image_size <= high:
         p.append(f"--image_size must lie in [{low}, {high}] pixels (got {cfg.image_size}): below {low} the backbones "
@@ -401,11 +407,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bsize", type=int, default=16, help="batch size")
     parser.add_argument("--num_epochs", type=int, default=None, help="epochs (default 10)")
     parser.add_argument("--lr_mult", type=float, default=10.0, help="the head's learning rate is lr * lr_mult")
-    parser.add_argument("--arch", default=None, choices=ARCHS, help="default resnet50; synthetic smallcnn")
+    parser.add_argument(
+        "--arch",
+        default=None,
+        help=f"{', '.join(ARCHS)} or timm:NAME, any timm model (pip install timm; --list_archs). Default resnet50 "
+        "(torchvision's, as the paper); synthetic smallcnn",
+    )
     parser.add_argument(
         "--use_pretrained", type=str2bool, nargs="?", const=True, default=True, help="pretrained backbone"
     )
     parser.add_argument("--pretrained_weights", default=DEFAULT_WEIGHTS, help="torchvision weights name for ResNets")
+    parser.add_argument(
+        "--pretrained_path",
+        default=None,
+        help="the backbone's pretrained weights from this local file (.safetensors or a torch state dict) instead of "
+        "a download, for a ResNet or a timm model; checked against the model's keys",
+    )
     parser.add_argument(
         "--image_size", type=int, default=None, help="resize to this square (default 448; synthetic 32)"
     )
@@ -499,6 +516,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--list_methods", action="store_true", help="print the methods, their flags and presets, and exit"
     )
     parser.add_argument(
+        "--list_archs",
+        action="store_true",
+        help="print the architectures --arch takes and how to find timm's, and exit",
+    )
+    parser.add_argument(
         "--names",
         action="store_true",
         help="with --list_methods: the table's rows for --dataset and --train_mode, one per line: row, 'table' "
@@ -565,7 +587,17 @@ def method_name(values: dict) -> str:
     for method in methods.active(values):
         if method.name_suffix is not None:
             name += method.name_suffix(values)
-    return f"{values['dataset']}_{name}{regime_name(values)}"
+    return f"{values['dataset']}_{name}{regime_name(values)}{arch_name(values)}"
+
+
+def arch_name(values: dict) -> str:
+    """The backbone in a run name: '' for the dataset's own (ResNet-50 on the real datasets), else e.g.
+    ``_timm-convnext_base.fb_in22k_ft_in1k``, ``_resnet101``."""
+    info = datasets.DATASET_INFO.get(values["dataset"])
+    arch = values.get("arch")
+    if arch is None or (info is not None and arch == info.defaults.get("arch")):
+        return ""
+    return "_" + arch.replace(":", "-").replace("/", "-")
 
 
 _MISSING = object()
@@ -607,6 +639,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values = dict(vars(args))
     values.pop("list_methods", None)
     values.pop("names", None)
+    values.pop("list_archs", None)
     dataset = values["dataset"]
     info = datasets.DATASET_INFO.get(dataset)
     if info is None:
@@ -740,6 +773,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
                      "EXTRA or extra flags must not repeat one they set themselves); give each flag once")  # fmt: skip
     if args.names and not args.list_methods:
         parser.error("--names goes with --list_methods")
+    if args.list_archs:
+        print(describe_archs(), flush=True)
+        parser.exit(0)
     if args.list_methods:
         if args.names:
             rows = table_rows(args.dataset, args.train_mode)
@@ -758,7 +794,28 @@ def parse_config(argv: list[str] | None = None) -> Config:
     unused = unused_flag_problems(cfg, set(given))
     if unused:
         parser.error("; ".join(unused))
+    try:  # before anything is written: timm installed, the name known, the image size one the model takes
+        models.check_arch(cfg.arch, cfg.image_size)
+    except models.ArchError as err:
+        parser.error(str(err))
+    if cfg.use_pretrained and cfg.pretrained_path is not None and not Path(cfg.pretrained_path).is_file():
+        parser.error(f"--pretrained_path {cfg.pretrained_path}: no such file")
     return cfg
+
+
+def describe_archs() -> str:
+    """What ``--arch`` takes, as ``--list_archs`` prints it."""
+    installed = importlib.util.find_spec("timm") is not None
+    return "\n".join([
+        "Architectures (--arch):",
+        f"  {' '.join(RESNETS)}   torchvision's ResNets (the paper: resnet50), ImageNet weights from torchvision",
+        "  smallcnn   the synthetic dataset's small CNN (its weights are made with the dataset)",
+        "  timm:NAME  any timm model, e.g. timm:convnext_base.fb_in22k_ft_in1k, timm:vit_base_patch16_224.augreg_in21k",
+        "             (the name after the dot is the pretrained tag). Find names with",
+        "             python -c \"import timm; print(timm.list_models('convnext*', pretrained=True))\"",
+        f"             timm is {'installed' if installed else 'not installed: ' + models.TIMM_INSTALL}.",
+        "Weights: downloaded (torchvision's or timm's own), or a local file with --pretrained_path; docs/backbones.md.",
+    ])  # fmt: skip
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, int]:
@@ -814,6 +871,11 @@ def ignored_settings(values: dict) -> dict[str, str]:
         )
     if not values.get("use_pretrained", True):
         ignored["pretrained_weights"] = "--pretrained_weights with --use_pretrained false loads no weights: drop one"
+        ignored["pretrained_path"] = "--pretrained_path with --use_pretrained false loads no weights: drop one"
+    elif values.get("pretrained_path") is not None:
+        ignored["pretrained_weights"] = (
+            "--pretrained_weights names torchvision's weights; --pretrained_path replaces them"
+        )
     elif (arch := values.get("arch")) not in RESNETS:
         ignored["pretrained_weights"] = (
             f"--pretrained_weights names torchvision's weights for the ResNets; --arch {arch} has its own: drop it"
@@ -825,6 +887,8 @@ def _value_without(name: str, values: dict):
     """What a run records for ``name`` when the command line does not give it."""
     if name == "pretrained_weights":
         return DEFAULT_WEIGHTS
+    if name == "pretrained_path":
+        return None
     if name in methods.preset_flags():
         return _resolve_preset(name, values)[0]
     return methods.flags()[name].default

@@ -42,7 +42,7 @@ def format_pascal(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for phase in ("train", "val"):
         names = []
         for index, name in enumerate(VOC_CLASSES):
-            for image_id, flag in _parsed(main / f"{name}_{phase}.txt", 2, lambda f: (f[0], _voc_flag(f[-1]))):
+            for image_id, flag in parsed_fields(main / f"{name}_{phase}.txt", 2, lambda f: (f[0], _voc_flag(f[-1]))):
                 if flag == 1:
                     file_name = image_id + ".jpg"
                     if file_name not in classes_of:
@@ -149,7 +149,7 @@ def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         line_of[image_id] = number
         images.append((image_id, name))
     image_row = {image_id: i for i, (image_id, _) in enumerate(images)}
-    is_train = dict(_parsed(cub / "train_test_split.txt", 2, lambda f: (int(f[0]), int(f[1]) == 1)))
+    is_train = dict(parsed_fields(cub / "train_test_split.txt", 2, lambda f: (int(f[0]), int(f[1]) == 1)))
     labels = np.full((len(images), CUB_NUM_ATTRIBUTES), -1, dtype=np.int64)
     path = cub / "attributes" / "image_attribute_labels.txt"
     for number, (image_id, attribute_id, is_present) in _parsed_lines(path, 3, lambda f: tuple(map(int, f[:3]))):
@@ -265,15 +265,15 @@ def _hex_ids(ids: np.ndarray) -> np.ndarray:
     return digits[nibbles.astype(np.int64)].view("S16").ravel()
 
 
-def _parsed(path: Path, count: int, parse: Callable[[list[str]], object]) -> Iterator:
+def parsed_fields(path: Path, count: int, parse: Callable[[list[str]], object]) -> Iterator:
     """``parse(fields)`` of each non-blank line's whitespace-separated fields; a line with fewer than ``count`` fields,
     or one ``parse`` fails on (ValueError), is a DataError naming the file and the line."""
     return (value for _, value in _parsed_lines(path, count, parse))
 
 
 def _parsed_lines(path: Path, count: int, parse: Callable[[list[str]], object], maxsplit: int = -1) -> Iterator:
-    """``(line number, parse(fields))`` as ``_parsed``; with ``maxsplit``, the line is split that many times at most
-    (the last field is the rest of the line, its inner spaces kept)."""
+    """``(line number, parse(fields))`` as ``parsed_fields``; with ``maxsplit``, the line is split that many times at
+    most (the last field is the rest of the line, its inner spaces kept)."""
     number, line = 0, ""
     try:
         for number, line in enumerate(_read_lines(path), start=1):  # noqa: B007 (the message names the line)

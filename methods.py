@@ -15,6 +15,7 @@ pseudo-labelling and LinearInit's frozen-feature phase. The loss maths stays in 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -799,9 +800,14 @@ def feature_cache_path(cfg, split: datasets.Split) -> Path:
     Kept with the files derived from the dataset (``datasets.derived_dir``: the data root, or ``--cache_dir``)."""
     if not cfg.use_pretrained:
         weights = f"scratch-seed{cfg.seed}"
-    else:
-        weights = "pretrained" if cfg.arch == "smallcnn" else cfg.pretrained_weights
-    name = f"{cfg.arch}_{weights}_{cfg.image_size}px_{loaders.split_fingerprint(split)}.npy"
+    elif getattr(cfg, "pretrained_path", None) is not None:  # a local file: named by its path, size and time
+        stat = Path(cfg.pretrained_path).stat()
+        key = f"{Path(cfg.pretrained_path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        weights = "file-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    else:  # a timm name carries its pretrained tag; a ResNet its torchvision weights
+        weights = "pretrained" if cfg.arch == "smallcnn" or models.is_timm(cfg.arch) else cfg.pretrained_weights
+    arch = cfg.arch.replace(":", "-").replace("/", "-")
+    name = f"{arch}_{weights}_{cfg.image_size}px_{loaders.split_fingerprint(split)}.npy"
     return datasets.derived_dir(cfg) / "features" / name
 
 

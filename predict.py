@@ -130,7 +130,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             f"{best_path} scores {state['head.weight'].shape[0]} classes but the run's dataset {cfg.dataset} has "
             f"{num_classes}: the file belongs to another run. Restore this run's bestmodel.pt or train it again."
         )
-    model = models.build_model(cfg.arch, num_classes, use_pretrained=False, boostlu_alpha=cfg.boostlu_alpha)
+    model = models.build_model(
+        cfg.arch, num_classes, use_pretrained=False, boostlu_alpha=cfg.boostlu_alpha, image_size=cfg.image_size
+    )
     mismatch = _state_mismatch(model.state_dict(), state)
     if mismatch:
         raise checkpoint.RunFolderError(

@@ -48,10 +48,15 @@ def dataset_order(dataset: str) -> tuple:
 
 def method_of(config_values: dict) -> str:
     """The table row of a run: e.g. ``LL-R``, ``wan``, ``LL-Ct+BoostLU`` (``methods.row_of``); a run of another
-    label regime than the paper's single positive gets a row of its own, e.g. ``LL-R [p2n1]``, ``wan [prop0.3]``,
-    which no paper number is compared with."""
-    regime = config.regime_name(config_values).lstrip("_")
-    return methods.row_of(config_values) + (f" [{regime}]" if regime else "")
+    label regime than the paper's single positive, or on another backbone than the dataset's own (ResNet-50 on the
+    real datasets), gets a row of its own, e.g. ``LL-R [p2n1]``, ``wan [prop0.3]``, ``LL-R [timm:convnext_base]``,
+    which no paper number is compared with: rows of different backbones never share a cell."""
+    tags = [config.regime_name(config_values).lstrip("_")]
+    info = datasets.DATASET_INFO.get(config_values["dataset"])
+    arch = config_values.get("arch")
+    if arch is not None and (info is None or arch != info.defaults.get("arch")):
+        tags.append(str(arch))
+    return methods.row_of(config_values) + "".join(f" [{tag}]" for tag in tags if tag)
 
 
 def _read_object(path: Path) -> tuple[dict | None, str | None]:

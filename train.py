@@ -343,6 +343,8 @@ def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
         use_pretrained=cfg.use_pretrained,
         weights_name=cfg.pretrained_weights,
         smallcnn_weights=smallcnn_weights,
+        image_size=cfg.image_size,
+        pretrained_path=cfg.pretrained_path,
         **methods.model_options(cfg),
     )
 
@@ -636,7 +638,7 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
     forward = model
     if ctx.enabled:
         if device.type == "cuda" and cfg.sync_bn:
-            forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward)
+            forward = models.convert_sync_batchnorm(forward)  # timm's BatchNorm+activation layers kept whole
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -718,7 +720,7 @@ def check_last_batch(cfg: Config, data: datasets.Data, ctx: distributed.Context)
     shares = distributed.share_sizes(last, ctx.world) if ctx.enabled else [last]
     if 1 not in shares:
         return
-    probe = models.build_model(cfg.arch, data.num_classes, use_pretrained=False).train()
+    probe = models.build_model(cfg.arch, data.num_classes, use_pretrained=False, image_size=cfg.image_size).train()
     try:
         with torch.no_grad():
             probe(torch.zeros((1, 3, cfg.image_size, cfg.image_size)))
