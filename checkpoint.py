@@ -38,6 +38,8 @@ class RunFolder:
     resume_from: dict | None = None  # the checkpoint to resume from, if any
     resume_file: Path | None = None  # the file it was read from (checkpoint.pt, or checkpoint_prev.pt)
     lock: files.Lock | None = None  # held for the whole run (by the first process under torchrun)
+    logged: list[str] = dataclasses.field(default_factory=list)  # the log.jsonl lines the resumed checkpoint covers
+    log_note: str | None = None  # why log.jsonl is rewritten from the checkpoint on resume (missing, cut, ...)
 
     @property
     def log(self) -> Path:
@@ -97,7 +99,11 @@ def _folder_error(path: Path, cfg, err: OSError) -> RunFolderError:
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"--save_path {cfg.save_path} is not writable here: choose a writable --save_path"
     elif err.errno == errno.ENOSPC:
-        fix = "the disk is full: free some space or choose another --save_path"
+        written = getattr(err, "path", None)
+        return RunFolderError(
+            f"Cannot write {written or path}: the disk is full. Nothing half-written was left in {path} (files are "
+            "replaced whole): free some space and run the same command again, or choose another --save_path."
+        )
     else:
         fix = "check --save_path and --exp_name"
     return RunFolderError(f"Cannot create or write the run folder {path} ({reason}): {fix}.")
@@ -146,21 +152,24 @@ def _contents(path: Path) -> list[Path]:
 # What a run writes into its folder before it trains: a folder holding only these (its lock free: no process works in
 # it) is a run that stopped during its setup (weights unavailable, a bad image, ...), with nothing to lose or resume.
 STARTED_ONLY = frozenset({"config.json", "data.json"})
+# The temporary files of those two writes (files.write_atomic), which a process killed mid-write leaves behind.
+LEFT_BY_A_FAILED_WRITE = frozenset({"config.json.tmp", "data.json.tmp"})
 
 
 def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, writer: bool) -> RunFolder:
     config_path = path / "config.json"
-    contents = {p.name for p in _contents(path)}
-    if contents <= STARTED_ONLY and (not contents or resume or (writer and _a_run_config(config_path))):
+    contents = {p.name for p in _contents(path)} - LEFT_BY_A_FAILED_WRITE
+    ours = _a_run_config(config_path) or (contents == {"data.json"} and _a_data_record(path / "data.json"))
+    if contents <= STARTED_ONLY and (not contents or resume or (writer and ours)):
         if resume:
             why = " (its run stopped before it trained)" if contents else ""
             raise RunFolderError(f"--resume: there is no run to resume in {path}{why}. Drop --resume to start it.")
         if contents:
             print(f"The run folder {path} holds a run that stopped before it trained (its config only); it starts "
                   "afresh with these flags.", flush=True)  # fmt: skip
-        if writer:
-            _write_data_json(path, cfg, fingerprint)
+        if writer:  # config.json first: a folder holding it is recognised as this tool's on the next try
             files.write_text_atomic(config_path, cfg.to_json() + "\n")
+            _write_data_json(path, cfg, fingerprint)
         return RunFolder(path)
     if not config_path.exists():
         raise RunFolderError(
@@ -185,6 +194,7 @@ def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, write
     saved, used = _usable_checkpoint(path, cfg, not_training, defaults, writer)
     if resume and saved is None:
         raise RunFolderError(f"--resume: {path} holds no readable checkpoint yet. Drop --resume to start the run over.")
+    logged, note = _logged_lines(path, saved) if saved is not None else ([], None)
     if saved is not None:
         best_epoch = saved.get("progress", {}).get("best_epoch", 0)
         if best_epoch and not (path / "bestmodel.pt").exists():
@@ -194,13 +204,24 @@ def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, write
                 "run the same command again to resume, or move the run folder away (or use another --exp_name) to "
                 "start over."
             )
-    return RunFolder(path, resume_from=saved, resume_file=used)
+        if best_epoch and writer:  # read now, not after the remaining epochs, when the test needs it
+            load_best_model(path / "bestmodel.pt", best_epoch)
+    return RunFolder(path, resume_from=saved, resume_file=used, logged=logged, log_note=note)
 
 
 def _a_run_config(path: Path) -> bool:
     """``path`` holds a config a run wrote (a JSON object with a dataset); a damaged one is reported, not replaced."""
     try:
         return "dataset" in _read_json(path, "")
+    except (OSError, RunFolderError):
+        return False
+
+
+def _a_data_record(path: Path) -> bool:
+    """``path`` is a data.json this tool wrote (a version that wrote it before config.json left it alone when the
+    disk filled up while writing config.json)."""
+    try:
+        return {"data_root", "fingerprint"} <= set(_read_json(path, ""))
     except (OSError, RunFolderError):
         return False
 
@@ -259,6 +280,8 @@ def _usable_checkpoint(path: Path, cfg, not_training, defaults: dict, writer: bo
             payload = torch.load(file, map_location="cpu", weights_only=True)
             if not isinstance(payload, dict) or not {"progress", "model", "optimizer"} <= set(payload):
                 raise ValueError("it does not hold a training checkpoint")
+        except PermissionError as err:  # not damaged: this user may not read it
+            raise RunFolderError(permission_message(file, err, "resume the run")) from None
         except Exception as err:  # truncated or corrupt: any unpickling or zip error
             skipped.append(f"{name} cannot be read ({type(err).__name__}: {str(err).strip()[:300]})")
             continue
@@ -300,9 +323,101 @@ def save_checkpoint(state: dict, folder: Path) -> None:
     os.replace(tmp, path)
 
 
-def truncate_log(path: Path, lines: int) -> None:
-    """Keep the first ``lines`` lines of ``log.jsonl``: the epochs the checkpoint holds (a later line belongs to an
-    epoch that will run again)."""
-    if path.exists():
-        kept = path.read_text().splitlines(keepends=True)[:lines]
-        files.write_text_atomic(path, "".join(kept))
+def permission_message(path: Path, err: OSError, then: str) -> str:
+    """A file this user may not read (or write): a permission problem, not a damaged file; who owns it and what to
+    do."""
+    try:
+        st = path.stat()
+        owner = f" (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}; this process runs as uid {os.getuid()})"
+    except OSError:
+        owner = ""
+    return (
+        f"{path} cannot be read: permission denied{owner}. The file is not damaged; this user may not read it. Give "
+        f"read permission (chmod u+r {path}, or run as its owner) and run the same command again to {then}."
+    )
+
+
+def load_best_model(path: Path, best_epoch: int, map_location="cpu") -> dict:
+    """``bestmodel.pt``, the best-val weights the test is scored with (``weights_only``). RunFolderError when this
+    user may not read it (a permission problem) or it is damaged (what to do: put back a good copy, or start over)."""
+    try:
+        best = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(best, dict) or not isinstance(best.get("model"), dict):
+            raise ValueError("it holds no model weights")
+    except PermissionError as err:
+        raise RunFolderError(permission_message(path, err, "resume the run")) from None
+    except FileNotFoundError:
+        raise RunFolderError(
+            f"{path} is missing: it held the best weights (epoch {best_epoch}), which the test is scored with. Put it "
+            "back and run the same command again, or move the run folder away (or use another --exp_name) to start "
+            "over."
+        ) from None
+    except Exception as err:  # truncated or corrupt: any unpickling, zip or read error
+        raise RunFolderError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).strip()[:200]}): it is damaged, and it holds the "
+            f"best weights (epoch {best_epoch}), which the test is scored with and no checkpoint keeps. Put back a "
+            "good copy and run the same command again, or move the run folder away (or use another --exp_name) to "
+            "train the run anew."
+        ) from None
+    return best
+
+
+def log_lines_of(payload: dict) -> list[str] | None:
+    """The log.jsonl lines a checkpoint covers, or None for a checkpoint of a version that did not carry them."""
+    lines = payload.get("log")
+    count = payload.get("progress", {}).get("log_lines")
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines) or len(lines) != count:
+        return None
+    return lines
+
+
+def _complete_lines(path: Path) -> tuple[list[str], str | None]:
+    """The complete lines of ``log.jsonl`` (each ended by a newline and a JSON object), and what is wrong after them
+    (None: nothing)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return [], "it is missing"
+    except (OSError, UnicodeDecodeError) as err:
+        return [], f"it cannot be read ({err})"
+    lines = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if number > text.count("\n"):  # the part after the last newline
+            return lines, f"its line {number} was cut short" if line else None
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError
+        except ValueError:
+            return lines, f"its line {number} is damaged"
+        lines.append(line + "\n")
+    return lines, None
+
+
+def _logged_lines(path: Path, payload: dict) -> tuple[list[str], str | None]:
+    """The log lines to resume with: those the checkpoint carries (log.jsonl is rewritten from them when it differs:
+    deleted, cut, damaged, or holding epochs that run again), or, for a checkpoint of an older version that does not
+    carry them, the file's first lines when they are whole. Else a RunFolderError: the record would have a gap."""
+    log = path / "log.jsonl"
+    count = payload.get("progress", {}).get("log_lines", 0)
+    lines, problem = _complete_lines(log)
+    carried = log_lines_of(payload)
+    if carried is not None:
+        carried = [line if line.endswith("\n") else line + "\n" for line in carried]
+        if lines[:count] == carried:
+            return carried, None
+        why = problem or ("it differs from the checkpoint's record" if len(lines) >= count else
+                          f"it holds {len(lines)} of the {count} lines the checkpoint covers")  # fmt: skip
+        return carried, f"note: {log}: {why}; rebuilt from the checkpoint ({count} lines)"
+    if len(lines) >= count:
+        return lines[:count], None
+    why = problem or f"it holds {len(lines)} of the {count} lines the checkpoint covers"
+    raise RunFolderError(
+        f"{log} is not whole: {why}. The checkpoint was written by an older version that does not carry the log's "
+        "lines, so they cannot be rebuilt, and resuming would leave a log with a gap. Put back the whole log.jsonl "
+        "and run the same command again, or move the run folder away (or use another --exp_name) to start over."
+    )
+
+
+def write_log(path: Path, lines: list[str]) -> None:
+    """Write ``log.jsonl`` whole (atomically) from its lines: a line is never appended onto a cut one."""
+    files.write_text_atomic(path, "".join(lines))

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ import models
 from models import ARCHS, RESNETS
 
 REPO_DIR = Path(__file__).resolve().parent
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("auto", "bf16", "fp32")
 CACHES = ("none", "disk")
@@ -274,6 +276,7 @@ def validate(cfg) -> list[str]:
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             p.append(f"--{field.name} must be a finite number (got {' '.join(str(v) for v in numbers)})")
+    p += _float32_problems(cfg)
     for name in ("lr", "lr_mult"):
         if not getattr(cfg, name) > 0:
             p.append(f"--{name} must be positive (got {getattr(cfg, name)})")
@@ -323,6 +326,37 @@ def validate(cfg) -> list[str]:
     for method in used:
         if method.validate is not None:
             p += method.validate(cfg)
+    return p
+
+
+# Float settings read in float64 only (split fractions, the rate's percentages): the float32 check does not apply.
+FLOAT64_SETTINGS = frozenset({"val_frac", "ss_frac_train", "ss_frac_val", "label_proportion", "delta_rel"})
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it a value loses its digits, then is 0
+
+
+def _float32_problems(cfg) -> list[str]:
+    """Float settings that are finite in Python's float64 but not usable in the float32 that training computes in
+    (the learning rates scale float32 gradients, the methods' constants enter float32 losses): ``--lr 1e39`` is inf
+    there, ``--gr_q2 1e-300`` is 0. ``lr * lr_mult`` (the head's rate) too."""
+    p = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        floats = [v for v in numbers if isinstance(v, float) and math.isfinite(v)]
+        if field.name in FLOAT64_SETTINGS or not floats:
+            continue
+        shown = " ".join(f"{v:g}" for v in numbers)
+        if any(abs(v) > FLOAT32_MAX for v in floats):
+            p.append(f"--{field.name} {shown} is infinite in float32, the precision training computes in: give a "
+                     f"value of magnitude at most {FLOAT32_MAX:.4g}")  # fmt: skip
+        elif any(0 < abs(v) < FLOAT32_TINY for v in floats):
+            p.append(f"--{field.name} {shown} is 0 (or loses its digits) in float32, the precision training computes "
+                     f"in: give 0 or a value of magnitude at least {FLOAT32_TINY:.4g}")  # fmt: skip
+    head = cfg.lr * cfg.lr_mult if math.isfinite(cfg.lr) and math.isfinite(cfg.lr_mult) else 0.0
+    if not p and abs(head) > FLOAT32_MAX:
+        p.append(f"--lr {cfg.lr:g} times --lr_mult {cfg.lr_mult:g} (the head's learning rate) is infinite in float32: "
+                 "lower one of them")  # fmt: skip
     return p
 
 
@@ -393,6 +427,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         allow_abbrev=False,  # a flag is named in full: --mod is no silent --mod_scheme, and repeats can be told apart
     )
+    # argparse takes only -5 and -.5 for negative numbers and reads -1e308 or -2.5e0 as an option: a pair flag
+    # (--gr_w -1e308 2) then says "expected 2 arguments". Every float spelling is a number (no flag starts so).
+    parser._negative_number_matcher = NEGATIVE_NUMBER
     parser.add_argument("--dataset", default="synthetic", choices=dataset_names())
     parser.add_argument(
         "--mod_scheme",
@@ -633,6 +670,12 @@ def _resolve_preset(name: str, values: dict) -> tuple[Any, bool]:
     return flag.default, False
 
 
+def default_exp_name(values: dict) -> str:
+    """``<method name>_s<seed>_<time>-<pid>``: the process id keeps apart runs started in the same second (a sweep's
+    parallel runs without --exp_name), which would otherwise share a folder and all but one be refused."""
+    return f"{method_name(values)}_s{values['seed']}_{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Resolve presets and defaults, then build (and so validate) the frozen config."""
     _ensure_current()
@@ -671,8 +714,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if values["data_root"] is None:
         values["data_root"] = str(REPO_DIR / "data" / dataset)
     if values["exp_name"] is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        values["exp_name"] = f"{method_name(values)}_s{values['seed']}_{stamp}"
+        values["exp_name"] = default_exp_name(values)
     return Config(**values)
 
 

@@ -343,6 +343,9 @@ def load_formatted(
         fix = _formatted_fix(dataset, root, [images_path, labels_path])
         labels = label_rules.load_npy(labels_path, fix)
         _check_labels(labels_path, labels, len(images), info.num_classes, (0, 1), fix)
+        if phase == "train" and not labels.any():  # every observed label drawn from it would be unknown or negative
+            raise DataError(f"{labels_path} holds no positive label among its {len(labels)} training images: it is "
+                            f"damaged or not this dataset's labels file. {fix}")  # fmt: skip
         obs_name = regime.file(phase)
         observed = _existing_observed(find_file(obs_name, root, derived), labels)
         if observed is None:
@@ -397,6 +400,7 @@ def repeated_name(names_of: Mapping[str, np.ndarray]) -> tuple[str, list[tuple[s
     arrays = [np.asarray(names_of[phase]) for phase in phases]
     if len({a.dtype.kind for a in arrays}) > 1:  # str and bytes mixed: compare as str
         arrays = [a if a.dtype.kind == "U" else np.char.decode(a, "utf-8", "replace") for a in arrays]
+    arrays = [normalised_names(a) for a in arrays]  # files, not spellings: train/./x.png is train/x.png
     if all(len(a) < 2 or bool((a[1:] > a[:-1]).all()) for a in arrays):
         bounds = sorted((a[0], a[-1]) for a in arrays if len(a))
         if all(high < low for (_, high), (low, _) in zip(bounds, bounds[1:], strict=False)):
@@ -413,6 +417,26 @@ def repeated_name(names_of: Mapping[str, np.ndarray]) -> tuple[str, list[tuple[s
     name = values[pick]
     name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
     return name, [(phases[w], int(r - starts[w])) for w, r in zip(where, rows, strict=True)]
+
+
+def normalised_names(names: np.ndarray) -> np.ndarray:
+    """Image names as the files they name: ``os.path.normpath`` of each name that a different spelling could hide
+    (``./``, ``..``, ``//``, a trailing ``/``), so that ``train/./x.png`` and ``train/x.png`` compare equal. Names
+    already normal (all of the official files') are kept as they are: one vectorised scan of the array."""
+    names = np.asarray(names)
+    if names.dtype.kind not in "US" or not names.size:
+        return names
+    dot, slash = ("/.", "//") if names.dtype.kind == "U" else (b"/.", b"//")
+    start, end = ("." if names.dtype.kind == "U" else b"."), ("/" if names.dtype.kind == "U" else b"/")
+    odd = np.strings.find(names, dot) >= 0
+    odd |= np.strings.find(names, slash) >= 0
+    odd |= np.strings.startswith(names, start) | np.strings.endswith(names, end)
+    if not odd.any():
+        return names
+    out = names.copy()
+    for i in np.flatnonzero(odd):
+        out[i] = os.path.normpath(names[i].item())
+    return out
 
 
 def _existing_observed(path: Path, labels: np.ndarray) -> np.ndarray | None:

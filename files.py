@@ -13,6 +13,7 @@ import errno
 import fcntl
 import gc
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -22,9 +23,33 @@ import numpy as np
 import torch
 
 
+class DiskFull(OSError):
+    """A file could not be written because its disk is full (``errno.ENOSPC``); ``path`` is the file. Nothing was
+    replaced: the file that was there before (if any) is intact."""
+
+    def __init__(self, path: Path, detail: str = "the disk is full") -> None:
+        super().__init__(errno.ENOSPC, f"could not write {path}: {detail}")
+        self.path = Path(path)
+
+
+# torch.save reports a failed write of its zip container as a RuntimeError ("[enforce fail at inline_container.cc:...]
+# PytorchStreamWriter failed writing file data/0: file write failed"), not as an OSError: a full disk, in practice.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "inline_container.cc")
+_NEARLY_FULL = 64 * 2**20  # bytes free below which a write that failed without an errno is taken for a full disk
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes free for this user on ``folder``'s file system (0 when it cannot be asked)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
 def write_atomic(path: Path, write) -> None:
     """Call ``write(f)`` on a temporary file beside ``path`` and rename it into place once it is on disk. On an
-    ``OSError`` (e.g. a full disk) the temporary file is removed, ``path`` is untouched and the error names ``path``."""
+    ``OSError`` (e.g. a full disk), or torch's RuntimeError for a write that failed, the temporary file is removed,
+    ``path`` is untouched and the error names ``path``: :class:`DiskFull` for a full disk, else an ``OSError``."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -32,11 +57,20 @@ def write_atomic(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        torch_failed = isinstance(err, RuntimeError) and any(m in str(err) for m in _TORCH_WRITE_FAILED)
+        if isinstance(err, RuntimeError) and not torch_failed:
+            raise
+        free = free_bytes(path.parent)  # measured before the temporary file gives its space back
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise OSError(err.errno, f"could not write {path}: {reason}") from err
+        if (not torch_failed and err.errno == errno.ENOSPC) or (torch_failed and free < _NEARLY_FULL):
+            raise DiskFull(path) from err
+        if torch_failed:
+            detail = str(err).strip().splitlines()[-1][:200]
+            raise OSError(errno.EIO, f"could not write {path}: torch could not write it ({detail}); "
+                                     f"{free / 2**20:.0f} MiB free there") from err  # fmt: skip
+        raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
     os.replace(tmp, path)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -37,7 +38,7 @@ import models
 import resize
 import synthetic  # noqa: F401  registers the synthetic generator and backbone with datasets (which never imports it)
 import trainstep
-from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config, ignored_settings
+from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config, get_args_parser, ignored_settings
 
 EARLY_STOP_DROP = 3.0  # stop when val mAP falls more than this many points below the best so far (official rule)
 CHECK_EVERY = 25  # steps between host-side checks of the running loss (and, under torchrun, of a stop request)
@@ -103,7 +104,42 @@ def build_optimizer(
     return methods.make_optimizer(cfg, groups)
 
 
-def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None) -> None:
+def divergence_flags(cfg: Config) -> list[str]:
+    """The settings that can make this run's loss NaN or infinite: the learning rates, and the float constants of the
+    loss and the modifiers in use (GR Loss's, BoostLU's alpha, EM's alpha, ...). A scheme's rate only selects
+    entries, so it is not one of them."""
+    names = ["lr", "lr_mult"]
+    for method in methods.active(cfg):
+        if method.kind != methods.SCHEME:
+            names += [flag.name for flag in method.flags if flag.type is float and flag.name not in names]
+    return names
+
+
+def divergence_message(cfg: Config, epoch: int, step: int) -> str:
+    """What a non-finite loss says: where, the settings that can cause it with their values (those given on the
+    command line first), and what to do."""
+    flags = {name: getattr(cfg, name) for name in divergence_flags(cfg)}
+    parser = get_args_parser()  # its defaults: a value that differs and is no preset was given on the command line
+    given = [n for n in flags if n not in cfg.from_preset and _as_given(flags[n]) != parser.get_default(n)]
+
+    def shown(name: str) -> str:
+        value = flags[name]
+        return f"--{name} {' '.join(f'{v:g}' for v in value) if isinstance(value, tuple) else f'{value:g}'}"
+
+    first = f"; set on the command line: {', '.join(shown(n) for n in given)}" if given else ""
+    return (
+        f"The training loss became NaN or infinite at epoch {epoch}, by step {step}. The settings that can cause it "
+        f"in this run: {', '.join(shown(n) for n in flags)}{first}. Bring a learning rate down, or a method constant "
+        "back toward its preset (python main.py --list_methods lists them), or check the data for corrupt labels; "
+        "then start again under another --exp_name."
+    )
+
+
+def _as_given(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None, cfg: Config | None = None) -> None:
     """The periodic host check: a non-finite loss stops the run; a stop request stops it at this safe point (agreed
     by every process, so none waits for another in a collective)."""
     requested = float(bool(stop and stop.requested))
@@ -111,6 +147,8 @@ def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None) -> Non
     flags = torch.stack([loss_sum.detach().double(), torch.full_like(loss_sum, requested, dtype=torch.float64)])
     loss, stop_flag = distributed.all_sum(flags, ctx).tolist()  # synchronises: the host waits for the device here
     if not math.isfinite(loss):
+        if cfg is not None:
+            raise TrainingError(divergence_message(cfg, epoch, step))
         raise TrainingError(
             f"The training loss became NaN or infinite at epoch {epoch}, by step {step}. "
             "Lower --lr (or check the data for corrupt labels) and start again under another --exp_name."
@@ -185,7 +223,7 @@ def train_one_epoch(
         loss_sum += loss.detach() / ctx.world
         num_selected += corrected.sum()
         if step % CHECK_EVERY == 0 or step == num_batches:
-            _periodic_check(loss_sum, epoch, step, ctx, stop)  # synchronises: the loop's one host read-back
+            _periodic_check(loss_sum, epoch, step, ctx, stop, cfg)  # synchronises: the loop's one host read-back
     state.observed.end_epoch()
     loss_sum = distributed.all_sum(loss_sum, ctx)
     stats = {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
@@ -398,9 +436,13 @@ class Progress:
     log_lines: int = 0  # lines of log.jsonl written up to this point
 
 
-def checkpoint_payload(cfg, model, optimizer, state: methods.LabelState, progress: Progress) -> dict:
+def checkpoint_payload(
+    cfg, model, optimizer, state: methods.LabelState, progress: Progress, log: list[str] | None = None
+) -> dict:
+    """What a checkpoint holds; ``log``: the log.jsonl lines it covers, from which a lost or cut log is rebuilt."""
     payload = {
         "progress": asdict(progress),
+        "log": list(log) if log is not None else [],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "labels": state.checkpoint(),
@@ -434,7 +476,12 @@ def run(cfg: Config) -> dict:
     """
     ctx = distributed.setup(use_cuda=cfg.device != "cpu" and torch.cuda.is_available())
     try:
-        final = _run(cfg, ctx)
+        try:
+            final = _run(cfg, ctx)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise disk_full_error(err) from None
         distributed.finish(ctx)
         return final
     finally:
@@ -458,17 +505,25 @@ class Session:
     stop: StopRequest = field(default_factory=StopRequest)
     forward: torch.nn.Module | None = None  # what the loop calls: the model, or its DDP / compiled wrapper
     optimizer: torch.optim.Optimizer | None = None
+    log_lines: list[str] = field(default_factory=list)  # log.jsonl's lines so far; each checkpoint carries them
+    progress_saved: int = 0  # the epoch of the last checkpoint on disk
 
     def log(self, record: dict) -> None:
-        """Append an epoch's line to log.jsonl (first process) and print it."""
+        """Add an epoch's line to log.jsonl (first process) and print it. The file is written whole from the lines
+        kept here (atomically): a line never lands on a cut one, and a full disk leaves the previous file."""
         self.progress.log_lines += 1
+        self.log_lines.append(json.dumps(record) + "\n")
         if not self.ctx.is_main:
             return
-        with open(self.folder.log, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _save(checkpoint.write_log, self.folder.log, self.log_lines, kept=self.kept())
         extra = f"  selected {record['num_selected']:6d}" if "num_selected" in record else ""
         print(f"{record['phase']:10s} epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}{extra}"
               f"  val mAP {record['val_map']:6.2f}")  # fmt: skip
+
+    def kept(self) -> str:
+        """What the run folder keeps when a write fails: the last checkpoint's epoch, for the message."""
+        saved = self.progress_saved
+        return f"the checkpoint of epoch {saved}" if saved else "no checkpoint yet (the run starts over)"
 
 
 def _run(cfg: Config, ctx: distributed.Context) -> dict:
@@ -542,23 +597,26 @@ def _run_in_folder(cfg: Config, ctx, device, data: datasets.Data, folder: checkp
 def _prepare_and_train(s: Session) -> None:
     """LinearInit's first phase or the resumed state, then the end-to-end epochs."""
     if s.folder.resume_from is None and methods.before_training_hooks(s.cfg):
-        if s.ctx.is_main:
-            checkpoint.truncate_log(s.folder.log, 0)  # an unfinished first phase runs again from its start
+        if s.ctx.is_main and s.folder.log.exists():
+            _save(checkpoint.write_log, s.folder.log, [], kept=s.kept())  # an unfinished first phase runs again
         methods.before_training(s, lambda scores: _scores_map(scores, eval_labels(s.data.val, s.device)))
     s.optimizer = build_optimizer(s.cfg, s.model, s.state)
     if s.folder.resume_from is not None:
         s.progress = restore(s.folder.resume_from, s.model, s.optimizer, s.state)
+        s.log_lines, s.progress_saved = list(s.folder.logged), s.progress.epoch
         if s.ctx.is_main:
+            if s.folder.log_note:
+                print(s.folder.log_note)
             print(f"resuming after epoch {s.progress.epoch} from {s.folder.resume_file}")
-    if s.ctx.is_main:
-        checkpoint.truncate_log(s.folder.log, s.progress.log_lines)  # lines of epochs that will run again
+    if s.ctx.is_main and (s.log_lines or s.folder.log.exists()):  # drops the lines of epochs that will run again
+        _save(checkpoint.write_log, s.folder.log, s.log_lines, kept=s.kept())
     s.forward = wrap_model(s.cfg, s.model, s.device, s.ctx)
     _train_epochs(s)
 
 
 def test_best_model(s: Session) -> dict:
     """Load the best-val weights into the model and score them on the test split."""
-    best = torch.load(s.folder.path / "bestmodel.pt", map_location=s.device, weights_only=True)
+    best = checkpoint.load_best_model(s.folder.path / "bestmodel.pt", s.progress.best_epoch, map_location=s.device)
     s.model.load_state_dict(best["model"])
     labels = eval_labels(s.data.test, s.device)
     start = time.time()
@@ -594,7 +652,9 @@ def write_final(test: dict, s: Session, seconds: float) -> dict:
     if s.ctx.enabled:
         final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(s.state, s.ctx)
     if s.ctx.is_main:
-        files.write_text_atomic(s.folder.path / "final.json", json.dumps(final, indent=2) + "\n")
+        kept = "every checkpoint and bestmodel.pt"
+        _save(files.write_text_atomic, s.folder.path / "final.json", json.dumps(final, indent=2) + "\n", kept=kept,
+              then="score the best weights on test again")  # fmt: skip
         groups = "".join(f", {g} {'-' if m is None else f'{m:.2f}'}" for g, m in test.get("group_map", {}).items())
         print(f"test mAP {test['map']:.2f}{groups} (best val mAP {progress.best_val_map:.2f} at epoch "
               f"{progress.best_epoch}); {s.folder.path}")  # fmt: skip
@@ -691,15 +751,17 @@ def _train_epochs(s: Session) -> None:
         if val_map > progress.best_val_map:
             progress.best_val_map, progress.best_epoch = val_map, epoch
             if s.ctx.is_main:
-                _save(files.save_torch_atomic, best_model_payload(s, epoch, val_map), s.folder.path / "bestmodel.pt")
+                _save(files.save_torch_atomic, best_model_payload(s, epoch, val_map), s.folder.path / "bestmodel.pt",
+                      kept=s.kept() + " and the bestmodel.pt it points at")  # fmt: skip
         elif progress.best_val_map - val_map > EARLY_STOP_DROP:
             if s.ctx.is_main:
                 print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below "
                       f"{progress.best_val_map:.2f}")  # fmt: skip
             progress.early_stopped = True
         if s.ctx.is_main:
-            payload = checkpoint_payload(cfg, s.model, s.optimizer, s.state, progress)
-            _save(checkpoint.save_checkpoint, payload, s.folder.path)
+            payload = checkpoint_payload(cfg, s.model, s.optimizer, s.state, progress, log=s.log_lines)
+            _save(checkpoint.save_checkpoint, payload, s.folder.path, kept=s.kept())
+        s.progress_saved = epoch
         distributed.barrier(s.ctx)
         s.stop.check()
 
@@ -733,11 +795,24 @@ def check_last_batch(cfg: Config, data: datasets.Data, ctx: distributed.Context)
         ) from None
 
 
-def _save(write, *args) -> None:
+def _save(write, *args, kept: str, then: str = "resume from it") -> None:
+    """``write(*args)``; a file that cannot be written (a full disk) stops the run with one message: what could not
+    be written, what the run folder keeps (``kept``), and that the same command goes on once there is space."""
     try:
         write(*args)
     except OSError as err:
+        fix = "free some space" if err.errno == errno.ENOSPC else "fix that"
         raise TrainingError(
-            f"{err.strerror}. The checkpoints already in the run folder are intact: free some space and run the same "
-            "command again to resume from the last one."
+            f"{err.strerror or err}. The run folder keeps {kept}, intact: {fix} and run the same command again to "
+            f"{then}."
         ) from None
+
+
+def disk_full_error(err: OSError) -> TrainingError:
+    """A full disk outside the run folder's own writes (formatted data, observed labels, caches): one message."""
+    where = getattr(err, "path", None) or err.filename
+    return TrainingError(
+        f"The disk is full: could not write {where or 'a file'} ({err.strerror or err}). Every file written so far is "
+        "complete (files are replaced whole, never half-written): free some space there and run the same command "
+        "again to continue; an unfinished run resumes from its last checkpoint."
+    )

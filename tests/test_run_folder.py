@@ -33,7 +33,8 @@ def write_checkpoint(cfg, name: str, epoch: int, best_epoch: int | None = None, 
     progress = {"epoch": epoch, "best_val_map": 50.0, "best_epoch": epoch if best_epoch is None else best_epoch,
                 "early_stopped": False, "log_lines": epoch}  # fmt: skip
     payload = {"progress": progress, "model": {}, "optimizer": {}, "labels": {}, "rng": {},
-               "config": {**cfg.to_dict(), **config_changes}}  # fmt: skip
+               "config": {**cfg.to_dict(), **config_changes},
+               "log": [json.dumps({"epoch": e}) + "\n" for e in range(1, epoch + 1)]}  # fmt: skip
     torch.save(payload, cfg.run_dir / name)
 
 
