@@ -81,7 +81,9 @@ def aevlp_pseudo_labels(
     gate = highest > at_positive.clamp(max=eta)
     score = (whole + torch.where(gate, highest, lowest)) / 2
     top = score.topk(min(top_k, score.shape[-1]), dim=-1)
-    labels = torch.zeros_like(score, dtype=torch.int8).scatter(-1, top.indices, (top.values >= threshold).to(torch.int8))
+    labels = torch.zeros_like(score, dtype=torch.int8).scatter(
+        -1, top.indices, (top.values >= threshold).to(torch.int8)
+    )
     negatives = _lowest((whole + mean) / 2, int(negative_ratio * score.shape[-1]))
     return labels.masked_fill(negatives, -1)
 
@@ -113,7 +115,9 @@ def vlpl_loss(
     entropy = p * neg_log(p) + (1 - p) * neg_log(1 - p)
     towards_positive = beta_pos * (VLPL_SMOOTHING * neg_log(p) + (1 - VLPL_SMOOTHING) * neg_log(1 - p))
     towards_negative = beta_neg * ((1 - VLPL_SMOOTHING) * neg_log(p) + VLPL_SMOOTHING * neg_log(1 - p))
-    unobserved = torch.where(pseudo == 1, towards_positive, torch.where(pseudo == -1, towards_negative, -alpha * entropy))
+    unobserved = torch.where(
+        pseudo == 1, towards_positive, torch.where(pseudo == -1, towards_negative, -alpha * entropy)
+    )
     matrix = torch.where(observed == 0, unobserved, losses._positive_and_negative_terms(p, observed))
     return losses._reduce(matrix, reduce)
 

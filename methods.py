@@ -1269,8 +1269,8 @@ def _vlp_rules(cfg) -> list[str]:
     if standin and not synthetic:
         entry = REGISTRY[cfg.loss]
         scorer = for_dataset(entry.presets["vlp_clip"], cfg.dataset)
-        problems.append(f"--vlp_clip standin is the synthetic data's stand-in scorer; on {cfg.dataset} the pseudo-labels "
-                        f"come from a CLIP (the paper's: --vlp_clip {scorer})")  # fmt: skip
+        problems.append(f"--vlp_clip standin is the synthetic data's stand-in scorer; on {cfg.dataset} the "
+                        f"pseudo-labels come from a CLIP (the paper's: --vlp_clip {scorer})")  # fmt: skip
     if cfg.train_mode == "linear_init":
         problems.append(f"--loss {cfg.loss} is not offered with --train_mode linear_init (the papers train end to end)")
     return problems
@@ -1349,7 +1349,7 @@ def _aevlp_loss(b: LossInputs) -> torch.Tensor:
 _AEVLP_SLOPE = {"pascal": (0.0, 2.0), "coco": (0.0, 10.0), "nuswide": (0.0, 10.0), "cub": (0.0, 10.0)}
 register(
     Method(
-        "aevlp", LOSS, title="AEVLP", summary="GR Loss plus CLIP pseudo-labels over a crop grid (Tran et al., ICCV 2025)",
+        "aevlp", LOSS, title="AEVLP", summary="GR Loss plus CLIP pseudo-labels, crop grid (Tran et al., ICCV 2025)",
         flags=(*_VLP_FLAGS, *_GR_FLAGS, EXPECTED_NUM_POS,
                Flag("aevlp_top_k", int, 3, "AEVLP: most positive pseudo-labels per image (default: preset)",
                     check=lambda v: None if v >= 1 else f"--aevlp_top_k must be >= 1 (got {v})"),

@@ -72,7 +72,9 @@ def done_path(path: Path) -> Path:
     return path.with_name(path.stem + ".done.npy")
 
 
-def make_command(dataset: str, scorer: str, grid: int, data_root: str | None = None, cache_dir: str | None = None) -> str:
+def make_command(
+    dataset: str, scorer: str, grid: int, data_root: str | None = None, cache_dir: str | None = None
+) -> str:
     """The one command that makes a score file."""
     cmd = f"python pseudo_labels.py --dataset {dataset} --clip {scorer} --grid {grid}"
     cmd += f" --data_root {data_root}" if data_root else ""
@@ -223,7 +225,9 @@ def view_batches(views: torch.Tensor, batch: int):
 
 
 @torch.inference_mode()
-def similarities(model, texts: torch.Tensor, crops: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, amp) -> torch.Tensor:
+def similarities(
+    model, texts: torch.Tensor, crops: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, amp
+) -> torch.Tensor:
     """Cosine similarities (N x C, fp32) of uint8 N x S x S x 3 crops (on the model's device) to the texts."""
     x = crops.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
     with amp():
@@ -374,7 +378,8 @@ def ensure_scores(dataset: str, root: Path, derived: Path, scorer: str, grid: in
 
 def _ensure_locked(dataset, root, path, scorer, grid, names, labels, observed, info, *, weights=None,
                    weights_file=None, template=DEFAULT_TEMPLATE, prompts_file=None, size=None, normalisation="imagenet",
-                   device="cpu", batch=256, workers=0, overwrite=False, on_chunk=None, quiet=False) -> Path:  # fmt: skip
+                   device="cpu", batch=256, workers=0, overwrite=False, on_chunk=None,
+                   quiet=False) -> Path:  # fmt: skip
     device = torch.device(device)
     views = 1 + grid * grid
     if scorer == STANDIN:
