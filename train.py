@@ -191,7 +191,8 @@ def train_one_epoch(
         idx = idx.to(device, non_blocking=True)
         real = idx >= 0
         rows = torch.where(real, idx, -1 - idx)
-        x = loaders.to_model_input(loaders.batch_to_device(images, device), flips[rows])
+        flip = flips[rows]  # integer indexing on the device: the loss reads it too, nothing waits
+        x = loaders.to_model_input(loaders.batch_to_device(images, device), flip)
         batch_observed = state.observed.batch(rows, host_rows)
         select = reduce = None
         if ctx.enabled:
@@ -206,7 +207,7 @@ def train_one_epoch(
         with amp():
             logits = model(x)
         loss, selected = methods.compute_loss(
-            cfg, logits, batch_observed, rows, rate, state, select=select, reduce=reduce, epoch=epoch
+            cfg, logits, batch_observed, rows, rate, state, select=select, reduce=reduce, epoch=epoch, flip=flip
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

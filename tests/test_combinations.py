@@ -13,6 +13,7 @@ How the cross-product is walked, to stay fast on 2 cores:
   are covered by tests/test_train.py and tests/test_distributed.py.
 """
 
+import dataclasses
 import itertools
 import types
 
@@ -112,10 +113,24 @@ def with_clean_labels(cfg, split):
     return split
 
 
+def fake_pseudo_labels(cfg, state) -> None:
+    """What the CLIP pseudo-label methods' init_state puts in the state, without a score file on disk: -1/0/1 per
+    image, flip and class (tests/test_vlp.py runs the real scoring pass and rules)."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (state.observed.matrix.shape[0], 2, state.observed.matrix.shape[1])
+    state.extra["vlp_pseudo"] = torch.randint(-1, 2, shape, generator=generator, dtype=torch.int8)
+    state.extra["vlp_score_file"] = "fake"
+
+
 @pytest.mark.parametrize("cfg", PATHS, ids=lambda c: methods.row_of(c) + "_" + c.train_mode)
-def test_each_distinct_code_path_trains_a_step(cfg):
+def test_each_distinct_code_path_trains_a_step(cfg, monkeypatch):
     torch.manual_seed(0)
     num_images, num_classes, feat = 12, 16, 8
+    for method in methods.active(cfg):
+        if method.init_state is methods._vlp_init:  # reads a score file of a real data root
+            monkeypatch.setitem(
+                methods.REGISTRY, method.name, dataclasses.replace(method, init_state=fake_pseudo_labels)
+            )
     split = with_clean_labels(cfg, fake_split(num_images, num_classes))
     state = methods.build_label_state(cfg, split, torch.device("cpu"))
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, feat, 3, padding=1))

@@ -111,6 +111,9 @@ METHODS = [
     ("--loss", "role"),
     ("--loss", "em"),
     ("--loss", "em_apl"),
+    ("--loss", "gr"),
+    ("--loss", "vlpl"),  # the pseudo-labels of each image's flip, picked by integer indexing
+    ("--loss", "aevlp"),
 ]
 
 
