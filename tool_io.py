@@ -209,10 +209,10 @@ def refuse_overwrite(
     run, not only those named). Nothing is written before this check."""
     output = Path(output)
     advice = "nothing was written. Choose another path: this command never replaces what it did not make."
-    temporary = output.with_name(output.name + ".tmp")  # files.write_atomic writes there first
+    temporary = output.with_name(output.name + ".tmp") if output.name else None  # files.write_atomic writes there
     inputs = list(inputs)
     for candidate, what in ((output, "is"), (temporary, f"would be written through {temporary}, which is")):
-        if not os.path.lexists(candidate):  # a path that is not there is no input (every input exists)
+        if candidate is None or not os.path.lexists(candidate):  # a path that is not there is no input
             continue
         for given in inputs:
             if _same_file(candidate, given):

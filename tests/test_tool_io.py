@@ -145,6 +145,12 @@ def test_predict_refuses_the_run_folder_itself_and_writes_a_new_file_beside_its_
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("output", [".", "/", ".."])
+def test_refuse_overwrite_takes_paths_without_a_name(tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    tool_io.refuse_overwrite(output, "--output", inputs=[write_image(tmp_path / "a.png")])  # a folder: not refused here
+
+
 def test_predict_refuses_an_output_written_through_an_input(run_dir, tmp_path, capsys):
     """--output X is written as X.tmp, then renamed: an input image called X.tmp would be lost."""
     image = write_image(tmp_path / "out.csv.tmp")
