@@ -11,7 +11,11 @@ head's weights; for BoostLU runs the map before the activation). Each map is ups
 
 from __future__ import annotations
 
+import tool_io  # first: notes a Ctrl-C while torch imports (see tool_io)
+
+# isort: split
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -24,9 +28,11 @@ import checkpoint
 import datasets
 import loaders
 import models
+from files import write_atomic
 from predict import load_run, positive_int
 
 PANEL = 256  # pixels per panel in the figure
+INTERRUPTED = "Interrupted (Ctrl-C): every figure written so far is complete; run the same command again for the rest."
 
 
 def colour_scale(values: np.ndarray) -> np.ndarray:
@@ -61,6 +67,21 @@ def cam_figure(model: models.MultiLabelClassifier, image_path: str, image_size: 
     return figure
 
 
+def figure_paths(images: list[str], out: Path) -> list[Path]:
+    """``<out>/<image stem>_cam.png`` per image; ``<stem>_2_cam.png`` ... for a stem seen before (a/x.png and b/x.jpg:
+    one figure must not replace the other)."""
+    taken: set[str] = set()
+    paths = []
+    for image in images:
+        name, k = f"{Path(image).stem}_cam.png", 1
+        while name in taken:
+            k += 1
+            name = f"{Path(image).stem}_{k}_cam.png"
+        taken.add(name)
+        paths.append(out / name)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
@@ -74,29 +95,32 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(image).is_file():
                 raise datasets.DataError(f"The image {image} does not exist (or is not a file); name image files.")
         out = args.out or args.run_dir / "cam"
+        paths = figure_paths(args.images, out)
+        # Before anything is written: never into a run folder itself, over one of its files, or over an input image.
+        tool_io.refuse_overwrite(out, "--out", inputs=args.images, run_dirs=[args.run_dir])
+        for path in paths:
+            tool_io.refuse_overwrite(path, f"--out {out}: the figure", inputs=args.images, run_dirs=[args.run_dir])
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise datasets.DataError(f"Cannot create the --out folder {out}: {err.strerror or err}.") from None
-        taken: set[str] = set()
-        for image in args.images:
-            figure = cam_figure(run.model, image, run.cfg.image_size, run.class_names, args.top)
-            name, k = f"{Path(image).stem}_cam.png", 1
-            while name in taken:  # a/x.png and b/x.jpg: one figure must not replace the other
-                k += 1
-                name = f"{Path(image).stem}_{k}_cam.png"
-            taken.add(name)
-            path = out / name
-            try:
-                figure.save(path)
+        for image, path in zip(args.images, paths, strict=True):
+            png = io.BytesIO()  # encoded before the write, which is then short
+            cam_figure(run.model, image, run.cfg.image_size, run.class_names, args.top).save(png, format="PNG")
+            try:  # whole or not at all: a Ctrl-C or a full disk never leaves half a PNG
+                write_atomic(path, lambda f, png=png: f.write(png.getbuffer()))
             except OSError as err:
                 raise datasets.DataError(f"Cannot write {path}: {err.strerror or err}.") from None
-            print(f"wrote {path}" + ("" if k == 1 else f" (for {image})"))
-    except (datasets.DataError, checkpoint.RunFolderError) as err:
+            except KeyboardInterrupt:  # write_atomic's temporary file (it removes it itself on an OSError only)
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+                raise
+            renamed = path.name != f"{Path(image).stem}_cam.png"
+            print(f"wrote {path}" + (f" (for {image})" if renamed else ""))
+    except (datasets.DataError, checkpoint.RunFolderError, tool_io.OverwriteRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    tool_io.run(main, interrupted=INTERRUPTED)

@@ -9,10 +9,14 @@ the numbers follow the official tools exactly (Cole et al.'s formatting scripts,
 
 from __future__ import annotations
 
+import tool_io  # first: notes a Ctrl-C while torch imports, under `python datasets.py` (see tool_io)
+
+# isort: split
 import dataclasses
 import hashlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -478,8 +482,20 @@ _noted_read_only: set[str] = set()
 
 
 def user_cache_home() -> Path:
-    """The per-user cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    """The per-user cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``; without a home directory, as for a container's
+    user without HOME and without a passwd entry, ``<temp dir>/largeloss-cache-<uid>``)."""
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"])
+    try:
+        return Path.home() / ".cache"
+    except (RuntimeError, KeyError):  # Path.home() raises when neither HOME nor the passwd entry names a home
+        return no_home_cache()
+
+
+def no_home_cache() -> Path:
+    """The cache folder of a user without a home directory: in the system's temporary folder, one per user."""
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"largeloss-cache-{user}"
 
 
 def derived_dir(cfg) -> Path:
@@ -495,7 +511,7 @@ def derived_folder(dataset: str, data_root: str | os.PathLike, cache_dir: str | 
     ``<hash>``: the first 12 hex digits of the SHA-1 of the resolved data root, so one cache folder serves any number
     of datasets and data roots without their files mixing."""
     root = Path(data_root)
-    key = f"{dataset}-{hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:12]}"
+    key = f"{dataset}-{hashlib.sha1(os.fsencode(os.path.realpath(root))).hexdigest()[:12]}"  # any name's bytes
     if cache_dir is not None:
         return Path(cache_dir) / key
     existing = root
@@ -506,8 +522,11 @@ def derived_folder(dataset: str, data_root: str | os.PathLike, cache_dir: str | 
     folder = user_cache_home() / "largeloss" / key
     if str(root) not in _noted_read_only:
         _noted_read_only.add(str(root))
-        print(f"note: the data root {root} is not writable: the files derived from it go to {folder} (--cache_dir "
-              "chooses another folder)")  # fmt: skip
+        temporary = (
+            " (this user has no home directory: a temporary folder)" if no_home_cache() in folder.parents else ""
+        )
+        print(f"note: the data root {root} is not writable: the files derived from it go to {folder}{temporary} "
+              "(--cache_dir chooses another folder)")  # fmt: skip
     return folder
 
 
@@ -730,6 +749,9 @@ def prepare(dataset: str, root: str | os.PathLike | None = None, cache_dir: str 
     print(f"{dataset} is ready in {root}: {sizes} images, {info.num_classes} classes.")
 
 
+CLI_INTERRUPTED = "interrupted; every file written so far is complete: run the same command again."
+
+
 def cli(argv: list[str] | None = None) -> int:
     """``python datasets.py <name> [--data_root DIR] [--cache_dir DIR]``: exit 0 when ready, 1 with a message."""
     import argparse
@@ -745,11 +767,12 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:
+        tool_io.reraise_if_output_closed(err)  # `python datasets.py D | head`: ends quietly (tool_io.run)
         print(f"error: cannot use {err.filename or args.data_root}: {err.strerror or err}. Check --data_root and "
               "--cache_dir.", file=sys.stderr)  # fmt: skip
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; every file written so far is complete: run the same command again.", file=sys.stderr)
+        print(f"error: {CLI_INTERRUPTED}", file=sys.stderr)
         return 130
     return 0
 
@@ -761,4 +784,4 @@ if __name__ == "__main__":
     import datasets
     import synthetic  # noqa: F401
 
-    sys.exit(datasets.cli())
+    tool_io.run(datasets.cli, interrupted=datasets.CLI_INTERRUPTED)

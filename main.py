@@ -3,35 +3,21 @@
 Several GPUs or nodes: ``torchrun --nproc_per_node N main.py ...`` (the same flags; ``--bsize`` stays the global batch).
 """
 
+import tool_io  # first: notes a Ctrl-C while torch imports (see tool_io)
+
+# isort: split
 import errno
 import os
-import signal
 import sys
 
-_STARTING_INTERRUPTS: list[int] = []
-# Ctrl-C while torch imports (a second or two) is noted, then obeyed once the imports are done: a KeyboardInterrupt
-# inside an import leaves half-imported modules and a traceback, or is swallowed by one. Only where Ctrl-C has Python's
-# own handler: a run started with it ignored (`python main.py &` in a script) keeps ignoring it.
-_NOTING = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def _note_interrupt(signum, frame) -> None:
-    if _STARTING_INTERRUPTS:  # a second Ctrl-C: at once (an import that hangs)
-        raise KeyboardInterrupt
-    _STARTING_INTERRUPTS.append(signum)
-
-
-if _NOTING:
-    signal.signal(signal.SIGINT, _note_interrupt)
-
-import checkpoint  # noqa: E402
-import config  # noqa: E402
-import datasets  # noqa: E402
-import files  # noqa: E402
-import models  # noqa: E402
-import resize  # noqa: E402
-import train  # noqa: E402
-import trainstep  # noqa: E402
+import checkpoint
+import config
+import datasets
+import files
+import models
+import resize
+import train
+import trainstep
 
 USER_ERRORS = (
     datasets.DataError,
@@ -43,7 +29,6 @@ USER_ERRORS = (
     trainstep.GraphCaptureError,
     resize.ResizeUnavailable,
 )
-INTERRUPTED_STARTING = "Interrupted (Ctrl-C) while starting: nothing was written."
 INTERRUPTED = (
     "Interrupted (Ctrl-C). Every file written so far is complete (files are replaced whole, never half-written): run "
     "the same command again to continue; an unfinished run resumes from its last checkpoint."
@@ -97,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.parse_config(argv)
     except KeyboardInterrupt:
-        print(f"error: {INTERRUPTED_STARTING}", file=sys.stderr)
+        print(f"error: {tool_io.INTERRUPTED_STARTING}", file=sys.stderr)
         return 130
     try:
         train.run(cfg)
@@ -112,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {INTERRUPTED}", file=sys.stderr)
         return 130
     except OSError as err:  # a file that cannot be read or written (permissions, a file in a folder's place, ...)
+        tool_io.reraise_if_output_closed(err)  # `main.py | head`: ends quietly (tool_io.run)
         if cfg.debug:
             raise
         print(f"error: {os_error_message(err, cfg)}", file=sys.stderr)
@@ -120,9 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if _NOTING:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
-    if _STARTING_INTERRUPTS:
-        print(f"error: {INTERRUPTED_STARTING}", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(main())
+    tool_io.run(main, interrupted=INTERRUPTED)

@@ -15,6 +15,9 @@ least the threshold). Unreadable files among readable ones are skipped and count
 
 from __future__ import annotations
 
+import tool_io  # first: notes a Ctrl-C while torch imports (see tool_io)
+
+# isort: split
 import argparse
 import csv
 import dataclasses
@@ -34,8 +37,9 @@ import datasets
 import loaders
 import models
 import resize
-from files import write_text_atomic
+from files import write_atomic
 
+INTERRUPTED = "Interrupted (Ctrl-C): nothing was written."
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 
@@ -377,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.top_k is not None and args.top_k > len(run.class_names):
             parser.error(f"--top_k {args.top_k}: the run scores only {len(run.class_names)} classes")
         files = find_images(args.paths)
+        if args.output is not None:  # before any work: never replace an input image or a file of a run
+            tool_io.refuse_overwrite(args.output, "--output", inputs=files, run_dirs=[args.run_dir])
         workers = _default_num_workers() if args.num_workers is None else args.num_workers
         scores, skipped = score_files(
             run, files, batch_size=args.batch_size, device=device, num_workers=workers, eval_resize=args.eval_resize
@@ -407,18 +413,24 @@ def main(argv: list[str] | None = None) -> int:
             if args.output.is_dir():
                 raise PredictError(f"--output {args.output} is a folder; name a file to write.")
             try:
-                write_text_atomic(args.output, text)
+                write_atomic(args.output, lambda f: f.write(tool_io.encode_text(text)))  # any file name's bytes
             except OSError as err:
                 raise PredictError(f"Cannot write --output {args.output}: {err.strerror or err}.") from None
             print(f"wrote predictions for {len(predictions)} images to {args.output}", file=sys.stderr)
-    except (PredictError, checkpoint.RunFolderError, datasets.DataError, resize.ResizeUnavailable) as err:
+    except (
+        PredictError,
+        checkpoint.RunFolderError,
+        datasets.DataError,
+        resize.ResizeUnavailable,
+        tool_io.OverwriteRefused,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(f"error: {INTERRUPTED}", file=sys.stderr)
         return 130
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    tool_io.run(main, interrupted=INTERRUPTED)

@@ -16,6 +16,9 @@ precision). Without matplotlib it writes the tables only and says so.
 
 from __future__ import annotations
 
+import tool_io  # first: notes a Ctrl-C while torch imports (see tool_io)
+
+# isort: split
 import argparse
 import csv
 import json
@@ -34,6 +37,7 @@ THRESHOLD_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3",
 # What a run's config needs for it to be placed in a table (the other fields have defaults).
 _NEEDED = ("dataset", "seed", "train_set_variant", "mod_scheme", "loss")
 _NOT_A_SETTING = config.NOT_TRAINING_SETTINGS | {"seed"}  # runs differing only in these are seeds of one setting
+INTERRUPTED = "Interrupted (Ctrl-C): the files in --out may be incomplete; run the same command again."
 
 
 def dataset_title(dataset: str) -> str:
@@ -299,7 +303,7 @@ def _cell(row: dict | None) -> str:
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ("train_mode", "dataset", "method", "delta_rel", "seeds", "val_mean", "test_mean", "test_std", "paper",
               "difference", "settings", "chosen")  # fmt: skip
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors=tool_io.FILE_NAME_ERRORS) as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
@@ -316,7 +320,7 @@ def write_thresholds_csv(rows: list[dict], path: Path) -> bool:
         return False
     fields = ["train_mode", "dataset", "method", "n"]
     fields += [f"{m}_{part}" for m in THRESHOLD_METRICS for part in ("mean", "std")]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors=tool_io.FILE_NAME_ERRORS) as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
@@ -391,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="folders to search for run folders")
     parser.add_argument("--out", type=Path, default=Path("results/report"), help="where the report goes")
     args = parser.parse_args(argv)
+    try:  # never into a run folder, or over one of its files
+        tool_io.refuse_overwrite(args.out, "--out")
+    except tool_io.OverwriteRefused as err:
+        print(f"error: {err}")
+        return 1
     runs, skipped = load_runs(args.paths)
     runs, duplicates = drop_duplicates(runs)
     _say_skipped(skipped, duplicates)
@@ -403,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(table + "\n")
+        (args.out / "report.md").write_bytes(tool_io.encode_text(table + "\n"))
         write_csv(rows, args.out / "report.csv")
         thresholds = write_thresholds_csv(rows, args.out / "thresholds.csv")
     except OSError as err:
@@ -421,4 +430,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    tool_io.run(main, interrupted=INTERRUPTED)
