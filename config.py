@@ -1,7 +1,7 @@
 """Command line -> one frozen, validated ``Config``; flag names follow the official release, so sweep scripts work.
 
 The protocol's flags are declared here; the methods' flags, their per-dataset presets and their rules come from the
-method registry (``methods.REGISTRY``), and the datasets with their dataset-level presets (optimiser, learning rate,
+method registry (``registry.REGISTRY``), and the datasets with their dataset-level presets (optimiser, learning rate,
 architecture, image size, epochs) from ``datasets.DATASET_INFO``. Values a user does not give on the command line come
 from those presets (the authors' published settings; docs/methods.md); ``Config.from_preset`` names them, and the
 printed and saved config marks them "(preset)". ``python main.py --list_methods`` prints the registry.
@@ -25,8 +25,9 @@ from typing import Any
 
 import datasets
 import label_rules
-import methods
+import methods  # noqa: F401  (its entries fill the registry that the config is built from)
 import models
+import registry
 from models import ARCHS, RESNETS
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -68,7 +69,7 @@ DATASETS = dataset_names()  # as at import; ``dataset_names()`` follows later ad
 @dataclass(frozen=True)
 class ConfigCore:
     """The protocol's settings. ``Config`` is this plus one field per flag of the method registry
-    (``methods.flags()``), with the flag's default; build it with ``parse_config`` or ``config_from_args``."""
+    (``registry.flags()``), with the flag's default; build it with ``parse_config`` or ``config_from_args``."""
 
     dataset: str
     mod_scheme: str
@@ -138,11 +139,11 @@ def _registry_problems() -> list[str]:
     """What in the registry does not fit the datasets or the protocol's fields (a half-made entry)."""
     problems = []
     core = {f.name for f in dataclasses.fields(ConfigCore)}
-    known_flags = methods.flags()
+    known_flags = registry.flags()
     known_datasets = set(dataset_names())
     for name in core & set(known_flags):
         problems.append(f"flag --{name} of the registry is already a protocol field of config.py")
-    for m in methods.entries():
+    for m in registry.entries():
         presets = [(m.presets, "presets")]
         presets += [(p, f"presets_with[{s!r}]") for s, p in m.presets_with.items()]
         for mapping, where in presets:
@@ -156,7 +157,7 @@ def _registry_problems() -> list[str]:
                     problems.append(f"{m.name!r} paper numbers name unknown datasets "
                                     f"{sorted(set(per_dataset) - known_datasets)}")  # fmt: skip
         for scheme in m.applies_to:
-            if scheme not in methods.names(methods.SCHEME):
+            if scheme not in registry.names(registry.SCHEME):
                 problems.append(f"{m.name!r} applies_to names {scheme!r}, which is not a registered scheme")
         unknown = set(m.not_on) | set(m.table_skip)
         if unknown - known_datasets:
@@ -167,7 +168,7 @@ def _registry_problems() -> list[str]:
 def _dataset_constant_problems() -> list[str]:
     """Constants in the dataset entries that no method entry reads (a typo of a method's or a flag's name)."""
     problems = []
-    read = methods.constants_read()
+    read = registry.constants_read()
     for dataset, info in datasets.DATASET_INFO.items():
         for key, constants in info.method_constants.items():
             unread = sorted(f"--{flag}" for flag in constants if (key, flag) not in read)
@@ -182,9 +183,9 @@ def _dataset_constant_problems() -> list[str]:
 def _build_config_class() -> type:
     problems = _registry_problems()
     if problems:
-        raise methods.MethodError("the method registry is incomplete: " + "; ".join(problems))
+        raise registry.MethodError("the method registry is incomplete: " + "; ".join(problems))
     fields = []
-    for flag in methods.flags().values():
+    for flag in registry.flags().values():
         default = tuple(flag.default) if isinstance(flag.default, list) else flag.default
         kind = flag.type if isinstance(flag.type, type) else Any
         fields.append((flag.name, kind, dataclasses.field(default=default)))
@@ -195,19 +196,19 @@ def _build_config_class() -> type:
 
 
 Config = _build_config_class()
-_built_for = methods.registry_version()
+_built_for = registry.registry_version()
 
 
 def _ensure_current() -> None:
     """Rebuild ``Config`` when entries were registered or removed since it was built; check the dataset entries'
     constants against the registry (a dataset entry may be added at any time)."""
     global Config, _built_for
-    if _built_for != methods.registry_version():
+    if _built_for != registry.registry_version():
         Config = _build_config_class()
-        _built_for = methods.registry_version()
+        _built_for = registry.registry_version()
     problems = _dataset_constant_problems()
     if problems:
-        raise methods.MethodError("the dataset entries are incomplete: " + "; ".join(problems))
+        raise registry.MethodError("the dataset entries are incomplete: " + "; ".join(problems))
 
 
 def config_defaults() -> dict:
@@ -233,7 +234,7 @@ def type_problems(values: Mapping[str, Any]) -> list[str]:
         if field.name not in values:
             continue
         value = values[field.name]
-        flag = methods.flags().get(field.name)
+        flag = registry.flags().get(field.name)
         if field.name == "from_preset":
             ok, wanted = isinstance(value, (list, tuple)), "a list"
         elif flag is not None and flag.nargs is not None:
@@ -258,7 +259,7 @@ def validate(cfg) -> list[str]:
     """Every rule a config must satisfy, as readable problems (empty when valid)."""
     p = []
     choices = {"dataset": dataset_names(), "optimizer": OPTIMIZERS}
-    choices.update({selector: methods.names(kind) for kind, selector in methods.SELECTOR.items()})
+    choices.update({selector: registry.names(kind) for kind, selector in registry.SELECTOR.items()})
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
@@ -310,17 +311,17 @@ def validate(cfg) -> list[str]:
                  "choose one of them")  # fmt: skip
     p += _regime_problems(cfg)
     p += _exp_name_problems(cfg.exp_name)
-    for flag in methods.flags().values():
+    for flag in registry.flags().values():
         problem = flag.check(getattr(cfg, flag.name)) if flag.check is not None else None
         if problem:
             p.append(problem)
-    if any(getattr(cfg, selector) not in methods.names(kind) for kind, selector in methods.SELECTOR.items()):
+    if any(getattr(cfg, selector) not in registry.names(kind) for kind, selector in registry.SELECTOR.items()):
         return p  # the entries' own rules need known entries
-    used = methods.active(cfg)
+    used = registry.active(cfg)
     p += _availability_problems(cfg, used)
-    loss = methods.get(cfg.loss, methods.LOSS)
-    if cfg.mod_scheme != methods.PLAIN_SCHEME and not loss.combines_with_schemes:
-        takers = [m.name for m in methods.entries(methods.LOSS) if m.combines_with_schemes]
+    loss = registry.get(cfg.loss, registry.LOSS)
+    if cfg.mod_scheme != registry.PLAIN_SCHEME and not loss.combines_with_schemes:
+        takers = [m.name for m in registry.entries(registry.LOSS) if m.combines_with_schemes]
         p.append(f"--mod_scheme {cfg.mod_scheme} modifies the AN loss; combine it with --loss {' or '.join(takers)}, "
                  f"not {cfg.loss}")  # fmt: skip
     for method in used:
@@ -362,7 +363,7 @@ def _float32_problems(cfg) -> list[str]:
 
 def _availability_problems(cfg, used: list) -> list[str]:
     """The active entries that are not offered on the dataset (``cfg``: a config or the parsed values)."""
-    dataset = methods.value_of(cfg, "dataset")
+    dataset = registry.value_of(cfg, "dataset")
     info = datasets.DATASET_INFO.get(dataset)
     title = info.title if info is not None else dataset
     return [f"{' '.join(m.selected_by)} is not available for {title}: {m.not_on[dataset]}" for m in used
@@ -386,7 +387,7 @@ def _regime_problems(cfg) -> list[str]:
         p.append("--label_proportion_seed is the seed of --label_proportion's draw: give it with --label_proportion")
     if not _regime_is_default(cfg):  # with the full labels (the clean variant), its own rule says so
         info = datasets.DATASET_INFO.get(cfg.dataset)
-        if cfg.train_set_variant == methods.OBSERVED and info is not None and info.sparse:
+        if cfg.train_set_variant == registry.OBSERVED and info is not None and info.sparse:
             p.append(f"{info.title} comes with its own partial labels (the annotated entries): --num_pos, "
                      "--num_neg and --label_proportion, which draw observed labels from full labels, do not apply to "
                      "it")  # fmt: skip
@@ -409,7 +410,7 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
 
 
-def _add_flag(group, flag: methods.Flag, preset: bool) -> None:
+def _add_flag(group, flag: registry.Flag, preset: bool) -> None:
     """A registry flag: default None when it has presets (resolved in ``config_from_args``), else its default."""
     kwargs: dict[str, Any] = {"type": flag.type, "help": flag.help, "default": None if preset else flag.default}
     if flag.nargs is not None:
@@ -419,9 +420,9 @@ def _add_flag(group, flag: methods.Flag, preset: bool) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     _ensure_current()
-    presets = set(methods.preset_flags())
-    registry_flags = methods.flags()
-    scheme_flags = [f for m in methods.entries(methods.SCHEME) for f in m.flags]
+    presets = set(registry.preset_flags())
+    registry_flags = registry.flags()
+    scheme_flags = [f for m in registry.entries(registry.SCHEME) for f in m.flags]
     parser = argparse.ArgumentParser(
         description="Large Loss Matters (CVPR 2022): train a multi-label classifier from single positive labels.",
         formatter_class=_HelpFormatter,
@@ -434,7 +435,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mod_scheme",
         default=None,
-        choices=methods.names(methods.SCHEME),
+        choices=registry.names(registry.SCHEME),
         help="default LL-R (AN with clean labels or a --loss other than an)",
     )
     for flag in dict.fromkeys(scheme_flags):
@@ -466,7 +467,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--train_set_variant",
         default="observed",
-        choices=methods.names(methods.VARIANT),
+        choices=registry.names(registry.VARIANT),
         help="single positive or full labels",
     )
     parser.add_argument("--val_frac", type=float, default=0.2, help="fraction of the official train split held out")
@@ -565,13 +566,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     baselines = parser.add_argument_group("baselines, BoostLU and LinearInit (the method registry, methods.py)")
     baselines.add_argument(
-        "--loss", default="an", choices=methods.names(methods.LOSS), help="an is the loss the LL schemes modify"
+        "--loss", default="an", choices=registry.names(registry.LOSS), help="an is the loss the LL schemes modify"
     )
-    mode_flags = [f for m in methods.entries(methods.MODE) for f in m.flags]
+    mode_flags = [f for m in registry.entries(registry.MODE) for f in m.flags]
     for flag in registry_flags.values():
         if flag not in scheme_flags and flag not in mode_flags:
             _add_flag(baselines, flag, flag.name in presets)
-    baselines.add_argument("--train_mode", default="end_to_end", choices=methods.names(methods.MODE))
+    baselines.add_argument("--train_mode", default="end_to_end", choices=registry.names(registry.MODE))
     for flag in dict.fromkeys(mode_flags):
         if flag not in scheme_flags:
             _add_flag(baselines, flag, flag.name in presets)
@@ -611,17 +612,17 @@ def regime_name(values: dict) -> str:
 def method_name(values: dict) -> str:
     """A short name of what a run trains, e.g. ``coco_LL-R_d0.4``, ``coco_wan``, ``pascal_LL-Ct_d0.2_boostlu5_li``,
     ``coco_LL-R_d0.4_p2n1``."""
-    variant = methods.get(values["train_set_variant"], methods.VARIANT)
-    loss = methods.get(values["loss"], methods.LOSS)
+    variant = registry.get(values["train_set_variant"], registry.VARIANT)
+    loss = registry.get(values["loss"], registry.LOSS)
     if variant.row_key is not None:
         name = variant.row_key
     elif not loss.combines_with_schemes:
         name = values["loss"]
-    elif values["mod_scheme"] == methods.PLAIN_SCHEME:
+    elif values["mod_scheme"] == registry.PLAIN_SCHEME:
         name = values["mod_scheme"]
     else:
         name = f"{values['mod_scheme']}_d{values['delta_rel']:g}"
-    for method in methods.active(values):
+    for method in registry.active(values):
         if method.name_suffix is not None:
             name += method.name_suffix(values)
     return f"{values['dataset']}_{name}{regime_name(values)}{arch_name(values)}"
@@ -645,13 +646,13 @@ def _resolve_preset(name: str, values: dict) -> tuple[Any, bool]:
     the scheme win, then the active entries' own presets; one that the dataset's entry lacks is a clean error (never
     another entry's value). Then, for ``always_preset`` flags, any entry's; otherwise the flag's default."""
     dataset, scheme = values["dataset"], values["mod_scheme"]
-    used = methods.active(values)
+    used = registry.active(values)
     found = [(m, m.presets_with[scheme][name]) for m in used
-             if m.kind == methods.MODIFIER and name in m.presets_with.get(scheme, {})]  # fmt: skip
-    found += [(m, m.presets[name]) for m in used if m.kind != methods.MODIFIER and name in m.presets]
+             if m.kind == registry.MODIFIER and name in m.presets_with.get(scheme, {})]  # fmt: skip
+    found += [(m, m.presets[name]) for m in used if m.kind != registry.MODIFIER and name in m.presets]
     if found:
         m, preset = found[0]
-        value = methods.for_dataset(preset, dataset, name, _MISSING)
+        value = registry.for_dataset(preset, dataset, name, _MISSING)
         if value is _MISSING:
             raise ValueError(
                 f"--{name} has no preset for --dataset {dataset}: {' '.join(m.selected_by)} reads it from the "
@@ -660,10 +661,10 @@ def _resolve_preset(name: str, values: dict) -> tuple[Any, bool]:
                 f"{preset.key!r}: {{{name!r}: ...}} to that entry's method_constants"
             )
         return value, True
-    flag = methods.flags()[name]
+    flag = registry.flags()[name]
     if flag.always_preset:
-        for m in methods.entries():
-            value = methods.for_dataset(m.presets.get(name, _MISSING), dataset, name, _MISSING)
+        for m in registry.entries():
+            value = registry.for_dataset(m.presets.get(name, _MISSING), dataset, name, _MISSING)
             if value is not _MISSING:
                 return value, True
         return flag.default, True
@@ -688,11 +689,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if info is None:
         raise ValueError(f"--dataset must be one of {', '.join(dataset_names())} (got {dataset!r})")
     if values["mod_scheme"] is None:
-        values["mod_scheme"] = methods.default_scheme(values)
-    for name, flag in methods.flags().items():
+        values["mod_scheme"] = registry.default_scheme(values)
+    for name, flag in registry.flags().items():
         if flag.nargs is not None and isinstance(values.get(name), list):
             values[name] = tuple(values[name])
-    unavailable = _availability_problems(values, methods.active(values))
+    unavailable = _availability_problems(values, registry.active(values))
     if unavailable:
         raise ValueError("; ".join(unavailable))
     from_preset = []
@@ -703,7 +704,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                  f".defaults): give --{name} on the command line")  # fmt: skip
             values[name] = info.defaults[name]
             from_preset.append(name)
-    for name in methods.preset_flags():
+    for name in registry.preset_flags():
         if values[name] is None:
             values[name], marked = _resolve_preset(name, values)
             if marked:
@@ -724,10 +725,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _per_dataset(preset, flag: str) -> dict | None:
     """A ``from_dataset`` preset's values, by dataset (the datasets whose entry has one; None for a general value)."""
-    if not isinstance(preset, methods.FromDataset):
+    if not isinstance(preset, registry.FromDataset):
         return None
     missing = object()
-    values = {d: methods.for_dataset(preset, d, flag, missing) for d in datasets.DATASET_INFO}
+    values = {d: registry.for_dataset(preset, d, flag, missing) for d in datasets.DATASET_INFO}
     return {d: v for d, v in values.items() if v is not missing}
 
 
@@ -754,11 +755,11 @@ def describe_registry() -> str:
         lines.append(f"  {name:12s} {info.title:12s} {info.num_classes:5d} classes  {defaults}")
     lines += ["", "Methods (the registry in methods.py; docs/extending.md adds one). Per flag: its default, or its",
               "preset per dataset (used when the flag is not given):"]  # fmt: skip
-    for m in methods.entries():
+    for m in registry.entries():
         title = f": {m.title}" if m.title else ""
         lines.append(f"  {m.kind} {m.name}{title}; {m.summary}" if m.summary else f"  {m.kind} {m.name}{title}")
         notes = [f"selected by {' '.join(m.selected_by)}"]
-        if m.kind == methods.MODIFIER:
+        if m.kind == registry.MODIFIER:
             notes.append(f"rows {', '.join(f'{s}+{m.row}' for s in m.applies_to)}")
         elif m.row_key:
             notes.append(f"row {m.row_key}")
@@ -789,13 +790,13 @@ def table_rows(dataset: str, train_mode: str) -> list[tuple[str, bool, tuple[str
     ``scripts/reproduce_table.sh`` runs it by default, the flags that select it)."""
     parser = get_args_parser()
     out = []
-    for key, _title, flags in methods.rows():
+    for key, _title, flags in registry.rows():
         argv = ["--dataset", dataset, "--train_mode", train_mode, *flags, "--exp_name", "list"]
         try:
             config_from_args(parser.parse_args(argv))
         except ValueError:
             continue
-        out.append((key, not methods.row_skipped_on(key, dataset), flags))
+        out.append((key, not registry.row_skipped_on(key, dataset), flags))
     return out
 
 
@@ -804,7 +805,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     ``--list_methods`` prints the registry (``--names``: the rows, machine-readable) and exits with status 0."""
     try:
         parser = get_args_parser()
-    except methods.MethodError as err:
+    except registry.MethodError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     args = parser.parse_args(argv)
@@ -895,16 +896,16 @@ def ignored_settings(values: dict) -> dict[str, str]:
     _ensure_current()
     fields = {f.name for f in dataclasses.fields(Config)}
     ignored = {name: f"{name} is no setting of this version" for name in values if name not in fields}
-    owned = {flag.name for m in methods.active(values) for flag in m.flags}
-    for name in methods.flags():
+    owned = {flag.name for m in registry.active(values) for flag in m.flags}
+    for name in registry.flags():
         if name not in owned:
-            owners = [" ".join(m.selected_by) for m in methods.entries() if any(f.name == name for f in m.flags)]
+            owners = [" ".join(m.selected_by) for m in registry.entries() if any(f.name == name for f in m.flags)]
             choice = owners[0] if len(owners) == 1 else "one of them"
             ignored[name] = (f"--{name} is a setting of {' or '.join(owners)}, which this run does not use: drop it, "
                              f"or add {choice}")  # fmt: skip
-    if values["mod_scheme"] == methods.PLAIN_SCHEME:
-        schemes = [m.name for m in methods.entries(methods.SCHEME) if m.name != methods.PLAIN_SCHEME]
-        if methods.get(values["loss"], methods.LOSS).combines_with_schemes:
+    if values["mod_scheme"] == registry.PLAIN_SCHEME:
+        schemes = [m.name for m in registry.entries(registry.SCHEME) if m.name != registry.PLAIN_SCHEME]
+        if registry.get(values["loss"], registry.LOSS).combines_with_schemes:
             fix = f"drop it, or choose --mod_scheme {' / '.join(schemes)}"
         else:
             fix = f"--loss {values['loss']} takes no scheme: drop it"
@@ -931,9 +932,9 @@ def _value_without(name: str, values: dict):
         return DEFAULT_WEIGHTS
     if name == "pretrained_path":
         return None
-    if name in methods.preset_flags():
+    if name in registry.preset_flags():
         return _resolve_preset(name, values)[0]
-    return methods.flags()[name].default
+    return registry.flags()[name].default
 
 
 def _saved_config(run_dir: Path) -> dict:

@@ -9,9 +9,13 @@ the numbers follow the official tools exactly (Cole et al.'s formatting scripts,
 
 from __future__ import annotations
 
-import tool_io  # first: notes a Ctrl-C while torch imports, under `python datasets.py` (see tool_io)
+if __name__ == "__main__":  # `python datasets.py NAME`: the older spelling of `python prepare_data.py NAME`
+    import os
+    import sys
 
-# isort: split
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+    os.execv(sys.executable, [sys.executable, script, *sys.argv[1:]])
+
 import dataclasses
 import hashlib
 import os
@@ -53,7 +57,7 @@ class DatasetInfo:
 
     ``method_constants``: the constants the methods use on this dataset, ``{method: {flag: value}}``, keyed by the
     entry (or table row, e.g. ``"LL-R+BoostLU"``) of the method registry whose constants they are; the method's entry
-    reads them with ``methods.from_dataset`` (docs/extending.md). A method with no value here is refused on the
+    reads them with ``registry.from_dataset`` (docs/extending.md). A method with no value here is refused on the
     dataset with a message naming the flag to give, unless its entry names a general default (GR Loss's released
     values); it never gets another method's or another dataset's value.
     """
@@ -729,7 +733,7 @@ def class_names(dataset: str, root: str | os.PathLike) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ``python datasets.py <name>``: prepare a dataset without training.
+# Prepare a dataset without training (``python prepare_data.py <name>``).
 
 
 def prepare(dataset: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> None:
@@ -747,41 +751,3 @@ def prepare(dataset: str, root: str | os.PathLike | None = None, cache_dir: str 
     check_images_decode(splits)
     sizes = ", ".join(f"{phase} {len(split)}" for phase, split in splits.items())
     print(f"{dataset} is ready in {root}: {sizes} images, {info.num_classes} classes.")
-
-
-CLI_INTERRUPTED = "interrupted; every file written so far is complete: run the same command again."
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``python datasets.py <name> [--data_root DIR] [--cache_dir DIR]``: exit 0 when ready, 1 with a message."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=prepare.__doc__)
-    parser.add_argument("dataset", choices=sorted(DATASET_INFO))
-    parser.add_argument("--data_root", default=None, help="default: data/<dataset> in the repository")
-    parser.add_argument("--cache_dir", default=None, help="where derived files go (default: the data root)")
-    args = parser.parse_args(argv)
-    try:
-        prepare(args.dataset, args.data_root, args.cache_dir)
-    except (DataError, files.LockError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        tool_io.reraise_if_output_closed(err)  # `python datasets.py D | head`: ends quietly (tool_io.run)
-        print(f"error: cannot use {err.filename or args.data_root}: {err.strerror or err}. Check --data_root and "
-              "--cache_dir.", file=sys.stderr)  # fmt: skip
-        return 1
-    except KeyboardInterrupt:
-        print(f"error: {CLI_INTERRUPTED}", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    # Run as a script, this file is the module ``__main__``: go through the module ``datasets`` that the rest of the
-    # tool imports (one registry, one DataError), with the synthetic generator registered (synthetic imports datasets,
-    # never the other way round).
-    import datasets
-    import synthetic  # noqa: F401
-
-    tool_io.run(datasets.cli, interrupted=datasets.CLI_INTERRUPTED)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import config
 import datasets
-import methods
+import registry
 
 # ``final.json["test_metrics"]``, in percent: at threshold 0.5, and for each image's top-3 predictions.
 THRESHOLD_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3",
@@ -51,7 +51,7 @@ def dataset_order(dataset: str) -> tuple:
 
 
 def method_of(config_values: dict) -> str:
-    """The table row of a run: e.g. ``LL-R``, ``wan``, ``LL-Ct+BoostLU`` (``methods.row_of``); a run of another
+    """The table row of a run: e.g. ``LL-R``, ``wan``, ``LL-Ct+BoostLU`` (``registry.row_of``); a run of another
     label regime than the paper's single positive, or on another backbone than the dataset's own (ResNet-50 on the
     real datasets), gets a row of its own, e.g. ``LL-R [p2n1]``, ``wan [prop0.3]``, ``LL-R [timm:convnext_base]``,
     which no paper number is compared with: rows of different backbones never share a cell."""
@@ -60,7 +60,7 @@ def method_of(config_values: dict) -> str:
     arch = config_values.get("arch")
     if arch is not None and (info is None or arch != info.defaults.get("arch")):
         tags.append(str(arch))
-    return methods.row_of(config_values) + "".join(f" [{tag}]" for tag in tags if tag)
+    return registry.row_of(config_values) + "".join(f" [{tag}]" for tag in tags if tag)
 
 
 def _read_object(path: Path) -> tuple[dict | None, str | None]:
@@ -136,7 +136,7 @@ def _setting(values: dict) -> str:
     settings it records but never reads (an older AN run's delta_rel 0.5 trained as its delta_rel 0)."""
     try:
         left_out = _NOT_A_SETTING | set(config.ignored_settings(values))
-    except methods.MethodError:  # a method not registered here (a researcher's own, say): all its settings count
+    except registry.MethodError:  # a method not registered here (a researcher's own, say): all its settings count
         left_out = _NOT_A_SETTING
     return json.dumps({k: v for k, v in values.items() if k not in left_out}, sort_keys=True, default=str)
 
@@ -182,12 +182,12 @@ def summarize(runs: list[dict]) -> list[dict]:
         parsed = json.loads(setting)
         compared[(mode, dataset, method)].append(parsed)
         first = members[0]["config"]
-        delta = first.get("delta_rel") if first["mod_scheme"] != methods.PLAIN_SCHEME else None
+        delta = first.get("delta_rel") if first["mod_scheme"] != registry.PLAIN_SCHEME else None
         val_mean, _ = _mean_std([r["final"]["val_map"] for r in members])
         key = (mode, dataset, method)
         if key not in best or val_mean > best[key]["val_mean"]:
             test_mean, test_std = _mean_std([r["final"]["test_map"] for r in members])
-            paper = methods.paper_number(method, mode, dataset)
+            paper = registry.paper_number(method, mode, dataset)
             thresholds, with_thresholds = _thresholds(members)
             best[key] = {
                 "train_mode": mode,
@@ -209,7 +209,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         row["settings"], row["differs"] = len(compared[key]), _differences(compared[key])
         row["chosen"] = {name: row["setting"].get(name) for name in row["differs"]}
     return sorted(
-        best.values(), key=lambda r: (r["train_mode"], dataset_order(r["dataset"]), methods.row_order(r["method"]))
+        best.values(), key=lambda r: (r["train_mode"], dataset_order(r["dataset"]), registry.row_order(r["method"]))
     )
 
 
@@ -234,8 +234,8 @@ def _value_text(value) -> str:
 
 
 def _mode_title(mode: str) -> str:
-    entry = methods.REGISTRY.get(mode)
-    return entry.title if entry is not None and entry.kind == methods.MODE and entry.title else mode
+    entry = registry.REGISTRY.get(mode)
+    return entry.title if entry is not None and entry.kind == registry.MODE and entry.title else mode
 
 
 def markdown(rows: list[dict]) -> str:
@@ -243,7 +243,7 @@ def markdown(rows: list[dict]) -> str:
     for mode in sorted({r["train_mode"] for r in rows}):
         mode_rows = [r for r in rows if r["train_mode"] == mode]
         names = sorted({r["dataset"] for r in mode_rows}, key=dataset_order)
-        row_keys = sorted({r["method"] for r in mode_rows}, key=methods.row_order)
+        row_keys = sorted({r["method"] for r in mode_rows}, key=registry.row_order)
         out.append(f"### {_mode_title(mode)}\n")
         out.append("Test mAP, mean +- std over seeds, at the delta_rel with the best mean val mAP; in brackets the "
                    "paper's number and the difference.\n")  # fmt: skip
@@ -254,15 +254,15 @@ def markdown(rows: list[dict]) -> str:
             for d in names:
                 row = next((r for r in mode_rows if r["dataset"] == d and r["method"] == method), None)
                 cells.append(_cell(row))
-            out.append(f"| {methods.row_title(method)} | " + " | ".join(cells) + " |")
+            out.append(f"| {registry.row_title(method)} | " + " | ".join(cells) + " |")
         out.append("")
         chosen = [r for r in mode_rows if r["settings"] > 1]
         if chosen:  # say what competed, so that a row chosen for another lr (say) is not taken for the preset's
             out.append("Chosen by the best mean val mAP among settings that differ:\n")
-            for r in sorted(chosen, key=lambda r: (dataset_order(r["dataset"]), methods.row_order(r["method"]))):
+            for r in sorted(chosen, key=lambda r: (dataset_order(r["dataset"]), registry.row_order(r["method"]))):
                 differs = "; ".join(f"{name} {', '.join(map(_value_text, vs))}" for name, vs in r["differs"].items())
                 picked = ", ".join(f"{name} {_value_text(value)}" for name, value in r["chosen"].items())
-                where = f"{methods.row_title(r['method'])}, {dataset_title(r['dataset'])}"
+                where = f"{registry.row_title(r['method'])}, {dataset_title(r['dataset'])}"
                 out.append(f"- {where}: {r['settings']} settings ({differs}); chosen: {picked}")
             out.append("")
         for d in names:
@@ -275,10 +275,10 @@ def markdown(rows: list[dict]) -> str:
                        "\n")  # fmt: skip
             out.append("| Method | " + " | ".join(THRESHOLD_METRICS) + " | n |")
             out.append("|---|" + "---|" * (len(THRESHOLD_METRICS) + 1))
-            for row in sorted(with_metrics, key=lambda r: methods.row_order(r["method"])):
+            for row in sorted(with_metrics, key=lambda r: registry.row_order(r["method"])):
                 cells = [_mean_std_text(row["thresholds"].get(m)) for m in THRESHOLD_METRICS]
                 out.append(
-                    f"| {methods.row_title(row['method'])} | " + " | ".join(cells) + f" | {row['thresholds_n']} |"
+                    f"| {registry.row_title(row['method'])} | " + " | ".join(cells) + f" | {row['thresholds_n']} |"
                 )
             out.append("")
     return "\n".join(out)
@@ -358,15 +358,15 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
             ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for row in group:
             epochs, values = _epoch_mean(row["runs"], "val_map")
-            axes[0].plot(epochs, values, marker=".", label=methods.row_title(row["method"]))
+            axes[0].plot(epochs, values, marker=".", label=registry.row_title(row["method"]))
             if row["method"] in ("AN", "LL-R"):
                 for key, style in (("fn_prob", "-"), ("tn_prob", "--")):
                     epochs, values = _epoch_mean(row["runs"], key)
-                    label = f"{methods.row_title(row['method'])} {key[:2].upper()}"
+                    label = f"{registry.row_title(row['method'])} {key[:2].upper()}"
                     axes[1].plot(epochs, values, style, label=label)
             epochs, values = _epoch_mean(row["runs"], "selected_precision")
             if values:
-                axes[2].plot(epochs, values, marker=".", label=methods.row_title(row["method"]))
+                axes[2].plot(epochs, values, marker=".", label=registry.row_title(row["method"]))
         titles = ("val mAP per epoch", "mean predicted probability: false vs true negatives", "LL selection precision")
         for ax, title in zip(axes, titles, strict=True):
             ax.set_title(title)

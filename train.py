@@ -28,13 +28,15 @@ from tqdm import tqdm
 
 import checkpoint
 import datasets
+import diagnostics
 import distributed
 import files
 import label_rules
+import label_state
 import loaders
-import methods
 import metrics
 import models
+import registry
 import resize
 import synthetic  # noqa: F401  registers the synthetic generator and backbone with datasets (which never imports it)
 import trainstep
@@ -91,7 +93,7 @@ def autocast_for(cfg: Config, device: torch.device):
 
 
 def build_optimizer(
-    cfg: Config, model: models.MultiLabelClassifier, state: methods.LabelState | None = None
+    cfg: Config, model: models.MultiLabelClassifier, state: label_state.LabelState | None = None
 ) -> torch.optim.Optimizer:
     """The official optimiser: backbone at ``lr``, head (and what the methods train, e.g. ROLE's label estimator) at
     ``lr * lr_mult``; Adam without weight decay, or SGD with momentum 0.9 and weight decay 1e-3."""
@@ -100,8 +102,8 @@ def build_optimizer(
         {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult},
     ]
     if state is not None:
-        groups += methods.extra_param_groups(cfg, state)
-    return methods.make_optimizer(cfg, groups)
+        groups += registry.extra_param_groups(cfg, state)
+    return trainstep.make_optimizer(cfg, groups)
 
 
 def divergence_flags(cfg: Config) -> list[str]:
@@ -109,8 +111,8 @@ def divergence_flags(cfg: Config) -> list[str]:
     loss and the modifiers in use (GR Loss's, BoostLU's alpha, EM's alpha, ...). A scheme's rate only selects
     entries, so it is not one of them."""
     names = ["lr", "lr_mult"]
-    for method in methods.active(cfg):
-        if method.kind != methods.SCHEME:
+    for method in registry.active(cfg):
+        if method.kind != registry.SCHEME:
             names += [flag.name for flag in method.flags if flag.type is float and flag.name not in names]
     return names
 
@@ -162,7 +164,7 @@ def train_one_epoch(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
-    state: methods.LabelState,
+    state: label_state.LabelState,
     *,
     rate: float,
     epoch: int,
@@ -178,8 +180,8 @@ def train_one_epoch(
     sampler.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device)
     num_selected = torch.zeros((), dtype=torch.long, device=device)
-    diagnostics = methods.Diagnostics(device) if state.clean is not None else None
-    corrects = methods.corrects_labels(cfg)  # LL-Cp: selections become permanent corrections
+    memorisation = diagnostics.Diagnostics(device) if state.clean is not None else None
+    corrects = registry.corrects_labels(cfg)  # LL-Cp: selections become permanent corrections
     num_batches = len(loader)
     flips = sampler.flips.to(device)  # the epoch's flips, copied once; indexed on the device below
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, file=sys.stderr, disable=not ctx.is_main)
@@ -206,7 +208,7 @@ def train_one_epoch(
             reduce = lambda matrix, w=weight: (matrix * w).sum()  # noqa: E731
         with amp():
             logits = model(x)
-        loss, selected = methods.compute_loss(
+        loss, selected = registry.compute_loss(
             cfg, logits, batch_observed, rows, rate, state, select=select, reduce=reduce, epoch=epoch, flip=flip
         )
         optimizer.zero_grad(set_to_none=True)
@@ -219,8 +221,8 @@ def train_one_epoch(
             corrected_rows, corrected, corrected_real = rows, selected, None
         if corrects:  # permanent correction: later epochs see these entries as observed positives
             state.observed.correct(corrected_rows, corrected, corrected_real)
-        if diagnostics is not None:
-            diagnostics.update(logits, state.initial[rows], state.clean[rows], selected, real if ctx.enabled else None)
+        if memorisation is not None:
+            memorisation.update(logits, state.initial[rows], state.clean[rows], selected, real if ctx.enabled else None)
         loss_sum += loss.detach() / ctx.world
         num_selected += corrected.sum()
         if step % CHECK_EVERY == 0 or step == num_batches:
@@ -229,11 +231,11 @@ def train_one_epoch(
     loss_sum = distributed.all_sum(loss_sum, ctx)
     stats = {"train_loss": float(loss_sum) / max(num_batches, 1), "num_selected": int(num_selected)}
     stats["train_first_batch_seconds"] = round(timings.get("first_batch_seconds", 0.0), 3)
-    if diagnostics is not None:
-        distributed.all_sum(diagnostics.sums, ctx)
-        stats.update(diagnostics.summary())
+    if memorisation is not None:
+        distributed.all_sum(memorisation.sums, ctx)
+        stats.update(memorisation.summary())
         if corrects:
-            stats.update(methods.corrected_labels_summary(state))
+            stats.update(diagnostics.corrected_labels_summary(state))
     return stats
 
 
@@ -384,7 +386,7 @@ def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
         smallcnn_weights=smallcnn_weights,
         image_size=cfg.image_size,
         pretrained_path=cfg.pretrained_path,
-        **methods.model_options(cfg),
+        **registry.model_options(cfg),
     )
 
 
@@ -397,7 +399,7 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
     contiguous share of the rows), all from one pool of workers. With ``--cache disk`` each reads its split's disk
     cache (built by the first process). EM+APL also gets the training images in row order."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
-    if methods.needs_train_scores(cfg):
+    if registry.needs_train_scores(cfg):
         splits["train_rows"] = data.train
     parts = {}
     for name, split in splits.items():
@@ -438,7 +440,7 @@ class Progress:
 
 
 def checkpoint_payload(
-    cfg, model, optimizer, state: methods.LabelState, progress: Progress, log: list[str] | None = None
+    cfg, model, optimizer, state: label_state.LabelState, progress: Progress, log: list[str] | None = None
 ) -> dict:
     """What a checkpoint holds; ``log``: the log.jsonl lines it covers, from which a lost or cut log is rebuilt."""
     payload = {
@@ -455,7 +457,7 @@ def checkpoint_payload(
     return payload
 
 
-def restore(payload: dict, model, optimizer, state: methods.LabelState) -> Progress:
+def restore(payload: dict, model, optimizer, state: label_state.LabelState) -> Progress:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     state.restore(payload["labels"])
@@ -499,7 +501,7 @@ class Session:
     data: datasets.Data
     folder: checkpoint.RunFolder
     model: models.MultiLabelClassifier  # its state_dict is what gets saved
-    state: methods.LabelState
+    state: label_state.LabelState
     loaders: dict
     amp: object
     progress: Progress = field(default_factory=Progress)
@@ -532,7 +534,7 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
     device = resolve_device(cfg, ctx)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    reason = methods.single_process_reason(cfg)
+    reason = registry.single_process_reason(cfg)
     if ctx.enabled and reason:
         raise TrainingError(reason)
     reason = cuda_graph_refusal(cfg, device, ctx)
@@ -576,7 +578,7 @@ def _run_in_folder(cfg: Config, ctx, device, data: datasets.Data, folder: checkp
     torch.manual_seed(cfg.seed)
     model = _main_first(ctx, device, lambda: build_model(cfg, data.num_classes))
     model = model.to(device, memory_format=torch.channels_last)
-    state = methods.build_label_state(cfg, data.train, device)
+    state = registry.build_label_state(cfg, data.train, device)
     s = Session(
         cfg, ctx, device, data, folder, model, state, build_loaders(cfg, data, device, ctx), autocast_for(cfg, device)
     )
@@ -597,10 +599,10 @@ def _run_in_folder(cfg: Config, ctx, device, data: datasets.Data, folder: checkp
 
 def _prepare_and_train(s: Session) -> None:
     """LinearInit's first phase or the resumed state, then the end-to-end epochs."""
-    if s.folder.resume_from is None and methods.before_training_hooks(s.cfg):
+    if s.folder.resume_from is None and registry.before_training_hooks(s.cfg):
         if s.ctx.is_main and s.folder.log.exists():
             _save(checkpoint.write_log, s.folder.log, [], kept=s.kept())  # an unfinished first phase runs again
-        methods.before_training(s, lambda scores: _scores_map(scores, eval_labels(s.data.val, s.device)))
+        registry.before_training(s, lambda scores: _scores_map(scores, eval_labels(s.data.val, s.device)))
     s.optimizer = build_optimizer(s.cfg, s.model, s.state)
     if s.folder.resume_from is not None:
         s.progress = restore(s.folder.resume_from, s.model, s.optimizer, s.state)
@@ -651,7 +653,7 @@ def write_final(test: dict, s: Session, seconds: float) -> dict:
         if s.forward.warmup_s is not None:
             final["fast_step_warmup_s"] = round(s.forward.warmup_s, 1)
     if s.ctx.enabled:
-        final["label_state_identical_on_all_processes"] = methods.same_on_all_processes(s.state, s.ctx)
+        final["label_state_identical_on_all_processes"] = label_state.same_on_all_processes(s.state, s.ctx)
     if s.ctx.is_main:
         kept = "every checkpoint and bestmodel.pt"
         _save(files.write_text_atomic, s.folder.path / "final.json", json.dumps(final, indent=2) + "\n", kept=kept,
@@ -688,7 +690,7 @@ def _main_first(ctx: distributed.Context, device: torch.device, make):
 def cuda_graph_refusal(cfg: Config, device: torch.device, ctx: distributed.Context) -> str | None:
     """Why this run's training step cannot be replayed as a CUDA graph: the device, torchrun, or a method that needs
     the eager forward (None: it can)."""
-    return trainstep.cuda_graph_reason(device, ctx.enabled) or methods.eager_forward_reason(cfg)
+    return trainstep.cuda_graph_reason(device, ctx.enabled) or registry.eager_forward_reason(cfg)
 
 
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: distributed.Context):
@@ -722,7 +724,7 @@ def _train_epochs(s: Session) -> None:
     while progress.epoch < cfg.num_epochs and not progress.early_stopped:
         epoch = progress.epoch + 1
         epoch_start = time.time()
-        rate = methods.modification_rate(cfg, epoch)
+        rate = registry.modification_rate(cfg, epoch)
         positives_at_start = s.state.observed.num_positive()
         stats = train_one_epoch(cfg, s.forward, s.loaders["train"], s.optimizer, s.state, rate=rate, epoch=epoch,
                                 device=device, amp=s.amp, ctx=s.ctx, stop=s.stop)  # fmt: skip
@@ -732,7 +734,7 @@ def _train_epochs(s: Session) -> None:
         def train_scores(desc=f"epoch {epoch} APL"):  # the loader exists only for methods that ask for scores
             return predict(s.forward, s.loaders["train_rows"], device, desc, s.amp, s.ctx)
 
-        stats.update(methods.after_epoch(cfg, s.state, epoch, train_scores))
+        stats.update(registry.after_epoch(cfg, s.state, epoch, train_scores))
         val_start = time.time()
         val = evaluate(s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp, ctx=s.ctx)
         val_seconds, val_map = time.time() - val_start, val["map"]
@@ -769,7 +771,7 @@ def _train_epochs(s: Session) -> None:
 
 def best_model_payload(s: Session, epoch: int, val_map: float) -> dict:
     best = {"model": s.model.state_dict(), "epoch": epoch, "val_map": val_map, "config": s.cfg.to_dict()}
-    best.update(methods.best_model_extras(s.cfg, s.state))
+    best.update(registry.best_model_extras(s.cfg, s.state))
     return best
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pseudo_labels  # noqa: E402
+import clip_scores  # noqa: E402
 
 TINY = {
     "embed_dim": 16,
@@ -44,21 +44,21 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=1)
     args = parser.parse_args()
     device = torch.device(args.device)
-    open_clip = pseudo_labels.import_open_clip()
+    open_clip = clip_scores.import_open_clip()
     name = args.clip
     if name == "tiny":
         name = "bench-tiny-clip"
         open_clip.factory._MODEL_CONFIGS[name] = TINY
     torch.manual_seed(0)
-    model, tokenizer = pseudo_labels.load_clip(name, None, device)
-    size = pseudo_labels._image_size(model)
-    texts = pseudo_labels.text_features(model, tokenizer, [f"a photo of a class {i}." for i in range(80)], device)
+    model, tokenizer = clip_scores.load_clip(name, None, device)
+    size = clip_scores._image_size(model)
+    texts = clip_scores.text_features(model, tokenizer, [f"a photo of a class {i}." for i in range(80)], device)
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
         names = np.array([f"{i}.jpg" for i in range(args.images)])
         for n in names:
             Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(Path(folder) / n)
-        fill = pseudo_labels.clip_fill(model, texts, folder, names, args.grid, size, device, args.batch,
+        fill = clip_scores.clip_fill(model, texts, folder, names, args.grid, size, device, args.batch,
                                        args.num_workers, "imagenet")  # fmt: skip
         for _ in fill(np.arange(min(8, args.images))):  # warm-up: workers, kernels
             pass

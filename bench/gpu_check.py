@@ -73,7 +73,6 @@ import throughput  # noqa: E402
 import datasets  # noqa: E402
 import loaders  # noqa: E402
 import losses  # noqa: E402
-import methods  # noqa: E402
 import resize  # noqa: E402
 import train  # noqa: E402
 import trainstep  # noqa: E402
@@ -230,12 +229,12 @@ def roof_model(device: torch.device, seed: int = 0, foreach: bool = False):
     torch.manual_seed(seed)
     model = throughput.build_model(SETTINGS["arch"], NUM_CLASSES).to(device, memory_format=torch.channels_last)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    # main.py's optimiser (fused Adam on CUDA, methods.fused_adam); ``foreach``: torch's foreach Adam instead
+    # main.py's optimiser (fused Adam on CUDA, trainstep.fused_adam); ``foreach``: torch's foreach Adam instead
     if foreach:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=True)
     else:
         adam = SimpleNamespace(optimizer="adam", lr=1e-5)
-        optimizer = methods.make_optimizer(adam, [{"params": model.parameters()}])
+        optimizer = trainstep.make_optimizer(adam, [{"params": model.parameters()}])
     size = SETTINGS["size"]
     images = torch.randint(0, 256, (BSIZE, 3, size, size), dtype=torch.uint8, device=device)
     observed = (torch.rand(BSIZE, NUM_CLASSES, device=device) < 0.05).to(torch.int8)

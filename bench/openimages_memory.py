@@ -53,7 +53,7 @@ def child(step: str, root: str) -> None:
     import torch
 
     import datasets
-    import methods
+    import label_state
 
     start = time.time()
     out = {}
@@ -66,7 +66,7 @@ def child(step: str, root: str) -> None:
         cfg = config.parse_config(["--dataset", "openimages", "--data_root", root, "--exp_name", "bench"])
         data = datasets.build_data(cfg)  # exactly what main.py does before training
         train = data.train.observed
-        store = methods.label_store(train, torch.device("cpu"))
+        store = label_state.label_store(train, torch.device("cpu"))
         out["train_rows"], out["train_entries"] = len(train), int(train.indptr[-1])
         out["val_rows"], out["test_rows"], out["groups"] = (
             len(data.val),

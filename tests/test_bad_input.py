@@ -19,6 +19,7 @@ import checkpoint
 import config
 import datasets
 import files
+import loaders
 import main
 import synthetic
 
@@ -147,9 +148,9 @@ def interrupt(*args, **kwargs):
 
 
 @pytest.mark.slow  # runs main.py or several processes
-@pytest.mark.parametrize("where", ["build_data", "build_disk_cache"])
-def test_ctrl_c_before_training_exits_130_with_a_message(synthetic_root, tmp_path, monkeypatch, where):
-    monkeypatch.setattr(datasets, where, interrupt)  # Ctrl-C while the data is prepared, or the disk cache built
+@pytest.mark.parametrize("module, where", [(datasets, "build_data"), (loaders, "build_disk_cache")])
+def test_ctrl_c_before_training_exits_130_with_a_message(synthetic_root, tmp_path, monkeypatch, module, where):
+    monkeypatch.setattr(module, where, interrupt)  # Ctrl-C while the data is prepared, or the disk cache built
     code, _, err = run_main(*on_synthetic(synthetic_root, tmp_path, "x", "--cache", "disk"))
     assert code == 130 and "Interrupted (Ctrl-C)" in err and "run the same command again" in err
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import drop_timings, read_run, run_cli, run_main
 
-import methods
+import registry
 
 pytestmark = pytest.mark.slow  # every test here runs main.py: in this process (run_main), or a subprocess (run_cli)
 
@@ -124,7 +124,7 @@ def test_config_json_is_the_printed_config(scheme_runs):
     names = proc.stdout.split("recorded in config.json, not used by this run: ")[1].split("\nimages:")[0]
     unused = [name.strip() for name in names.split(",")]
     assert "delta_rel" in unused and "em_alpha" in unused  # an AN run: only the methods' settings it does not use
-    assert set(unused) <= {*methods.flags(), "pretrained_weights"}
+    assert set(unused) <= {*registry.flags(), "pretrained_weights"}
     for key in config:  # every setting is printed, or named as not used
         assert key == "from_preset" or key in unused or f"\n  {key:18s} " in proc.stdout, key
     assert config["from_preset"] and "lr" in config["from_preset"]

@@ -4,11 +4,11 @@ scheme) x training mode x dataset x label regime x variant x modifier x single p
 How the cross-product is walked, to stay fast on 2 cores:
 - every combination's config is resolved and validated (``config_from_args``, as ``main.py`` does before anything is
   loaded); a refusal must be a ``ValueError`` whose message names a flag. Under torchrun the trainer refuses the
-  single-process methods before training (``methods.single_process_reason``), checked for every accepted one;
+  single-process methods before training (``registry.single_process_reason``), checked for every accepted one;
 - the dataset and the label regime change only the constants and which labels are observed, not the code a training
   step runs; so one or two steps run for each distinct (variant, loss, scheme, modifier, mode) on synthetic-sized
   tensors in this process: end to end, two epochs of the configured loss with the scheme's rate, the label
-  corrections and the per-epoch hooks; LinearInit, its frozen-feature phase (``methods.train_linear_head``, where
+  corrections and the per-epoch hooks; LinearInit, its frozen-feature phase (``linear_init.train_linear_head``, where
   ``--loss gr --train_mode linear_init`` used to fail) on random features. Images, loaders and torchrun's collectives
   are covered by tests/test_train.py and tests/test_distributed.py.
 """
@@ -23,8 +23,11 @@ import torch
 from conftest import BUILT_IN_DATASETS, run_main
 
 import config
+import linear_init
 import methods
 import models
+import registry
+import trainstep
 
 REGIMES = {"single positive": [], "2 positives, 1 negative": ["--num_pos", "2", "--num_neg", "1"],
            "30% of the labels": ["--label_proportion", "0.3"]}  # fmt: skip
@@ -35,8 +38,8 @@ def cross_product() -> list[tuple[str, list[str]]]:
     """(a name, the command line) of every combination."""
     out = []
     for variant, loss, scheme, mode, dataset, (regime, regime_flags), (modifier, modifier_flags) in itertools.product(
-        methods.names(methods.VARIANT), methods.names(methods.LOSS), methods.names(methods.SCHEME),
-        methods.names(methods.MODE), config.dataset_names(), REGIMES.items(), MODIFIERS.items(),
+        registry.names(registry.VARIANT), registry.names(registry.LOSS), registry.names(registry.SCHEME),
+        registry.names(registry.MODE), config.dataset_names(), REGIMES.items(), MODIFIERS.items(),
     ):  # fmt: skip
         argv = ["--dataset", dataset, "--train_set_variant", variant, "--loss", loss, "--mod_scheme", scheme,
                 "--train_mode", mode, *regime_flags, *modifier_flags, "--exp_name", "x"]  # fmt: skip
@@ -62,7 +65,7 @@ def test_every_combination_is_accepted_or_refused_with_a_message():
             refused.append(name)
             continue
         accepted.append(name)
-        reason = methods.single_process_reason(cfg)
+        reason = registry.single_process_reason(cfg)
         if reason is not None:
             assert "Start it without torchrun" in reason, name
             torchrun_refused.append(name)
@@ -122,44 +125,46 @@ def fake_pseudo_labels(cfg, state) -> None:
     state.extra["vlp_score_file"] = "fake"
 
 
-@pytest.mark.parametrize("cfg", PATHS, ids=lambda c: methods.row_of(c) + "_" + c.train_mode)
+@pytest.mark.parametrize("cfg", PATHS, ids=lambda c: registry.row_of(c) + "_" + c.train_mode)
 def test_each_distinct_code_path_trains_a_step(cfg, monkeypatch):
     torch.manual_seed(0)
     num_images, num_classes, feat = 12, 16, 8
-    for method in methods.active(cfg):
+    for method in registry.active(cfg):
         if method.init_state is methods._vlp_init:  # reads a score file of a real data root
             monkeypatch.setitem(
-                methods.REGISTRY, method.name, dataclasses.replace(method, init_state=fake_pseudo_labels)
+                registry.REGISTRY, method.name, dataclasses.replace(method, init_state=fake_pseudo_labels)
             )
     split = with_clean_labels(cfg, fake_split(num_images, num_classes))
-    state = methods.build_label_state(cfg, split, torch.device("cpu"))
+    state = registry.build_label_state(cfg, split, torch.device("cpu"))
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, feat, 3, padding=1))
-    model = models.MultiLabelClassifier(backbone, feat, num_classes, "avg", **methods.model_options(cfg))
+    model = models.MultiLabelClassifier(backbone, feat, num_classes, "avg", **registry.model_options(cfg))
     if cfg.train_mode == "linear_init":
         feats = torch.randn(num_images, feat)
-        best = methods.train_linear_head(cfg, model, state, feats, feats[:4], None, lambda s, _: 50.0, lambda r: None)
+        best = linear_init.train_linear_head(
+            cfg, model, state, feats, feats[:4], None, lambda s, _: 50.0, lambda r: None
+        )
         assert best["epoch"] == 1
-    groups = [{"params": list(model.parameters()), "lr": cfg.lr}, *methods.extra_param_groups(cfg, state)]
-    optimizer = methods.make_optimizer(cfg, groups)
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr}, *registry.extra_param_groups(cfg, state)]
+    optimizer = trainstep.make_optimizer(cfg, groups)
     images = torch.randn(num_images, 3, 4, 4)
     for epoch in (1, 2):
-        rate = methods.modification_rate(cfg, epoch)
+        rate = registry.modification_rate(cfg, epoch)
         for rows in torch.arange(num_images).split(cfg.bsize):
-            loss, selected = methods.compute_loss(cfg, model(images[rows]), state.observed.batch(rows), rows, rate,
+            loss, selected = registry.compute_loss(cfg, model(images[rows]), state.observed.batch(rows), rows, rate,
                                                   state, epoch=epoch)  # fmt: skip
-            assert torch.isfinite(loss), (methods.row_of(cfg), epoch)
+            assert torch.isfinite(loss), (registry.row_of(cfg), epoch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if methods.corrects_labels(cfg):
+            if registry.corrects_labels(cfg):
                 state.observed.correct(rows, selected)
         with torch.no_grad():
-            methods.after_epoch(cfg, state, epoch, lambda: torch.sigmoid(model(images)))
+            registry.after_epoch(cfg, state, epoch, lambda: torch.sigmoid(model(images)))
 
 
 def test_the_distinct_code_paths_cover_every_entry():
-    used = {m.name for cfg in PATHS for m in methods.active(cfg)}
-    assert used == set(methods.REGISTRY)
+    used = {m.name for cfg in PATHS for m in registry.active(cfg)}
+    assert used == set(registry.REGISTRY)
     print(f"\n{len(PATHS)} distinct code paths trained")
 
 

@@ -39,6 +39,7 @@ import formats
 import label_rules
 import loaders
 import main
+import prepare_data
 import resize
 import synthetic
 from datasets import DataError
@@ -801,7 +802,7 @@ def test_prepare_refuses_zero_byte_images(tmp_path, capsys):
     root = make_coco(tmp_path / "coco")
     for image in root.glob("*2014/*.jpg"):
         image.write_bytes(b"")
-    assert datasets.cli(["coco", "--data_root", str(root)]) == 1
+    assert prepare_data.cli(["coco", "--data_root", str(root)]) == 1
     err = capsys.readouterr().err
     # train 5 + val 3 annotated images, every one empty
     assert err.startswith("error: 8 of 8 are empty files (zero bytes), for example:")
@@ -812,12 +813,12 @@ def test_prepare_refuses_images_that_do_not_decode(tmp_path, capsys):
     root = make_coco(tmp_path / "coco")
     bad = root / "val2014/COCO_val2014_000000000042.jpg"
     bad.write_bytes(b"not a jpeg at all")
-    assert datasets.cli(["coco", "--data_root", str(root)]) == 1
+    assert prepare_data.cli(["coco", "--data_root", str(root)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: 1 of 8 sampled images cannot be decoded:") and f"Cannot decode image {bad}" in err
     bad.unlink()
     (root / "val2014" / bad.name).write_bytes((root / "train2014/COCO_train2014_000000000009.jpg").read_bytes())
-    assert datasets.cli(["coco", "--data_root", str(root)]) == 0
+    assert prepare_data.cli(["coco", "--data_root", str(root)]) == 0
     assert f"coco is ready in {root}: train 5, val 3 images, 80 classes." in capsys.readouterr().out
 
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import config
-import methods
+import registry
 
 DOCS = Path(__file__).resolve().parent.parent
 
@@ -34,25 +34,25 @@ def test_cli_md_names_every_flag():
 
 def test_cli_md_names_every_registered_method_under_its_flag():
     lines = (DOCS / "docs" / "cli.md").read_text().splitlines()
-    for kind, selector in methods.SELECTOR.items():
+    for kind, selector in registry.SELECTOR.items():
         line = next(row for row in lines if row.startswith(f"| `--{selector}`") or f"`--{selector}`," in row)
-        missing = [name for name in methods.names(kind) if f"`{name}`" not in line]
+        missing = [name for name in registry.names(kind) if f"`{name}`" not in line]
         assert not missing, f"docs/cli.md's --{selector} line does not name {missing}"
 
 
 def test_methods_md_table_has_every_row_modifier_and_mode():
     cells = table_cells(DOCS / "docs" / "methods.md")
     default_mode = config.get_args_parser().get_default("train_mode")
-    titles = {title for key, title, _flags in methods.rows() if "+" not in key}
-    titles |= {m.title for m in methods.entries(methods.MODIFIER)}
-    titles |= {m.title for m in methods.entries(methods.MODE) if m.name != default_mode}
+    titles = {title for key, title, _flags in registry.rows() if "+" not in key}
+    titles |= {m.title for m in registry.entries(registry.MODIFIER)}
+    titles |= {m.title for m in registry.entries(registry.MODE) if m.name != default_mode}
     missing = sorted(t for t in titles if not has_row(cells, t) and not has_row(cells, f"+ {t}"))
     assert not missing, f"docs/methods.md's table has no row for {missing}"
 
 
 def test_readme_tables_have_every_row():
     cells = table_cells(DOCS / "README.md")
-    rows = [title for _key, title, _flags in methods.rows()]
+    rows = [title for _key, title, _flags in registry.rows()]
     second_column = [[row[2]] for row in cells if len(row) > 2]  # the synthetic table has two methods per line
     missing = [t for t in rows if not has_row(cells, t) and not has_row(second_column, t)]
     assert not missing, f"README.md's tables have no row for {missing}"
@@ -60,7 +60,7 @@ def test_readme_tables_have_every_row():
 
 def test_a_registered_method_missing_from_the_docs_fails_here():
     """The checks above see a method the docs do not name."""
-    entry = methods.register(methods.Method("undocumented", methods.LOSS, title="Undocumented", loss=lambda b: None))
+    entry = registry.register(registry.Method("undocumented", registry.LOSS, title="Undocumented", loss=lambda b: None))
     try:
         checks = (test_cli_md_names_every_registered_method_under_its_flag,
                   test_methods_md_table_has_every_row_modifier_and_mode, test_readme_tables_have_every_row)  # fmt: skip
@@ -72,4 +72,4 @@ def test_a_registered_method_missing_from_the_docs_fails_here():
             else:
                 raise AssertionError(f"{check.__name__} passed without the method {entry.name!r} in the docs")
     finally:
-        methods.unregister("undocumented")
+        registry.unregister("undocumented")

@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 import datasets
+import diagnostics
+import linear_init
 import losses
 import methods
 import models
+import registry
 import train
 from config import parse_config
 
@@ -23,7 +26,7 @@ def test_diagnostics_match_a_hand_computation():
     initial = torch.tensor([[1, 0, 0], [0, 0, 0]])
     clean = torch.tensor([[True, True, False], [False, True, False]])
     selected = torch.tensor([[False, True, False], [True, False, False]])
-    d = methods.Diagnostics(torch.device("cpu"))
+    d = diagnostics.Diagnostics(torch.device("cpu"))
     d.update(logits, initial, clean, selected)
     s = d.summary()
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
@@ -38,7 +41,7 @@ def test_diagnostics_match_a_hand_computation():
 
 
 def test_diagnostics_without_candidates_report_none():
-    d = methods.Diagnostics(torch.device("cpu"))
+    d = diagnostics.Diagnostics(torch.device("cpu"))
     d.update(torch.zeros(1, 2), torch.tensor([[1, -1]]), torch.tensor([[True, False]]), torch.zeros(1, 2, dtype=bool))
     assert d.summary() == {k: None for k in ("fn_loss", "tn_loss", "fn_prob", "tn_prob", "selected_precision")}
 
@@ -100,7 +103,7 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
     data = datasets.build_data(cfg)
     torch.manual_seed(0)
     model = train.build_model(cfg, 16)
-    state = methods.build_label_state(cfg, data.train, torch.device("cpu"))
+    state = registry.build_label_state(cfg, data.train, torch.device("cpu"))
     records = []
     session = types.SimpleNamespace(
         cfg=cfg,
@@ -113,18 +116,18 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
         stop=train.StopRequest(),
     )
     val_labels = train.eval_labels(data.val, "cpu")
-    assert [m.name for m in methods.before_training_hooks(cfg)] == ["linear_init"]
-    methods.before_training(session, lambda scores: train._scores_map(scores, val_labels))
+    assert [m.name for m in registry.before_training_hooks(cfg)] == ["linear_init"]
+    registry.before_training(session, lambda scores: train._scores_map(scores, val_labels))
     cache = list((synthetic_root / "features").glob("*.npy"))
     assert len(cache) == 2  # train and val features
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and all(r["phase"] == "linear" for r in records)
     # The second phase starts from the best linear head: it scores val exactly as the best logged epoch did.
-    val_feats = methods.cached_features(cfg, model, data.val, torch.device("cpu"))
+    val_feats = linear_init.cached_features(cfg, model, data.val, torch.device("cpu"))
     with torch.no_grad():
         val_map = train._scores_map(torch.sigmoid(model.head(val_feats)), val_labels)
     assert val_map == pytest.approx(max(r["val_map"] for r in records), abs=1e-9)
     # A cache file that cannot be used (cut short, another shape, NaN) is computed again, to the same features.
-    path = methods.feature_cache_path(cfg, data.train)
+    path = linear_init.feature_cache_path(cfg, data.train)
     good = np.load(path)
     for damaged in (path.read_bytes()[:100], None, np.full_like(good, np.nan)):
         if damaged is None:
@@ -134,34 +137,34 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
         else:
             np.save(path, damaged)
         capsys.readouterr()
-        np.testing.assert_array_equal(methods.cached_features(cfg, model, data.train, torch.device("cpu")), good)
+        np.testing.assert_array_equal(linear_init.cached_features(cfg, model, data.train, torch.device("cpu")), good)
         assert "computing them again" in capsys.readouterr().out
         np.testing.assert_array_equal(np.load(path), good)
     # A second LinearInit run reads the cache: the backbone is never called.
     monkeypatch.setattr(model.backbone, "forward", lambda x: pytest.fail("features were recomputed"))
-    again = methods.cached_features(cfg, model, data.train, torch.device("cpu"))
+    again = linear_init.cached_features(cfg, model, data.train, torch.device("cpu"))
     assert again.shape == (len(data.train), models.SmallCNN.out_channels)
-    np.testing.assert_array_equal(again.numpy(), np.load(methods.feature_cache_path(cfg, data.train)))
+    np.testing.assert_array_equal(again.numpy(), np.load(linear_init.feature_cache_path(cfg, data.train)))
 
 
 def test_apl_state_and_quota(synthetic_root, tmp_path):
     cfg = tiny_cfg(synthetic_root, tmp_path, "--loss", "em_apl", "--num_epochs", "10", "--apl_warmup", "5")
     data = datasets.build_data(cfg)
-    state = methods.build_label_state(cfg, data.train, torch.device("cpu"))
+    state = registry.build_label_state(cfg, data.train, torch.device("cpu"))
     unobserved = (torch.from_numpy(data.train.observed) == 0).sum(0)
     quota, pseudo = state.extra["apl_quota"], state.extra["pseudo_negative"]
     assert torch.equal(quota, (0.9 * unobserved.double() / 5).floor().long())
     scores = torch.rand(len(data.train), 16, generator=torch.Generator().manual_seed(0))
     # the registry's per-epoch hook: nothing before the warm-up epoch, a round of labels from it on
-    assert methods.after_epoch(cfg, state, 4, lambda: pytest.fail("scored before the warm-up")) == {}
-    labelled = methods.after_epoch(cfg, state, 5, lambda: scores)["pseudo_labelled"]
+    assert registry.after_epoch(cfg, state, 4, lambda: pytest.fail("scored before the warm-up")) == {}
+    labelled = registry.after_epoch(cfg, state, 5, lambda: scores)["pseudo_labelled"]
     assert labelled == int(quota.sum()) and int(pseudo.sum()) == labelled
     assert torch.equal(state.extra["soft_label"][pseudo], scores[pseudo])
     assert (state.observed.matrix[pseudo] == 0).all()
-    assert methods.after_epoch(cfg, state, 10, lambda: pytest.fail("labels after the last epoch")) == {}
+    assert registry.after_epoch(cfg, state, 10, lambda: pytest.fail("labels after the last epoch")) == {}
     # the pseudo-labels are checkpointed and restored
     saved = state.checkpoint()
-    fresh = methods.build_label_state(cfg, data.train, torch.device("cpu"))
+    fresh = registry.build_label_state(cfg, data.train, torch.device("cpu"))
     fresh.restore(saved)
     assert torch.equal(fresh.extra["pseudo_negative"], pseudo) and torch.equal(fresh.extra["soft_label"],
                                                                                 state.extra["soft_label"])  # fmt: skip
@@ -209,12 +212,12 @@ def test_compute_loss_dispatches_every_baseline_to_its_own_loss(synthetic_root, 
     for loss in ("an", "wan", "lsan", "epr", "role", "em", "em_apl"):
         cfg = tiny_cfg(synthetic_root, tmp_path, "--loss", loss)
         data = datasets.build_data(cfg)
-        state = methods.build_label_state(cfg, data.train, torch.device("cpu"))
+        state = registry.build_label_state(cfg, data.train, torch.device("cpu"))
         observed = state.observed.batch(idx)
         if loss == "em_apl":  # some pseudo-labels, so that the APL term counts
             methods.pseudo_label_negatives(torch.rand(len(data.train), 16), state)
         z = logits.clone().requires_grad_(True)
-        value, selected = methods.compute_loss(cfg, z, observed, idx, 0.4, state)
+        value, selected = registry.compute_loss(cfg, z, observed, idx, 0.4, state)
         value.backward()
         assert z.grad is not None and z.grad.abs().sum() > 0, loss
         assert value.item() == pytest.approx(expected_loss(loss, logits, observed, idx, state).item(), rel=1e-6), loss
@@ -229,7 +232,7 @@ def test_compute_loss_dispatches_every_baseline_to_its_own_loss(synthetic_root, 
 def test_feature_cache_goes_to_cache_dir(synthetic_root, tmp_path):
     cfg = tiny_cfg(synthetic_root, tmp_path, "--cache_dir", str(tmp_path / "cache"))
     data = datasets.build_data(cfg)
-    path = methods.feature_cache_path(cfg, data.train)
+    path = linear_init.feature_cache_path(cfg, data.train)
     assert path.is_relative_to(tmp_path / "cache") and path.parent.name == "features"
-    plain = methods.feature_cache_path(tiny_cfg(synthetic_root, tmp_path), data.train)
+    plain = linear_init.feature_cache_path(tiny_cfg(synthetic_root, tmp_path), data.train)
     assert plain.parent == synthetic_root / "features" and plain.name == path.name

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 import datasets
-import methods
+import registry
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def names() -> set[str]:
-    return set(methods.REGISTRY) | set(datasets.DATASET_INFO)
+    return set(registry.REGISTRY) | set(datasets.DATASET_INFO)
 
 
 def compared_names(source: str) -> list[tuple[int, str]]:

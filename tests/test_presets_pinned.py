@@ -10,7 +10,7 @@ import pytest
 from conftest import BUILT_IN_DATASETS, BUILT_IN_ROWS
 
 import config
-import methods
+import registry
 
 PINNED = Path(__file__).with_name("pinned_presets.json")
 MODES = ("end_to_end", "linear_init")
@@ -24,13 +24,13 @@ def resolved(dataset: str, row_flags: tuple[str, ...], mode: str) -> dict:
         cfg = config.config_from_args(config.get_args_parser().parse_args(argv))
     except ValueError:
         return {"refused": True}
-    keys = [*config.DATASET_PRESETS, "mod_scheme", *methods.flags()]
+    keys = [*config.DATASET_PRESETS, "mod_scheme", *registry.flags()]
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items() if k in keys}
     return {**values, "from_preset": list(cfg.from_preset)}
 
 
 def current() -> dict:
-    rows = {key: flags for key, _title, flags in methods.rows() if key in BUILT_IN_ROWS}
+    rows = {key: flags for key, _title, flags in registry.rows() if key in BUILT_IN_ROWS}
     return {f"{d} {key} {mode}": resolved(d, flags, mode) for d in BUILT_IN_DATASETS for key, flags in rows.items()
             for mode in MODES}  # fmt: skip
 

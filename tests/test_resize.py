@@ -208,7 +208,7 @@ def test_device_resize_and_the_disk_cache_are_refused_together(tmp_path):
 def test_linear_init_features_are_the_same_with_the_device_resize(synthetic_root, tmp_path, monkeypatch):
     """LinearInit's cached features (its own loader) get the device resize too, and the same pixels: 32x32 synthetic
     images upscaled to 40."""
-    import methods
+    import linear_init
     import train
     from config import parse_config
 
@@ -223,6 +223,6 @@ def test_linear_init_features_are_the_same_with_the_device_resize(synthetic_root
         data = datasets.build_data(cfg)
         torch.manual_seed(0)
         model = train.build_model(cfg, data.num_classes)
-        features[way] = methods.cached_features(cfg, model, data.val, torch.device("cpu"))
+        features[way] = linear_init.cached_features(cfg, model, data.val, torch.device("cpu"))
     assert torch.equal(features["workers"], features["device"])
     assert sum(resized) == len(features["device"])  # every image went through the device resize, once

@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import datasets
 import loaders
-import methods
 import models
+import registry
 import train
 from config import parse_config
 
@@ -79,7 +79,7 @@ def count_syncs(cfg, data, steps: int) -> tuple[list[int], collections.Counter]:
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = models.build_model(cfg.arch, data.num_classes, use_pretrained=False).to(memory_format=torch.channels_last)
-    state = methods.build_label_state(cfg, data.train, device)
+    state = registry.build_label_state(cfg, data.train, device)
     optimizer = train.build_optimizer(cfg, model, state)
     loader = loaders.make_loader(data.train, cfg, train=True, pin_memory=False)
     epoch = 3

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import datasets
+import label_state
 import loaders
 import losses
-import methods
 import models
 import train
+import trainstep
 from config import parse_config
 
 
@@ -31,7 +32,7 @@ def tiny_model():
 def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entries(synthetic_root, monkeypatch):
     initial = np.zeros((24, 16), dtype=np.int8)
     initial[:, 0] = 1
-    observed = methods.DenseLabelStore(initial, torch.device("cpu"))
+    observed = label_state.DenseLabelStore(initial, torch.device("cpu"))
     selections = []
     real_large_loss = losses.large_loss
 
@@ -45,7 +46,7 @@ def test_ll_cp_updates_the_label_matrix_in_place_with_exactly_the_selected_entri
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = tiny_loader(synthetic_root)
     cfg = parse_config(["--mod_scheme", "LL-Cp", "--exp_name", "x"])
-    state = methods.LabelState(observed)
+    state = label_state.LabelState(observed)
     stats = train.train_one_epoch(cfg, model, loader, optimizer, state, rate=0.05, epoch=2, device=torch.device("cpu"))
     # ceil(8 * 16 * 0.05) = 7 per batch, 3 batches
     assert stats["num_selected"] == 21 and observed.num_positive() == 24 + 21
@@ -60,7 +61,7 @@ def test_non_finite_loss_stops_with_a_clear_message(synthetic_root):
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    state = methods.LabelState(methods.DenseLabelStore(np.zeros((24, 16), dtype=np.int8), torch.device("cpu")))
+    state = label_state.LabelState(label_state.DenseLabelStore(np.zeros((24, 16), dtype=np.int8), torch.device("cpu")))
     cfg = parse_config(["--mod_scheme", "AN", "--exp_name", "x"])
     with pytest.raises(train.TrainingError, match="NaN or infinite"):
         train.train_one_epoch(cfg, model, tiny_loader(synthetic_root), optimizer, state, rate=0.0, epoch=1,
@@ -76,15 +77,15 @@ def test_optimizer_gives_the_head_lr_times_lr_mult():
 
 def test_adam_is_fused_on_cuda_only_and_a_resumed_run_keeps_the_implementation_it_saved():
     cuda, host = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
-    assert methods.fused_adam([{"params": [cuda, cuda]}, {"params": [cuda]}])
-    assert not methods.fused_adam([{"params": [cuda]}, {"params": [host]}])
-    assert not methods.fused_adam([{"params": []}])
+    assert trainstep.fused_adam([{"params": [cuda, cuda]}, {"params": [cuda]}])
+    assert not trainstep.fused_adam([{"params": [cuda]}, {"params": [host]}])
+    assert not trainstep.fused_adam([{"params": []}])
     # On a CPU the paper's Adam keeps torch's default implementation, so CPU results repeat as before.
     optimizer = train.build_optimizer(parse_config(["--exp_name", "x"]), tiny_model())
     assert [g["fused"] for g in optimizer.param_groups] == [None, None]
     # Parameters given as a generator (model.parameters()) are all kept: deciding on fused must not use them up.
     model = tiny_model()
-    optimizer = methods.make_optimizer(parse_config(["--exp_name", "x"]), [{"params": model.parameters()}])
+    optimizer = trainstep.make_optimizer(parse_config(["--exp_name", "x"]), [{"params": model.parameters()}])
     assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters())) > 0
     # A checkpoint of a fused (CUDA) run resumes fused wherever it resumes, and a default one stays default: the
     # choice travels in the optimiser's state.

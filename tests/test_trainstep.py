@@ -9,9 +9,10 @@ from conftest import drop_timings
 
 import datasets
 import distributed
+import label_state
 import loaders
-import methods
 import models
+import registry
 import train
 import trainstep
 from config import parse_config
@@ -161,7 +162,7 @@ def test_epochs_through_the_fast_step_equal_eager_epochs(synthetic_root, monkeyp
         optimizer = train.build_optimizer(cfg, model)
         initial = np.zeros((20, 16), dtype=np.int8)
         initial[:, 0] = 1
-        state = methods.LabelState(methods.DenseLabelStore(initial, torch.device("cpu")))
+        state = label_state.LabelState(label_state.DenseLabelStore(initial, torch.device("cpu")))
         loader = loaders.make_loader(split, cfg, train=True, pin_memory=False)
         stats = [train.train_one_epoch(cfg, forward, loader, optimizer, state, rate=0.05, epoch=e,
                                        device=torch.device("cpu")) for e in (1, 2)]  # fmt: skip
@@ -175,10 +176,10 @@ def test_epochs_through_the_fast_step_equal_eager_epochs(synthetic_root, monkeyp
 
 def test_a_method_that_needs_the_eager_forward_keeps_it():
     """A registry entry with ``eager_forward`` turns the graph off under auto; under on the run is refused with it."""
-    an = methods.get("an", methods.LOSS)
-    entry = methods.Method("hooked", methods.LOSS, summary="AN with a forward hook (a test method)", loss=an.loss,
+    an = registry.get("an", registry.LOSS)
+    entry = registry.Method("hooked", registry.LOSS, summary="AN with a forward hook (a test method)", loss=an.loss,
                            eager_forward="it reads a forward hook's output every step")  # fmt: skip
-    methods.register(entry)
+    registry.register(entry)
     try:
         cfg, gpu, single = (
             parse_config(["--exp_name", "x", "--loss", "hooked"]),
@@ -191,5 +192,5 @@ def test_a_method_that_needs_the_eager_forward_keeps_it():
         model = tiny_model()
         assert train.wrap_model(cfg, model, gpu, single) is model
     finally:
-        methods.unregister("hooked")
+        registry.unregister("hooked")
     assert train.cuda_graph_refusal(parse_config(["--exp_name", "x"]), gpu, single) is None

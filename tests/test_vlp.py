@@ -11,10 +11,12 @@ import torch
 from fixtures_raw import make_pascal
 from PIL import Image
 
+import clip_scores
+import label_state
 import losses
 import losses_vlp
 import methods
-import pseudo_labels
+import registry
 from config import parse_config
 
 EPS5, EPS7 = 1e-5, 1e-7
@@ -204,23 +206,23 @@ def test_presets_name_each_papers_scorer_and_constants():
     assert (cfg.vlp_grid, cfg.aevlp_top_k, cfg.vlp_temperature, cfg.gr_q3) == (5, 32, 0.1, 1.5)
     cfg = parse_config(["--dataset", "pascal", "--loss", "vlpl", "--exp_name", "x"])
     assert (cfg.vlp_clip, cfg.vlp_grid, cfg.vlp_threshold, cfg.em_alpha) == ("ViT-L-14-336", 0, 0.3, 0.2)
-    assert methods.paper_number("aevlp", "end_to_end", "coco") == 73.54
-    assert methods.paper_number("vlpl", "end_to_end", "cub") == 24.02
+    assert registry.paper_number("aevlp", "end_to_end", "coco") == 73.54
+    assert registry.paper_number("vlpl", "end_to_end", "cub") == 24.02
 
 
 def test_aevlp_refuses_torchrun_and_real_data_refuses_the_stand_in():
     cfg = parse_config(["--loss", "aevlp", "--exp_name", "x"])
-    assert "EPR regulariser" in methods.single_process_reason(cfg)
-    assert methods.single_process_reason(parse_config(["--loss", "vlpl", "--exp_name", "x"])) is None
+    assert "EPR regulariser" in registry.single_process_reason(cfg)
+    assert registry.single_process_reason(parse_config(["--loss", "vlpl", "--exp_name", "x"])) is None
     with pytest.raises(SystemExit):
         parse_config(["--dataset", "coco", "--loss", "vlpl", "--vlp_clip", "standin", "--exp_name", "x"])
 
 
 def test_the_flip_picks_the_pseudo_labels_of_the_view_trained_on():
-    state = methods.LabelState(observed=None)
+    state = label_state.LabelState(observed=None)
     table = torch.tensor([[[1, 0], [0, 1]], [[-1, 0], [0, -1]]], dtype=torch.int8)  # image x flip x class
     state.extra["vlp_pseudo"] = table
-    b = methods.LossInputs(None, None, None, torch.tensor([1, 0]), state, 0.0, 1, None, None,
+    b = registry.LossInputs(None, None, None, torch.tensor([1, 0]), state, 0.0, 1, None, None,
                            torch.tensor([True, False]))  # fmt: skip
     assert methods._vlp_batch_pseudo(b).tolist() == [[0, -1], [1, 0]]
     assert methods._vlp_batch_pseudo(b._replace(flip=None)).tolist() == [[-1, 0], [1, 0]]
@@ -248,23 +250,24 @@ def tiny_clip():
 
 def score(root, **kw):
     torch.manual_seed(0)  # the random weights of the tiny CLIP, the same on every load
-    return pseudo_labels.ensure_scores("pascal", root, root, TINY, 2, weights=None, batch=7, **kw)
+    rules = methods.pseudo_label_rules("pascal", 2)  # what pseudo_labels.py reports on
+    return clip_scores.ensure_scores("pascal", root, root, TINY, 2, weights=None, batch=7, rules=rules, **kw)
 
 
 def test_views_flip_the_image_and_mirror_the_grid():
     pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    views = pseudo_labels.image_views(Image.fromarray(pixels), grid=2, size=4)
+    views = clip_scores.image_views(Image.fromarray(pixels), grid=2, size=4)
     assert views.shape == (2, 5, 4, 4, 3)
-    mirrored = pseudo_labels.image_views(Image.fromarray(np.ascontiguousarray(pixels[:, ::-1])), grid=2, size=4)[0]
+    mirrored = clip_scores.image_views(Image.fromarray(np.ascontiguousarray(pixels[:, ::-1])), grid=2, size=4)[0]
     assert np.array_equal(views[1], mirrored)  # the flipped image's own views, in its own grid order
 
 
 def test_scoring_pass_writes_resumes_reuses_and_refuses(tiny_clip, tmp_path, monkeypatch):
     root = make_pascal(tmp_path / "pascal")
-    monkeypatch.setattr(pseudo_labels, "CHUNK", 1)
+    monkeypatch.setattr(clip_scores, "CHUNK", 1)
     path = score(root)
     scores = np.load(path)
-    meta = pseudo_labels.read_meta(path)
+    meta = clip_scores.read_meta(path)
     assert scores.shape == (meta["num_images"], 2, 5, 20) and np.isfinite(scores).all()
     assert meta["complete"] and set(meta["quality"]) == {"vlpl", "aevlp"} and meta["bytes_per_image_and_class"] == 20
     assert meta["prompts"][0] == "a photo of a aeroplane."
@@ -273,7 +276,7 @@ def test_scoring_pass_writes_resumes_reuses_and_refuses(tiny_clip, tmp_path, mon
     assert score(root, on_chunk=chunks.append) == path and chunks == []  # reused: nothing scored again
 
     path.unlink()  # a pass killed after its first image resumes from there, with the same scores
-    meta_file = pseudo_labels.meta_path(path)
+    meta_file = clip_scores.meta_path(path)
     meta_file.unlink()
 
     def stop(done):
@@ -282,27 +285,27 @@ def test_scoring_pass_writes_resumes_reuses_and_refuses(tiny_clip, tmp_path, mon
 
     with pytest.raises(KeyboardInterrupt):
         score(root, on_chunk=stop)
-    assert pseudo_labels._read_done(path, len(scores)).sum() == 1
+    assert clip_scores._read_done(path, len(scores)).sum() == 1
     resumed = []
     score(root, on_chunk=resumed.append)
     assert resumed[0] == 2 and np.array_equal(np.load(path), scores)
 
-    with pytest.raises(pseudo_labels.ScoreError, match="prompts"):  # other prompts: refused, the file kept
+    with pytest.raises(clip_scores.ScoreError, match="prompts"):  # other prompts: refused, the file kept
         score(root, template="{}")
     score(root, template="{}", overwrite=True)
-    assert pseudo_labels.read_meta(path)["prompts"][0] == "aeroplane"
+    assert clip_scores.read_meta(path)["prompts"][0] == "aeroplane"
 
 
 def test_a_run_without_its_score_file_names_the_command(tmp_path):
     path = tmp_path / "missing.npy"
-    with pytest.raises(pseudo_labels.ScoreError, match="python pseudo_labels.py --dataset coco --clip ViT-B-16"):
-        pseudo_labels.open_scores(path, 3, 80, 4, pseudo_labels.make_command("coco", "ViT-B-16", 4))
+    with pytest.raises(clip_scores.ScoreError, match="python pseudo_labels.py --dataset coco --clip ViT-B-16"):
+        clip_scores.open_scores(path, 3, 80, 4, clip_scores.make_command("coco", "ViT-B-16", 4))
 
 
 def test_other_images_get_another_file():
-    a = pseudo_labels.score_path(tmp := __import__("pathlib").Path("d"), "ViT-B-16", 4, np.array(["a.jpg", "b.jpg"]))
-    assert a != pseudo_labels.score_path(tmp, "ViT-B-16", 4, np.array(["a.jpg", "c.jpg"]))
-    assert a != pseudo_labels.score_path(tmp, "ViT-L-14-336", 4, np.array(["a.jpg", "b.jpg"]))
+    a = clip_scores.score_path(tmp := __import__("pathlib").Path("d"), "ViT-B-16", 4, np.array(["a.jpg", "b.jpg"]))
+    assert a != clip_scores.score_path(tmp, "ViT-B-16", 4, np.array(["a.jpg", "c.jpg"]))
+    assert a != clip_scores.score_path(tmp, "ViT-L-14-336", 4, np.array(["a.jpg", "b.jpg"]))
 
 
 def test_without_open_clip_the_message_gives_the_pip_command(monkeypatch):
@@ -316,17 +319,19 @@ def test_without_open_clip_the_message_gives_the_pip_command(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_open_clip)
-    with pytest.raises(pseudo_labels.ScoreError, match="pip install open-clip-torch"):
-        pseudo_labels.load_clip("ViT-B-16", None, torch.device("cpu"))
+    with pytest.raises(clip_scores.ScoreError, match="pip install open-clip-torch"):
+        clip_scores.load_clip("ViT-B-16", None, torch.device("cpu"))
 
 
 def test_standin_reaches_about_eighty_percent_precision(synthetic_root):
     import datasets
 
     data = datasets.load_formatted("synthetic", synthetic_root)["train"]
-    scores = pseudo_labels.standin_similarities(data["labels"], 4)
-    for name, rule in methods.pseudo_label_rules("synthetic").items():
-        q = pseudo_labels.quality(scores, data["labels"], data["labels_obs"], rule)
+    scores = clip_scores.standin_similarities(data["labels"], 4)
+    rules = methods.pseudo_label_rules("synthetic", 4)
+    assert set(rules) == {"vlpl", "aevlp"}
+    for name, rule in rules.items():
+        q = clip_scores.quality(scores, data["labels"], data["labels_obs"], rule)
         assert 0.7 < q["precision"] < 0.9 and q["recall"] > 0.2, (name, q)
 
 
