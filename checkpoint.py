@@ -94,8 +94,10 @@ def _folder_error(path: Path, cfg, err: OSError) -> RunFolderError:
     if err.errno == errno.ENAMETOOLONG:
         fix = f"a folder name in it is too long: shorten --save_path, or --exp_name ({len(cfg.exp_name)} characters)"
     elif err.errno in (errno.ENOTDIR, errno.EEXIST):
-        fix = f"a part of --save_path {cfg.save_path} (or the run folder itself) is a file, not a folder: choose " \
-              "another --save_path or --exp_name"  # fmt: skip
+        fix = (
+            f"a part of --save_path {cfg.save_path} (or the run folder itself) is a file, not a folder: choose "
+            "another --save_path or --exp_name"
+        )
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"--save_path {cfg.save_path} is not writable here: choose a writable --save_path"
     elif err.errno == errno.ENOSPC:
@@ -165,8 +167,11 @@ def _open_locked(cfg, path: Path, resume: bool, not_training, fingerprint, write
             why = " (its run stopped before it trained)" if contents else ""
             raise RunFolderError(f"--resume: there is no run to resume in {path}{why}. Drop --resume to start it.")
         if contents:
-            print(f"The run folder {path} holds a run that stopped before it trained (its config only); it starts "
-                  "afresh with these flags.", flush=True)  # fmt: skip
+            print(
+                f"The run folder {path} holds a run that stopped before it trained (its config only); it starts "
+                "afresh with these flags.",
+                flush=True,
+            )
         if writer:  # config.json first: a folder holding it is recognised as this tool's on the next try
             files.write_text_atomic(config_path, cfg.to_json() + "\n")
             _write_data_json(path, cfg, fingerprint)
@@ -405,8 +410,11 @@ def _logged_lines(path: Path, payload: dict) -> tuple[list[str], str | None]:
         carried = [line if line.endswith("\n") else line + "\n" for line in carried]
         if lines[:count] == carried:
             return carried, None
-        why = problem or ("it differs from the checkpoint's record" if len(lines) >= count else
-                          f"it holds {len(lines)} of the {count} lines the checkpoint covers")  # fmt: skip
+        why = problem or (
+            "it differs from the checkpoint's record"
+            if len(lines) >= count
+            else f"it holds {len(lines)} of the {count} lines the checkpoint covers"
+        )
         return carried, f"note: {log}: {why}; rebuilt from the checkpoint ({count} lines)"
     if len(lines) >= count:
         return lines[:count], None

@@ -97,16 +97,20 @@ def open_scores(path: Path, num_images: int, num_classes: int, grid: int, fix: s
     done = _read_done(path, num_images)
     if done is None or not done.all():
         count = 0 if done is None else int(done.sum())
-        raise ScoreError(f"The score file {path} is unfinished ({count} of {num_images} images scored). Run again "
-                         f"to finish it: {fix}")  # fmt: skip
+        raise ScoreError(
+            f"The score file {path} is unfinished ({count} of {num_images} images scored). Run again "
+            f"to finish it: {fix}"
+        )
     expected = (num_images, 2, 1 + grid * grid, num_classes)
     try:
         scores = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ScoreError(f"The score file {path} cannot be read ({err}). Delete it and make it again: {fix}") from err
     if scores.shape != expected or meta.get("num_classes") != num_classes or meta.get("grid") != grid:
-        raise ScoreError(f"The score file {path} holds {scores.shape}, not {expected} (images, flips, views, "
-                         f"classes). Delete it and make it again: {fix}")  # fmt: skip
+        raise ScoreError(
+            f"The score file {path} holds {scores.shape}, not {expected} (images, flips, views, "
+            f"classes). Delete it and make it again: {fix}"
+        )
     return scores, meta
 
 
@@ -118,8 +122,18 @@ def _read_done(path: Path, num_images: int) -> np.ndarray | None:
     return done if done.shape == (num_images,) and done.dtype == bool else None
 
 
-_IDENTITY = ("format", "scorer", "weights", "prompts", "grid", "size", "normalisation", "images", "num_images",
-             "num_classes")  # fmt: skip
+_IDENTITY = (
+    "format",
+    "scorer",
+    "weights",
+    "prompts",
+    "grid",
+    "size",
+    "normalisation",
+    "images",
+    "num_images",
+    "num_classes",
+)
 
 
 def identity(meta: dict) -> str:
@@ -140,8 +154,9 @@ def crop_boxes(width: int, height: int, grid: int) -> list[tuple[int, int, int, 
     """AEVLP's grid: ``grid`` x ``grid`` tiles of (width // grid) x (height // grid) pixels, row by row, without
     overlap (their offsets are drawn and then set to 0)."""
     tw, th = width // grid, height // grid
-    return [(x * tw, y * th, min(width, (x + 1) * tw), min(height, (y + 1) * th)) for y in range(grid) for x in
-            range(grid)]  # fmt: skip
+    return [
+        (x * tw, y * th, min(width, (x + 1) * tw), min(height, (y + 1) * th)) for y in range(grid) for x in range(grid)
+    ]
 
 
 def image_views(image: Image.Image, grid: int, size: int) -> np.ndarray:
@@ -193,8 +208,10 @@ def load_clip(name: str, weights: str | None, device: torch.device, weights_file
     is taken to be OpenAI's too unless ``weights`` says otherwise."""
     open_clip = import_open_clip()
     if name not in open_clip.list_models():
-        raise ScoreError(f"open_clip has no model {name!r}; e.g. ViT-B-16 (AEVLP) or ViT-L-14-336 (VLPL). "
-                         "open_clip.list_models() lists them.")  # fmt: skip
+        raise ScoreError(
+            f"open_clip has no model {name!r}; e.g. ViT-B-16 (AEVLP) or ViT-L-14-336 (VLPL). "
+            "open_clip.list_models() lists them."
+        )
     try:
         if weights_file is not None:
             model = open_clip.create_model(name, pretrained=weights_file, force_quick_gelu=weights in (None, "openai"))
@@ -203,10 +220,12 @@ def load_clip(name: str, weights: str | None, device: torch.device, weights_file
     except Exception as err:  # a download without network, a damaged file: the message names what to do
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise ScoreError(f"Could not load the {weights_file or weights} weights of {name} ({why}). Without network, "
-                         f"download the checkpoint elsewhere (open_clip tags for {name}: {tags}; OpenAI's file is "
-                         f"the one their CLIP package fetches, e.g. ViT-B-16.pt) and pass it with --clip_weights "
-                         "FILE.") from err  # fmt: skip
+        raise ScoreError(
+            f"Could not load the {weights_file or weights} weights of {name} ({why}). Without network, "
+            f"download the checkpoint elsewhere (open_clip tags for {name}: {tags}; OpenAI's file is "
+            f"the one their CLIP package fetches, e.g. ViT-B-16.pt) and pass it with --clip_weights "
+            "FILE."
+        ) from err
     model = model.to(device).eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(name)
 
@@ -276,14 +295,18 @@ def class_prompts(dataset: str, root: Path, template: str, prompts_file: str | N
     if prompts_file is not None:
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
         if len(prompts) != num_classes:
-            raise ScoreError(f"{prompts_file} holds {len(prompts)} prompts; {dataset} has {num_classes} classes (one "
-                             "prompt a line, in column order).")  # fmt: skip
+            raise ScoreError(
+                f"{prompts_file} holds {len(prompts)} prompts; {dataset} has {num_classes} classes (one "
+                "prompt a line, in column order)."
+            )
         return prompts
     names = datasets.class_names(dataset, root)
     if names and names[0] == "class 0":
-        raise ScoreError(f"The class names of {dataset} are not in {root} (the raw annotation files give them), so "
-                         "no text prompt can be made. Put the raw files there, or give one prompt per class with "
-                         "--prompts FILE.")  # fmt: skip
+        raise ScoreError(
+            f"The class names of {dataset} are not in {root} (the raw annotation files give them), so "
+            "no text prompt can be made. Put the raw files there, or give one prompt per class with "
+            "--prompts FILE."
+        )
     return [template.format(n.replace("::", " ").replace("_", " ").strip()) for n in names]
 
 
@@ -326,8 +349,12 @@ def clip_fill(model, texts, image_dir, names, grid, size, device, batch, workers
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else _no_amp
 
     def fill(rows: np.ndarray):
-        loader = torch.utils.data.DataLoader(ViewsDataset(image_dir, names, rows, grid, size), batch_size=CHUNK,
-                                             num_workers=workers, pin_memory=device.type == "cuda")  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            ViewsDataset(image_dir, names, rows, grid, size),
+            batch_size=CHUNK,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
         for views, chunk_rows in loader:
             views = views.to(device, non_blocking=True)
             sims = torch.cat([similarities(model, texts, part, mean, std, amp) for part in view_batches(views, batch)])
@@ -367,8 +394,8 @@ def quality(scores: np.ndarray, labels: np.ndarray, observed: np.ndarray, rule) 
 def ensure_scores(dataset: str, root: Path, derived: Path, scorer: str, grid: int, **options) -> Path:
     """Make (or finish) the score file of ``scorer`` over ``dataset``'s official train split, under the data root's
     lock, and record the quality of the pseudo-labels that ``rules`` (``{method: rule}``, as
-    ``methods.pseudo_label_rules`` gives them) make from it. Returns its path; a finished matching file is reused as it
-    is. A file of the same name made otherwise (weights, prompts, size, normalisation) is refused unless
+    ``methods_vlp.pseudo_label_rules`` gives them) make from it. Returns its path; a finished matching file is reused
+    as it is. A file of the same name made otherwise (weights, prompts, size, normalisation) is refused unless
     ``overwrite``."""
     data = datasets.load_formatted(dataset, root, derived)["train"]
     names, labels, observed = data["images"], data["labels"], data["labels_obs"]
@@ -378,16 +405,39 @@ def ensure_scores(dataset: str, root: Path, derived: Path, scorer: str, grid: in
         return _ensure_locked(dataset, root, path, scorer, grid, names, labels, observed, info, **options)
 
 
-def _ensure_locked(dataset, root, path, scorer, grid, names, labels, observed, info, *, weights=None,
-                   weights_file=None, template=DEFAULT_TEMPLATE, prompts_file=None, size=None, normalisation="imagenet",
-                   device="cpu", batch=256, workers=0, overwrite=False, on_chunk=None, rules=None,
-                   quiet=False) -> Path:  # fmt: skip
+def _ensure_locked(
+    dataset,
+    root,
+    path,
+    scorer,
+    grid,
+    names,
+    labels,
+    observed,
+    info,
+    *,
+    weights=None,
+    weights_file=None,
+    template=DEFAULT_TEMPLATE,
+    prompts_file=None,
+    size=None,
+    normalisation="imagenet",
+    device="cpu",
+    batch=256,
+    workers=0,
+    overwrite=False,
+    on_chunk=None,
+    rules=None,
+    quiet=False,
+) -> Path:
     device = torch.device(device)
     views = 1 + grid * grid
     if scorer == STANDIN:
         prompts, size = [], 0
-        weights_id = (f"full labels + noise: whole {STANDIN_WHOLE}, crop {STANDIN_CROP}, confusion "
-                      f"{STANDIN_CONFUSION}, seed {STANDIN_SEED}")  # fmt: skip
+        weights_id = (
+            f"full labels + noise: whole {STANDIN_WHOLE}, crop {STANDIN_CROP}, confusion "
+            f"{STANDIN_CONFUSION}, seed {STANDIN_SEED}"
+        )
         model = texts = None
     else:
         prompts = class_prompts(dataset, root, template, prompts_file)
@@ -395,15 +445,26 @@ def _ensure_locked(dataset, root, path, scorer, grid, names, labels, observed, i
         model, tokenizer = load_clip(scorer, weights, device, weights_file)
         size = size or _image_size(model)
         texts = text_features(model, tokenizer, prompts, device)
-    meta = {"format": FORMAT, "scorer": scorer, "weights": weights_id, "prompts": prompts, "grid": grid, "size": size,
-            "normalisation": normalisation if scorer != STANDIN else None, "images": images_fingerprint(names),
-            "num_images": len(names), "num_classes": info.num_classes}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "scorer": scorer,
+        "weights": weights_id,
+        "prompts": prompts,
+        "grid": grid,
+        "size": size,
+        "normalisation": normalisation if scorer != STANDIN else None,
+        "images": images_fingerprint(names),
+        "num_images": len(names),
+        "num_classes": info.num_classes,
+    }
     old = read_meta(path)
     if path.exists() and old is not None:
         differ = _mismatch(old, meta)
         if differ and not overwrite:
-            raise ScoreError(f"The score file {path} was made with another {differ}. Delete it (or pass --overwrite) "
-                             "to score again with these settings.")  # fmt: skip
+            raise ScoreError(
+                f"The score file {path} was made with another {differ}. Delete it (or pass --overwrite) "
+                "to score again with these settings."
+            )
         if differ or _read_done(path, len(names)) is None:
             path.unlink(missing_ok=True)
         elif old.get("complete"):
@@ -433,9 +494,11 @@ def _print_quality(path: Path, meta: dict) -> None:
     print(f"pseudo-label scores: {path} ({meta['bytes_per_image_and_class']} bytes per image and class)")
     for name, q in meta["quality"].items():
         fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-        print(f"  {name} rule, this dataset's preset, unflipped: positive pseudo-labels precision {fmt(q['precision'])}"
-              f", recall {fmt(q['recall'])} ({q['positives_per_image']:.2f} per image); negatives truly negative "
-              f"{fmt(q['negative_precision'])}")  # fmt: skip
+        print(
+            f"  {name} rule, this dataset's preset, unflipped: positive pseudo-labels precision {fmt(q['precision'])}"
+            f", recall {fmt(q['recall'])} ({q['positives_per_image']:.2f} per image); negatives truly negative "
+            f"{fmt(q['negative_precision'])}"
+        )
 
 
 def _weights_id(weights: str | None, weights_file: str | None) -> str:

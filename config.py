@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import sys
@@ -25,42 +24,50 @@ from typing import Any
 
 import datasets
 import label_rules
-import methods  # noqa: F401  (its entries fill the registry that the config is built from)
+import methods  # noqa: F401  (the built-in entries fill the registry the config is built from)
+import methods_vlp  # noqa: F401  (and VLPL's and AEVLP's)
 import models
 import registry
+from config_rules import (
+    CACHES,
+    CUDA_GRAPHS,
+    DEVICES,
+    EVAL_RESIZES,
+    OPTIMIZERS,
+    PRECISIONS,
+    availability_problems,
+    dataset_constant_problems,
+    dataset_names,
+    validate,
+)
 from models import ARCHS, RESNETS
 
 REPO_DIR = Path(__file__).resolve().parent
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
-OPTIMIZERS = ("adam", "sgd")
-PRECISIONS = ("auto", "bf16", "fp32")
-CACHES = ("none", "disk")
-DEVICES = ("auto", "cpu", "cuda")
-CUDA_GRAPHS = ("auto", "on", "off")
-EVAL_RESIZES = ("workers", "device")
 # Dataset-level presets, from ``datasets.DATASET_INFO[dataset].defaults``, in the order ``from_preset`` lists them.
 DATASET_PRESETS = ("arch", "image_size", "num_epochs", "optimizer", "lr")
-# 16 pixels is the smallest input every backbone still reduces to a feature map (ResNet's stride 32 and SmallCNN's
-# three poolings); 2048 is 20 times the pixels of the paper's 448 x 448, beyond what a batch of ResNet-50 activations
-# fits in on today's GPUs. Outside, a run would fail later (a shape error, or a MemoryError when images are decoded).
-IMAGE_SIZE_RANGE = (16, 2048)
-MAX_SEED = 2**32 - 1  # numpy's RandomState (the split and subsampling seeds) takes no more
-MAX_EXP_NAME = 200  # characters; file systems allow 255 bytes per name
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"  # torchvision's ImageNet weights of the ResNets, as the official code loads them
-MAX_WORKERS = 256  # loader processes: each one a full Python process; more would exhaust a machine, not feed it
-MAX_BATCH = 2**16  # images per batch: far above any GPU's memory at 448 px, and a bound on the samplers' arithmetic
 # Config keys that say where things are and how fast they run, not what is trained: a run may be resumed with them
 # changed, and runs differing only in them (and the seed) are seeds of one setting in a report. checkpoint.py gets
 # this constant from its caller (it does not import this module).
 NOT_TRAINING_SETTINGS = frozenset(
-    {"num_workers", "cache", "cache_dir", "data_root", "save_path", "exp_name", "device", "gpu_num", "compile",
-     "cuda_graph", "eval_resize", "debug", "resume", "from_preset"}
-)  # fmt: skip
-
-
-def dataset_names() -> tuple[str, ...]:
-    """The datasets: the keys of ``datasets.DATASET_INFO``."""
-    return tuple(datasets.DATASET_INFO)
+    {
+        "num_workers",
+        "cache",
+        "cache_dir",
+        "data_root",
+        "save_path",
+        "exp_name",
+        "device",
+        "gpu_num",
+        "compile",
+        "cuda_graph",
+        "eval_resize",
+        "debug",
+        "resume",
+        "from_preset",
+    }
+)
 
 
 DATASETS = dataset_names()  # as at import; ``dataset_names()`` follows later additions
@@ -154,30 +161,16 @@ def _registry_problems() -> list[str]:
         for table in tables:
             for per_dataset in table.values():
                 if set(per_dataset) - known_datasets:
-                    problems.append(f"{m.name!r} paper numbers name unknown datasets "
-                                    f"{sorted(set(per_dataset) - known_datasets)}")  # fmt: skip
+                    problems.append(
+                        f"{m.name!r} paper numbers name unknown datasets {sorted(set(per_dataset) - known_datasets)}"
+                    )
         for scheme in m.applies_to:
             if scheme not in registry.names(registry.SCHEME):
                 problems.append(f"{m.name!r} applies_to names {scheme!r}, which is not a registered scheme")
         unknown = set(m.not_on) | set(m.table_skip)
         if unknown - known_datasets:
             problems.append(f"{m.name!r} not_on / table_skip names unknown datasets {sorted(unknown - known_datasets)}")
-    return problems + _dataset_constant_problems()
-
-
-def _dataset_constant_problems() -> list[str]:
-    """Constants in the dataset entries that no method entry reads (a typo of a method's or a flag's name)."""
-    problems = []
-    read = registry.constants_read()
-    for dataset, info in datasets.DATASET_INFO.items():
-        for key, constants in info.method_constants.items():
-            unread = sorted(f"--{flag}" for flag in constants if (key, flag) not in read)
-            if unread:
-                readers = sorted({k for k, _ in read})
-                problems.append(f"datasets.DATASET_INFO[{dataset!r}].method_constants[{key!r}] holds "
-                                f"{', '.join(unread)}, which no entry of the method registry reads under {key!r} "
-                                f"(they read {', '.join(readers)})")  # fmt: skip
-    return problems
+    return problems + dataset_constant_problems()
 
 
 def _build_config_class() -> type:
@@ -206,7 +199,7 @@ def _ensure_current() -> None:
     if _built_for != registry.registry_version():
         Config = _build_config_class()
         _built_for = registry.registry_version()
-    problems = _dataset_constant_problems()
+    problems = dataset_constant_problems()
     if problems:
         raise registry.MethodError("the dataset entries are incomplete: " + "; ".join(problems))
 
@@ -215,10 +208,6 @@ def config_defaults() -> dict:
     """The ``Config`` fields that have a default, with it (what an older ``config.json`` without them is read as)."""
     _ensure_current()
     return {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
-
-
-def _regime_is_default(cfg) -> bool:
-    return (cfg.num_pos, cfg.num_neg, cfg.label_proportion) == (1, 0, None)
 
 
 # A field's annotation -> the JSON values it accepts, and how a message names them.
@@ -253,153 +242,6 @@ def type_problems(values: Mapping[str, Any]) -> list[str]:
 def _of_type(value, types: tuple) -> bool:
     """JSON's true and false are no numbers."""
     return isinstance(value, types) and (bool in types or not isinstance(value, bool))
-
-
-def validate(cfg) -> list[str]:
-    """Every rule a config must satisfy, as readable problems (empty when valid)."""
-    p = []
-    choices = {"dataset": dataset_names(), "optimizer": OPTIMIZERS}
-    choices.update({selector: registry.names(kind) for kind, selector in registry.SELECTOR.items()})
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            p.append(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
-    for name, allowed in (
-        ("precision", PRECISIONS),
-        ("cache", CACHES),
-        ("device", DEVICES),
-        ("cuda_graph", CUDA_GRAPHS),
-        ("eval_resize", EVAL_RESIZES),
-    ):
-        if getattr(cfg, name) not in allowed:
-            p.append(f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {getattr(cfg, name)!r})")
-    for field in dataclasses.fields(cfg):  # nan passes every range check written as a comparison that fails
-        value = getattr(cfg, field.name)
-        numbers = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            p.append(f"--{field.name} must be a finite number (got {' '.join(str(v) for v in numbers)})")
-    p += _float32_problems(cfg)
-    for name in ("lr", "lr_mult"):
-        if not getattr(cfg, name) > 0:
-            p.append(f"--{name} must be positive (got {getattr(cfg, name)})")
-    for name in ("bsize", "num_epochs"):
-        if getattr(cfg, name) < 1:
-            p.append(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
-    if cfg.bsize > MAX_BATCH:
-        p.append(f"--bsize must be at most {MAX_BATCH} (got {cfg.bsize})")
-    arch_problem = models.arch_problem(cfg.arch)  # the name only; parse_config looks a timm name up
-    if arch_problem:
-        p.append(arch_problem)
-    low, high = IMAGE_SIZE_RANGE
-    if not low <= cfg.image_size <= high:
-        p.append(f"--image_size must lie in [{low}, {high}] pixels (got {cfg.image_size}): below {low} the backbones "
-                 f"keep no feature map, and {high} is already 20 times the pixels of the paper's 448")  # fmt: skip
-    if not 0 < cfg.val_frac < 1:
-        p.append(f"--val_frac must lie strictly between 0 and 1 (got {cfg.val_frac})")
-    for name in ("ss_frac_train", "ss_frac_val"):
-        if not 0 < getattr(cfg, name) <= 1:
-            p.append(f"--{name} must lie in (0, 1] (got {getattr(cfg, name)})")
-    for name in ("seed", "split_seed", "ss_seed"):
-        if not 0 <= getattr(cfg, name) <= MAX_SEED:
-            p.append(f"--{name} must lie in [0, 2**32 - 1 = {MAX_SEED}] (got {getattr(cfg, name)})")
-    for name in ("save_path", "data_root", "cache_dir"):
-        if getattr(cfg, name, None) == "":  # an unset shell variable: the current folder would be used silently
-            p.append(f"--{name} is empty: give a folder (an unset variable in a script, perhaps)")
-    if not 0 <= cfg.num_workers <= MAX_WORKERS:
-        p.append(f"--num_workers must lie in [0, {MAX_WORKERS}] (got {cfg.num_workers}); by default one per core")
-    if cfg.eval_resize == "device" and cfg.cache == "disk":
-        p.append("--eval_resize device has nothing to resize with --cache disk (the cache holds resized images): "
-                 "choose one of them")  # fmt: skip
-    p += _regime_problems(cfg)
-    p += _exp_name_problems(cfg.exp_name)
-    for flag in registry.flags().values():
-        problem = flag.check(getattr(cfg, flag.name)) if flag.check is not None else None
-        if problem:
-            p.append(problem)
-    if any(getattr(cfg, selector) not in registry.names(kind) for kind, selector in registry.SELECTOR.items()):
-        return p  # the entries' own rules need known entries
-    used = registry.active(cfg)
-    p += _availability_problems(cfg, used)
-    loss = registry.get(cfg.loss, registry.LOSS)
-    if cfg.mod_scheme != registry.PLAIN_SCHEME and not loss.combines_with_schemes:
-        takers = [m.name for m in registry.entries(registry.LOSS) if m.combines_with_schemes]
-        p.append(f"--mod_scheme {cfg.mod_scheme} modifies the AN loss; combine it with --loss {' or '.join(takers)}, "
-                 f"not {cfg.loss}")  # fmt: skip
-    for method in used:
-        if method.validate is not None:
-            p += method.validate(cfg)
-    return p
-
-
-# Float settings read in float64 only (split fractions, the rate's percentages): the float32 check does not apply.
-FLOAT64_SETTINGS = frozenset({"val_frac", "ss_frac_train", "ss_frac_val", "label_proportion", "delta_rel"})
-FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
-FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it a value loses its digits, then is 0
-
-
-def _float32_problems(cfg) -> list[str]:
-    """Float settings that are finite in Python's float64 but not usable in the float32 that training computes in
-    (the learning rates scale float32 gradients, the methods' constants enter float32 losses): ``--lr 1e39`` is inf
-    there, ``--gr_q2 1e-300`` is 0. ``lr * lr_mult`` (the head's rate) too."""
-    p = []
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        numbers = value if isinstance(value, tuple) else (value,)
-        floats = [v for v in numbers if isinstance(v, float) and math.isfinite(v)]
-        if field.name in FLOAT64_SETTINGS or not floats:
-            continue
-        shown = " ".join(f"{v:g}" for v in numbers)
-        if any(abs(v) > FLOAT32_MAX for v in floats):
-            p.append(f"--{field.name} {shown} is infinite in float32, the precision training computes in: give a "
-                     f"value of magnitude at most {FLOAT32_MAX:.4g}")  # fmt: skip
-        elif any(0 < abs(v) < FLOAT32_TINY for v in floats):
-            p.append(f"--{field.name} {shown} is 0 (or loses its digits) in float32, the precision training computes "
-                     f"in: give 0 or a value of magnitude at least {FLOAT32_TINY:.4g}")  # fmt: skip
-    head = cfg.lr * cfg.lr_mult if math.isfinite(cfg.lr) and math.isfinite(cfg.lr_mult) else 0.0
-    if not p and abs(head) > FLOAT32_MAX:
-        p.append(f"--lr {cfg.lr:g} times --lr_mult {cfg.lr_mult:g} (the head's learning rate) is infinite in float32: "
-                 "lower one of them")  # fmt: skip
-    return p
-
-
-def _availability_problems(cfg, used: list) -> list[str]:
-    """The active entries that are not offered on the dataset (``cfg``: a config or the parsed values)."""
-    dataset = registry.value_of(cfg, "dataset")
-    info = datasets.DATASET_INFO.get(dataset)
-    title = info.title if info is not None else dataset
-    return [f"{' '.join(m.selected_by)} is not available for {title}: {m.not_on[dataset]}" for m in used
-            if dataset in m.not_on]  # fmt: skip
-
-
-def _regime_problems(cfg) -> list[str]:
-    """The partial-label regime: ``--num_pos`` / ``--num_neg`` (the official generator's), or ``--label_proportion``."""
-    p = []
-    for name in ("num_pos", "num_neg"):
-        if getattr(cfg, name) < 0:
-            p.append(f"--{name} must be an integer >= 0 (got {getattr(cfg, name)})")
-    if cfg.label_proportion is not None:
-        if not 0 < cfg.label_proportion <= 1:
-            p.append(f"--label_proportion must lie in (0, 1] (got {cfg.label_proportion})")
-        if (cfg.num_pos, cfg.num_neg) != (1, 0):
-            p.append("--label_proportion is a regime of its own: give it without --num_pos / --num_neg")
-    elif cfg.num_pos == 0 and cfg.num_neg == 0:
-        p.append("--num_pos 0 --num_neg 0 observes no label at all: give at least one observed label per image")
-    if cfg.label_proportion is None and cfg.label_proportion_seed != label_rules.OBSERVED_SEED:
-        p.append("--label_proportion_seed is the seed of --label_proportion's draw: give it with --label_proportion")
-    if not _regime_is_default(cfg):  # with the full labels (the clean variant), its own rule says so
-        info = datasets.DATASET_INFO.get(cfg.dataset)
-        if cfg.train_set_variant == registry.OBSERVED and info is not None and info.sparse:
-            p.append(f"{info.title} comes with its own partial labels (the annotated entries): --num_pos, "
-                     "--num_neg and --label_proportion, which draw observed labels from full labels, do not apply to "
-                     "it")  # fmt: skip
-    return p
-
-
-def _exp_name_problems(name: str) -> list[str]:
-    if not name or "/" in name or "\0" in name or name in (".", ".."):
-        return [f"--exp_name must be a plain folder name, without '/' (got {name!r})"]
-    if len(name) > MAX_EXP_NAME or len(name.encode("utf-8", "surrogateescape")) > 255:
-        return [f"--exp_name has {len(name)} characters; it names the run folder: use at most {MAX_EXP_NAME}"]
-    return []
 
 
 def str2bool(value: str) -> bool:
@@ -647,8 +489,11 @@ def _resolve_preset(name: str, values: dict) -> tuple[Any, bool]:
     another entry's value). Then, for ``always_preset`` flags, any entry's; otherwise the flag's default."""
     dataset, scheme = values["dataset"], values["mod_scheme"]
     used = registry.active(values)
-    found = [(m, m.presets_with[scheme][name]) for m in used
-             if m.kind == registry.MODIFIER and name in m.presets_with.get(scheme, {})]  # fmt: skip
+    found = [
+        (m, m.presets_with[scheme][name])
+        for m in used
+        if m.kind == registry.MODIFIER and name in m.presets_with.get(scheme, {})
+    ]
     found += [(m, m.presets[name]) for m in used if m.kind != registry.MODIFIER and name in m.presets]
     if found:
         m, preset = found[0]
@@ -693,15 +538,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name, flag in registry.flags().items():
         if flag.nargs is not None and isinstance(values.get(name), list):
             values[name] = tuple(values[name])
-    unavailable = _availability_problems(values, registry.active(values))
+    unavailable = availability_problems(values, registry.active(values))
     if unavailable:
         raise ValueError("; ".join(unavailable))
     from_preset = []
     for name in DATASET_PRESETS:
         if values[name] is None:
             if name not in info.defaults:
-                raise ValueError(f"--{name} has no default for --dataset {dataset} (datasets.DATASET_INFO[{dataset!r}]"
-                                 f".defaults): give --{name} on the command line")  # fmt: skip
+                raise ValueError(
+                    f"--{name} has no default for --dataset {dataset} (datasets.DATASET_INFO[{dataset!r}]"
+                    f".defaults): give --{name} on the command line"
+                )
             values[name] = info.defaults[name]
             from_preset.append(name)
     for name in registry.preset_flags():
@@ -753,8 +600,11 @@ def describe_registry() -> str:
     for name, info in datasets.DATASET_INFO.items():
         defaults = ", ".join(f"{k} {info.defaults[k]}" for k in DATASET_PRESETS if k in info.defaults)
         lines.append(f"  {name:12s} {info.title:12s} {info.num_classes:5d} classes  {defaults}")
-    lines += ["", "Methods (the registry in methods.py; docs/extending.md adds one). Per flag: its default, or its",
-              "preset per dataset (used when the flag is not given):"]  # fmt: skip
+    lines += [
+        "",
+        "Methods (the registry in methods.py; docs/extending.md adds one). Per flag: its default, or its",
+        "preset per dataset (used when the flag is not given):",
+    ]
     for m in registry.entries():
         title = f": {m.title}" if m.title else ""
         lines.append(f"  {m.kind} {m.name}{title}; {m.summary}" if m.summary else f"  {m.kind} {m.name}{title}")
@@ -771,8 +621,7 @@ def describe_registry() -> str:
             preset = m.presets.get(flag.name)
             text = _format_preset(preset, flag.name) if preset is not None else f"default {flag.default}"
             values = _per_dataset(preset, flag.name)
-            missing = [d for d in datasets.DATASET_INFO
-                       if values is not None and d not in values and d not in m.not_on]  # fmt: skip
+            missing = [d for d in datasets.DATASET_INFO if values is not None and d not in values and d not in m.not_on]
             if missing:  # a run of this entry there stops and asks for the flag (the default is only recorded)
                 text += f"; {', '.join(missing)}: give --{flag.name}"
             lines.append(f"      --{flag.name}: {text}")
@@ -812,8 +661,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
     given = flags_given(parser, sys.argv[1:] if argv is None else argv)
     repeated = [f"--{name}" for name, count in given.items() if count > 1]
     if repeated:
-        parser.error(f"{', '.join(repeated)} given more than once: the last would silently win (the scripts' "
-                     "EXTRA or extra flags must not repeat one they set themselves); give each flag once")  # fmt: skip
+        parser.error(
+            f"{', '.join(repeated)} given more than once: the last would silently win (the scripts' "
+            "EXTRA or extra flags must not repeat one they set themselves); give each flag once"
+        )
     if args.names and not args.list_methods:
         parser.error("--names goes with --list_methods")
     if args.list_archs:
@@ -849,16 +700,20 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def describe_archs() -> str:
     """What ``--arch`` takes, as ``--list_archs`` prints it."""
     installed = importlib.util.find_spec("timm") is not None
-    return "\n".join([
-        "Architectures (--arch):",
-        f"  {' '.join(RESNETS)}   torchvision's ResNets (the paper: resnet50), ImageNet weights from torchvision",
-        "  smallcnn   the synthetic dataset's small CNN (its weights are made with the dataset)",
-        "  timm:NAME  any timm model, e.g. timm:convnext_base.fb_in22k_ft_in1k, timm:vit_base_patch16_224.augreg_in21k",
-        "             (the name after the dot is the pretrained tag). Find names with",
-        "             python -c \"import timm; print(timm.list_models('convnext*', pretrained=True))\"",
-        f"             timm is {'installed' if installed else 'not installed: ' + models.TIMM_INSTALL}.",
-        "Weights: downloaded (torchvision's or timm's own), or a local file with --pretrained_path; docs/backbones.md.",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "Architectures (--arch):",
+            f"  {' '.join(RESNETS)}   torchvision's ResNets (the paper: resnet50), ImageNet weights from torchvision",
+            "  smallcnn   the synthetic dataset's small CNN (its weights are made with the dataset)",
+            "  timm:NAME  any timm model, e.g. timm:convnext_base.fb_in22k_ft_in1k,",
+            "             timm:vit_base_patch16_224.augreg_in21k",
+            "             (the name after the dot is the pretrained tag). Find names with",
+            "             python -c \"import timm; print(timm.list_models('convnext*', pretrained=True))\"",
+            f"             timm is {'installed' if installed else 'not installed: ' + models.TIMM_INSTALL}.",
+            "Weights: downloaded (torchvision's or timm's own), or a local file with --pretrained_path;",
+            "docs/backbones.md.",
+        ]
+    )
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, int]:
@@ -884,8 +739,11 @@ def unused_flag_problems(cfg: Config, given: set[str]) -> list[str]:
     values = cfg.to_dict()
     ignored = {name: why for name, why in ignored_settings(values).items() if name in given}
     saved = _saved_config(cfg.run_dir) if ignored else {}
-    return [message for name, message in ignored.items()
-            if values[name] != _value_without(name, values) and values[name] != saved.get(name, _MISSING)]  # fmt: skip
+    return [
+        message
+        for name, message in ignored.items()
+        if values[name] != _value_without(name, values) and values[name] != saved.get(name, _MISSING)
+    ]
 
 
 def ignored_settings(values: dict) -> dict[str, str]:
@@ -901,8 +759,9 @@ def ignored_settings(values: dict) -> dict[str, str]:
         if name not in owned:
             owners = [" ".join(m.selected_by) for m in registry.entries() if any(f.name == name for f in m.flags)]
             choice = owners[0] if len(owners) == 1 else "one of them"
-            ignored[name] = (f"--{name} is a setting of {' or '.join(owners)}, which this run does not use: drop it, "
-                             f"or add {choice}")  # fmt: skip
+            ignored[name] = (
+                f"--{name} is a setting of {' or '.join(owners)}, which this run does not use: drop it, or add {choice}"
+            )
     if values["mod_scheme"] == registry.PLAIN_SCHEME:
         schemes = [m.name for m in registry.entries(registry.SCHEME) if m.name != registry.PLAIN_SCHEME]
         if registry.get(values["loss"], registry.LOSS).combines_with_schemes:

@@ -97,8 +97,11 @@ def _defaults(optimizer: str, lr: float, **overrides) -> Mapping[str, object]:
 #   synthetic entry names the stand-in scorer for both (docs/vlp.md), with VOC's values for AEVLP's.
 # GR Loss reads its authors' released values on every dataset (a general default, methods.py) unless an entry has
 # its own under "gr".
-BOOSTLU_DELTA_REL = {"LL-R+BoostLU": {"delta_rel": 0.5}, "LL-Ct+BoostLU": {"delta_rel": 0.2},
-                     "LL-Cp+BoostLU": {"delta_rel": 0.1}}  # fmt: skip
+BOOSTLU_DELTA_REL = {
+    "LL-R+BoostLU": {"delta_rel": 0.5},
+    "LL-Ct+BoostLU": {"delta_rel": 0.2},
+    "LL-Cp+BoostLU": {"delta_rel": 0.1},
+}
 
 DATASET_INFO: dict[str, DatasetInfo] = {
     "pascal": DatasetInfo(
@@ -222,8 +225,10 @@ def format_dataset(name: str, root: str | os.PathLike, derived: str | os.PathLik
         parts = label_rules.SparseLabels.files(phase) if info.sparse else []
         present = [str(find_file(f, root, out)) for f in parts if find_file(f, root, out).exists()]
         if 0 < len(present) < len(parts):
-            raise DataError(f"Only some of the parts {', '.join(parts)} exist ({', '.join(present)}). Delete "
-                            f"{' and '.join(present)} and run again to format the raw annotations anew.")  # fmt: skip
+            raise DataError(
+                f"Only some of the parts {', '.join(parts)} exist ({', '.join(present)}). Delete "
+                f"{' and '.join(present)} and run again to format the raw annotations anew."
+            )
     if info.formatter is None or not (root / info.raw_marker).exists():
         raise DataError(_missing_data_message(name, root, missing))
     print(f"[{name}] formatting the raw annotations in {root} (once) ...")
@@ -268,8 +273,10 @@ def _check_formatted_output(dataset: str, root: Path, phase: str, names: np.ndar
     elif len(names) == 0:
         problem = f"no image in the {phase} split"
     if problem:
-        raise DataError(f"The raw annotations in {root} give {problem}: they are not the official {info.title} files. "
-                        f"Nothing was written. Use the files data/{dataset}/README.md names.")  # fmt: skip
+        raise DataError(
+            f"The raw annotations in {root} give {problem}: they are not the official {info.title} files. "
+            f"Nothing was written. Use the files data/{dataset}/README.md names."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -317,8 +324,10 @@ def check_observed(path: Path, observed: np.ndarray, labels: np.ndarray) -> None
     _check_labels(path, observed, labels.shape[0], labels.shape[1], (-1, 0, 1), fix)
     wrong_pos = (observed > 0) & ~(labels > 0)
     wrong_neg = (observed < 0) & (labels > 0)
-    for wrong, what in ((wrong_pos, "observed positives that are not true positives"),
-                        (wrong_neg, "observed negatives that are true positives")):  # fmt: skip
+    for wrong, what in (
+        (wrong_pos, "observed positives that are not true positives"),
+        (wrong_neg, "observed negatives that are true positives"),
+    ):
         if wrong.any():
             row, col = np.argwhere(wrong)[0]
             raise DataError(
@@ -346,9 +355,11 @@ def load_formatted(
     info = DATASET_INFO[dataset]
     regime = regime if regime is not None else label_rules.Regime()
     if info.sparse and regime != label_rules.Regime():
-        raise DataError(f"--num_pos, --num_neg and --label_proportion draw observed labels from full labels; "
-                        f"{info.title} has only partial labels (its annotated entries are what is observed). Leave "
-                        "them out.")  # fmt: skip
+        raise DataError(
+            f"--num_pos, --num_neg and --label_proportion draw observed labels from full labels; "
+            f"{info.title} has only partial labels (its annotated entries are what is observed). Leave "
+            "them out."
+        )
     format_dataset(dataset, root, derived)
     images_of, paths_of = {}, {}
     for phase in info.phases:
@@ -356,8 +367,10 @@ def load_formatted(
         images = label_rules.load_npy(images_path, _formatted_fix(dataset, root, [images_path]))
         if images.ndim != 1 or images.dtype.kind not in "US" or len(images) == 0:
             what = "no image names" if images.dtype.kind in "US" and images.ndim == 1 else "no 1-D list of names"
-            raise DataError(f"{images_path} holds {what} (shape {images.shape}, dtype {images.dtype}). "
-                            f"{_formatted_fix(dataset, root, [images_path])}")  # fmt: skip
+            raise DataError(
+                f"{images_path} holds {what} (shape {images.shape}, dtype {images.dtype}). "
+                f"{_formatted_fix(dataset, root, [images_path])}"
+            )
         images_of[phase] = images
     _check_distinct_names(dataset, root, derived, images_of)
     data = {}
@@ -367,8 +380,10 @@ def load_formatted(
             parts = [find_file(name, root, derived) for name in label_rules.SparseLabels.files(phase)]
             labels = label_rules.SparseLabels.load(parts[0].parent, phase, info.num_classes)
             if len(labels) != len(images):
-                raise DataError(f"{images_path} lists {len(images)} images but its label files have {len(labels)} "
-                                f"rows. {_formatted_fix(dataset, root, [images_path, *parts])}")  # fmt: skip
+                raise DataError(
+                    f"{images_path} lists {len(images)} images but its label files have {len(labels)} "
+                    f"rows. {_formatted_fix(dataset, root, [images_path, *parts])}"
+                )
             data[phase] = {"images": images, "labels": labels, "labels_obs": labels}
             continue
         labels_path = find_file(f"formatted_{phase}_labels.npy", root, derived)
@@ -376,8 +391,10 @@ def load_formatted(
         labels = label_rules.load_npy(labels_path, fix)
         _check_labels(labels_path, labels, len(images), info.num_classes, (0, 1), fix)
         if phase == "train" and not labels.any():  # every observed label drawn from it would be unknown or negative
-            raise DataError(f"{labels_path} holds no positive label among its {len(labels)} training images: it is "
-                            f"damaged or not this dataset's labels file. {fix}")  # fmt: skip
+            raise DataError(
+                f"{labels_path} holds no positive label among its {len(labels)} training images: it is "
+                f"damaged or not this dataset's labels file. {fix}"
+            )
         obs_name = regime.file(phase)
         observed = _existing_observed(find_file(obs_name, root, derived), labels)
         if observed is None:
@@ -387,10 +404,15 @@ def load_formatted(
                     observed = regime.observe(labels)
                     files.save_npy_atomic(derived / obs_name, observed)
         if phase == "train" and not observed.any():  # training would see all-unknown labels and learn nothing
-            fix = ("give a larger --label_proportion" if regime.proportion is not None else
-                   f"the file is damaged: delete {find_file(obs_name, root, derived)} to regenerate it")  # fmt: skip
-            raise DataError(f"The regime '{regime.describe()}' observes no label at all among the {len(labels)} "
-                            f"training images ({obs_name}): {fix}.")  # fmt: skip
+            fix = (
+                "give a larger --label_proportion"
+                if regime.proportion is not None
+                else f"the file is damaged: delete {find_file(obs_name, root, derived)} to regenerate it"
+            )
+            raise DataError(
+                f"The regime '{regime.describe()}' observes no label at all among the {len(labels)} "
+                f"training images ({obs_name}): {fix}."
+            )
         data[phase] = {"images": images, "labels": labels, "labels_obs": observed}
     return data
 
@@ -414,13 +436,17 @@ def _check_distinct_names(dataset: str, root: Path, derived: Path, images_of: di
     if len(phases) == 1:
         rows = [str(row) for _, row in places]
         listed = f"{', '.join(rows[:-1])} and {rows[-1]}" if len(rows) <= 5 else f"{', '.join(rows[:5])}, ..."
-        raise DataError(f"{phase_files(phases[0])[0]} lists the image {name!r} {len(rows)} times (rows {listed}): "
-                        "each image must be listed once (a repeated one could land in both training and validation, "
-                        f"with conflicting labels). {fix}")  # fmt: skip
+        raise DataError(
+            f"{phase_files(phases[0])[0]} lists the image {name!r} {len(rows)} times (rows {listed}): "
+            "each image must be listed once (a repeated one could land in both training and validation, "
+            f"with conflicting labels). {fix}"
+        )
     (first, row_a), (second, row_b) = places[0], next(place for place in places if place[0] != places[0][0])
-    raise DataError(f"{phase_files(second)[0]} lists the image {name!r} (row {row_b}), which {phase_files(first)[0]} "
-                    f"lists too (row {row_a}): the {first} and {second} splits must not share an image (it would be "
-                    f"trained on and scored). {fix}")  # fmt: skip
+    raise DataError(
+        f"{phase_files(second)[0]} lists the image {name!r} (row {row_b}), which {phase_files(first)[0]} "
+        f"lists too (row {row_a}): the {first} and {second} splits must not share an image (it would be "
+        f"trained on and scored). {fix}"
+    )
 
 
 def repeated_name(names_of: Mapping[str, np.ndarray]) -> tuple[str, list[tuple[str, int]]] | None:
@@ -529,8 +555,10 @@ def derived_folder(dataset: str, data_root: str | os.PathLike, cache_dir: str | 
         temporary = (
             " (this user has no home directory: a temporary folder)" if no_home_cache() in folder.parents else ""
         )
-        print(f"note: the data root {root} is not writable: the files derived from it go to {folder}{temporary} "
-              "(--cache_dir chooses another folder)")  # fmt: skip
+        print(
+            f"note: the data root {root} is not writable: the files derived from it go to {folder}{temporary} "
+            "(--cache_dir chooses another folder)"
+        )
     return folder
 
 
@@ -668,8 +696,10 @@ def _report_classes_without_positives(splits: dict[str, Split], class_names_of: 
             shown = ", ".join(names[c] for c in empty[:5]) + (", ..." if len(empty) > 5 else "")
             parts.append(f"{phase} {len(empty)} of {len(names)} ({shown})")
     if parts:
-        print(f"note: classes without any positive image: {'; '.join(parts)}. Each enters that split's mAP with AP 0: "
-              "the official evaluation keeps every class in the mean, and so does this one.")  # fmt: skip
+        print(
+            f"note: classes without any positive image: {'; '.join(parts)}. Each enters that split's mAP with AP 0: "
+            "the official evaluation keeps every class in the mean, and so does this one."
+        )
 
 
 def check_images_exist(splits: dict[str, Split]) -> None:
@@ -693,9 +723,13 @@ def check_images_exist(splits: dict[str, Split]) -> None:
             bar.update(len(split))
     if missing or empty:
         what = " and ".join(
-            part for part in (f"{missing} of {total} listed images are missing" if missing else "",
-                              f"{empty} of {total} are empty files (zero bytes)" if empty else "") if part
-        )  # fmt: skip
+            part
+            for part in (
+                f"{missing} of {total} listed images are missing" if missing else "",
+                f"{empty} of {total} are empty files (zero bytes)" if empty else "",
+            )
+            if part
+        )
         listed = "\n  ".join(shown)
         raise DataError(
             f"{what}, for example:\n  {listed}\nCheck --data_root and that the image archives are fully downloaded "
@@ -717,8 +751,10 @@ def check_images_decode(splits: dict[str, Split], per_split: int = 16) -> None:
                 bad.append(str(err))
     if bad:
         listed = "\n  ".join(bad[:5])
-        raise DataError(f"{len(bad)} of {tried} sampled images cannot be decoded:\n  {listed}\nReplace them: "
-                        "download and extract the image archives again (data/README.md).")  # fmt: skip
+        raise DataError(
+            f"{len(bad)} of {tried} sampled images cannot be decoded:\n  {listed}\nReplace them: "
+            "download and extract the image archives again (data/README.md)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class Diagnostics:
                 torch.where(true_neg, prob, zero).sum(),
                 selected.sum().double(),
                 (selected & clean).sum().double(),
-            ]  # fmt: skip
+            ]
         )
 
     def summary(self) -> dict:

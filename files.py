@@ -68,8 +68,10 @@ def write_atomic(path: Path, write) -> None:
             raise DiskFull(path) from err
         if torch_failed:
             detail = str(err).strip().splitlines()[-1][:200]
-            raise OSError(errno.EIO, f"could not write {path}: torch could not write it ({detail}); "
-                                     f"{free / 2**20:.0f} MiB free there") from err  # fmt: skip
+            raise OSError(
+                errno.EIO,
+                f"could not write {path}: torch could not write it ({detail}); {free / 2**20:.0f} MiB free there",
+            ) from err
         raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
     os.replace(tmp, path)
 

@@ -20,9 +20,27 @@ COCO_NUM_CLASSES = 80
 CUB_NUM_ATTRIBUTES = 312
 OPENIMAGES_NUM_CLASSES = 5000
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -100,12 +118,15 @@ def _read_coco_json(path: Path) -> dict:
         with open(_existing(path), "rb") as f:
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
-        raise DataError(f"{path} is not valid JSON ({err}): it is incomplete or damaged (an interrupted download?). "
-                        f"{fix}") from None  # fmt: skip
+        raise DataError(
+            f"{path} is not valid JSON ({err}): it is incomplete or damaged (an interrupted download?). {fix}"
+        ) from None
     problem = None
-    not_lists = [] if not isinstance(data, dict) else [
-        key for key in ("annotations", "images", "categories") if key in data and not isinstance(data[key], list)
-    ]  # fmt: skip
+    not_lists = (
+        []
+        if not isinstance(data, dict)
+        else [key for key in ("annotations", "images", "categories") if key in data and not isinstance(data[key], list)]
+    )
     if not isinstance(data, dict) or not {"annotations", "categories"} <= data.keys():
         problem = "it has no 'annotations' and 'categories' lists"
     elif not_lists:
@@ -143,9 +164,11 @@ def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     # id, then the rest of the line: a path keeps its spaces (two in a row included)
     for number, (image_id, name) in _parsed_lines(images_path, 2, lambda f: (int(f[0]), f[1].rstrip()), maxsplit=1):
         if image_id in line_of:  # else its labels would all go to one of the two rows
-            raise DataError(f"{images_path} lists the image id {image_id} twice (lines {line_of[image_id]} and "
-                            f"{number}): each image has its own id. Use the official CUB_200_2011 files "
-                            "(data/cub/README.md).")  # fmt: skip
+            raise DataError(
+                f"{images_path} lists the image id {image_id} twice (lines {line_of[image_id]} and "
+                f"{number}): each image has its own id. Use the official CUB_200_2011 files "
+                "(data/cub/README.md)."
+            )
         line_of[image_id] = number
         images.append((image_id, name))
     image_row = {image_id: i for i, (image_id, _) in enumerate(images)}
@@ -154,22 +177,28 @@ def format_cub(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     path = cub / "attributes" / "image_attribute_labels.txt"
     for number, (image_id, attribute_id, is_present) in _parsed_lines(path, 3, lambda f: tuple(map(int, f[:3]))):
         if image_id not in image_row or not 1 <= attribute_id <= CUB_NUM_ATTRIBUTES or is_present not in (0, 1):
-            raise DataError(f"{path}: the line '{image_id} {attribute_id} {is_present} ...' names an image not in "
-                            f"images.txt, an attribute outside 1..{CUB_NUM_ATTRIBUTES} or a value other than 0/1. Use "
-                            "the official CUB_200_2011 files (data/cub/README.md).")  # fmt: skip
+            raise DataError(
+                f"{path}: the line '{image_id} {attribute_id} {is_present} ...' names an image not in "
+                f"images.txt, an attribute outside 1..{CUB_NUM_ATTRIBUTES} or a value other than 0/1. Use "
+                "the official CUB_200_2011 files (data/cub/README.md)."
+            )
         row = image_row[image_id]
         if labels[row, attribute_id - 1] == 1 - is_present:  # a repeated line that agrees changes nothing
-            raise DataError(f"{path}: line {number} gives image {image_id}, attribute {attribute_id} the value "
-                            f"{is_present}, and an earlier line gave it {1 - is_present}. Use the official "
-                            "CUB_200_2011 files (data/cub/README.md).")  # fmt: skip
+            raise DataError(
+                f"{path}: line {number} gives image {image_id}, attribute {attribute_id} the value "
+                f"{is_present}, and an earlier line gave it {1 - is_present}. Use the official "
+                "CUB_200_2011 files (data/cub/README.md)."
+            )
         labels[row, attribute_id - 1] = is_present
     if (labels < 0).any():
         row, col = np.argwhere(labels < 0)[0]
         raise DataError(f"image_attribute_labels.txt has no line for image {images[row][0]}, attribute {col + 1}.")
     unsplit = [image_id for image_id, _ in images if image_id not in is_train]
     if unsplit:
-        raise DataError(f"{cub / 'train_test_split.txt'} has no line for image {unsplit[0]} ({len(unsplit)} images "
-                        "missing). Use the official CUB_200_2011 files (data/cub/README.md).")  # fmt: skip
+        raise DataError(
+            f"{cub / 'train_test_split.txt'} has no line for image {unsplit[0]} ({len(unsplit)} images "
+            "missing). Use the official CUB_200_2011 files (data/cub/README.md)."
+        )
     train = np.array([is_train[image_id] for image_id, _ in images])
     names = np.array([name.strip() for _, name in images])
     return {"train": (names[train], labels[train]), "val": (names[~train], labels[~train])}
@@ -191,14 +220,18 @@ def format_openimages(root: Path) -> dict[str, tuple[np.ndarray, SparseLabels]]:
     listed = [(number, line.strip()) for number, line in enumerate(_read_lines(classes_path), 1) if line.strip()]
     classes = [mid for _, mid in listed]
     if len(classes) != OPENIMAGES_NUM_CLASSES:
-        raise DataError(f"{classes_path} lists {len(classes)} classes; the 2017_11 release (V3) has "
-                        f"{OPENIMAGES_NUM_CLASSES}. Use that release's file.")  # fmt: skip
+        raise DataError(
+            f"{classes_path} lists {len(classes)} classes; the 2017_11 release (V3) has "
+            f"{OPENIMAGES_NUM_CLASSES}. Use that release's file."
+        )
     line_of: dict[str, int] = {}
     for number, mid in listed:
         if mid in line_of:  # one of the two columns would get no label
-            raise DataError(f"{classes_path} lists the class {mid} twice (lines {line_of[mid]} and {number}); the "
-                            f"2017_11 release (V3) lists each of its {OPENIMAGES_NUM_CLASSES} classes once. Use that "
-                            "release's file (data/openimages/README.md).")  # fmt: skip
+            raise DataError(
+                f"{classes_path} lists the class {mid} twice (lines {line_of[mid]} and {number}); the "
+                f"2017_11 release (V3) lists each of its {OPENIMAGES_NUM_CLASSES} classes once. Use that "
+                "release's file (data/openimages/README.md)."
+            )
         line_of[mid] = number
     column = {mid: i for i, mid in enumerate(classes)}
     out = {}
@@ -241,10 +274,12 @@ def _read_openimages_csv(path: Path, column: dict[str, int]) -> tuple[np.ndarray
                     "short or damaged (an interrupted download?). Download it again (data/openimages/README.md)."
                 ) from None
             if not 0 <= conf <= 1:  # a probability (the human labels: 0 or 1); nan is none
-                raise DataError(f"{path}, line {number}: Confidence {parts[i_conf].strip().decode(errors='replace')!r} "
-                                "is not a probability in [0, 1]: "
-                                "the file is damaged, or not the official one. Download it again "
-                                "(data/openimages/README.md).")  # fmt: skip
+                raise DataError(
+                    f"{path}, line {number}: Confidence {parts[i_conf].strip().decode(errors='replace')!r} "
+                    "is not a probability in [0, 1]: "
+                    "the file is damaged, or not the official one. Download it again "
+                    "(data/openimages/README.md)."
+                )
             try:
                 ids.append(int(parts[i_id], 16))
             except (ValueError, OverflowError):  # OverflowError: negative, or more than 64 bits

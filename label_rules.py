@@ -144,15 +144,19 @@ def regime_of(cfg) -> Regime:
     proportion = getattr(cfg, "label_proportion", None)
     if proportion is not None:
         if (num_pos, num_neg) != (1, 0):
-            raise DataError("--label_proportion draws every label with one probability; it cannot be combined with "
-                            "--num_pos or --num_neg. Give one or the other.")  # fmt: skip
+            raise DataError(
+                "--label_proportion draws every label with one probability; it cannot be combined with "
+                "--num_pos or --num_neg. Give one or the other."
+            )
         if not 0 < proportion <= 1:
             raise DataError(f"--label_proportion must lie in (0, 1] (got {proportion}).")
         seed = int(getattr(cfg, "label_proportion_seed", OBSERVED_SEED))
         return Regime(proportion=float(proportion), proportion_seed=seed)
     if num_pos < 0 or num_neg < 0 or num_pos + num_neg == 0:
-        raise DataError(f"--num_pos {num_pos} --num_neg {num_neg} observes no label: both must be >= 0 and at least "
-                        "one positive (the paper: --num_pos 1 --num_neg 0).")  # fmt: skip
+        raise DataError(
+            f"--num_pos {num_pos} --num_neg {num_neg} observes no label: both must be >= 0 and at least "
+            "one positive (the paper: --num_pos 1 --num_neg 0)."
+        )
     return Regime(int(num_pos), int(num_neg))
 
 
@@ -161,8 +165,10 @@ def split_indices(num_images: int, val_frac: float, split_seed: int) -> tuple[np
     n_val = int(np.round(val_frac * num_images))
     if not 0 < n_val < num_images:
         if num_images < 2:
-            raise DataError(f"The official train split has {num_images} image(s): too few to hold out a validation "
-                            "split. Check the formatted train files.")  # fmt: skip
+            raise DataError(
+                f"The official train split has {num_images} image(s): too few to hold out a validation "
+                "split. Check the formatted train files."
+            )
         part = "validation" if n_val <= 0 else "training"
         raise DataError(
             f"--val_frac {val_frac} leaves an empty {part} split (round({val_frac} x {num_images} images) = {n_val} "
@@ -272,16 +278,22 @@ class SparseLabels:
     @classmethod
     def load(cls, root: Path, phase: str, num_classes: int) -> SparseLabels:
         paths = [root / name for name in cls.files(phase)]
-        fix = (f"Delete {', '.join(str(p) for p in paths)} and format again from the raw annotations "
-               "(data/openimages/README.md).")  # fmt: skip
+        fix = (
+            f"Delete {', '.join(str(p) for p in paths)} and format again from the raw annotations "
+            "(data/openimages/README.md)."
+        )
         parts = [load_npy(path, fix) for path in paths]
         indptr, indices, values = parts
         ok = (
-            indptr.ndim == indices.ndim == values.ndim == 1 and len(indptr) > 0 and indptr[0] == 0
-            and all(p.dtype.kind in "iu" for p in parts) and len(indices) == len(values) == indptr[-1]
-            and (np.diff(indptr) >= 0).all() and np.isin(values, (-1, 1)).all()
+            indptr.ndim == indices.ndim == values.ndim == 1
+            and len(indptr) > 0
+            and indptr[0] == 0
+            and all(p.dtype.kind in "iu" for p in parts)
+            and len(indices) == len(values) == indptr[-1]
+            and (np.diff(indptr) >= 0).all()
+            and np.isin(values, (-1, 1)).all()
             and (len(indices) == 0 or (indices.min() >= 0 and indices.max() < num_classes))
-        )  # fmt: skip
+        )
         if not ok:
             raise DataError(f"The sparse label files formatted_{phase}_labels_*.npy in {root} are inconsistent. {fix}")
         return cls(*parts, num_classes)

@@ -123,8 +123,12 @@ class SparseLabelStore:
         self.labels = label_rules.SparseLabels(*parts, self.labels.num_classes)
 
     def checksum(self) -> float:
-        return float(sum(np.asarray(getattr(self.labels, p), dtype=np.float64).sum() * (i + 1) for i, p in
-                         enumerate(label_rules.SparseLabels._PARTS)))  # fmt: skip
+        return float(
+            sum(
+                np.asarray(getattr(self.labels, p), dtype=np.float64).sum() * (i + 1)
+                for i, p in enumerate(label_rules.SparseLabels._PARTS)
+            )
+        )
 
 
 def label_store(observed, device: torch.device) -> DenseLabelStore | SparseLabelStore:

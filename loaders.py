@@ -84,8 +84,9 @@ def _decoded(path: str, pixels: Callable[[Image.Image], np.ndarray]) -> np.ndarr
         with Image.open(path) as raw:
             return pixels(to_rgb(raw))
     except Image.DecompressionBombError as err:  # not an OSError: PIL refuses to decode that many pixels
-        raise DataError(f"Cannot decode image {path}: it is too large to decode safely ({err}). Replace or remove the "
-                        "file.") from None  # fmt: skip
+        raise DataError(
+            f"Cannot decode image {path}: it is too large to decode safely ({err}). Replace or remove the file."
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from None
 
@@ -311,16 +312,22 @@ def _build_disk_cache(split: Split, image_size: int, path: Path, num_workers: in
     # A cache file that is missing or of another size (cut short) starts over, whatever its bitmap says.
     fresh = not _cache_size_ok(path, n, image_size)
     if fresh and path.exists():
-        print(f"disk cache: {path} holds {path.stat().st_size} bytes, not the {need} its images take (cut short?): "
-              "building it anew")  # fmt: skip
+        print(
+            f"disk cache: {path} holds {path.stat().st_size} bytes, not the {need} its images take (cut short?): "
+            "building it anew"
+        )
     done = None if fresh else _cache_done(path, n)
     done = np.zeros(n, dtype=bool) if done is None else done
     free = shutil.disk_usage(path.parent).free + (path.stat().st_size if path.exists() else 0)
-    print(f"disk cache: {n} images x {image_size}x{image_size}x3 = {need / 1e9:.2f} GB in {path} "
-          f"({int(done.sum())} already done; {free / 1e9:.1f} GB free)")  # fmt: skip
+    print(
+        f"disk cache: {n} images x {image_size}x{image_size}x3 = {need / 1e9:.2f} GB in {path} "
+        f"({int(done.sum())} already done; {free / 1e9:.1f} GB free)"
+    )
     if need > free - 2**30:
-        raise DataError(f"The disk cache needs {need / 1e9:.2f} GB in {path.parent}, but only {free / 1e9:.2f} GB are "
-                        "free (keeping 1 GB spare). Free some space, or train without --cache disk.")  # fmt: skip
+        raise DataError(
+            f"The disk cache needs {need / 1e9:.2f} GB in {path.parent}, but only {free / 1e9:.2f} GB are "
+            "free (keeping 1 GB spare). Free some space, or train without --cache disk."
+        )
     if fresh:
         done_path.unlink(missing_ok=True)  # never a stale bitmap beside a new, empty file
         _open_cache(path, n, image_size, "w+").flush()
@@ -407,7 +414,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
 # Evaluation has no gradients and BatchNorm in eval mode: the model scores batches of EVAL_BATCH_FACTOR x bsize
 # images (same scores, fewer launches); the loader still delivers batches of bsize, joined on the device
-# (``train.predict``), so that the workers' first batches arrive as soon as during training.
+# (``evaluation.predict``), so that the workers' first batches arrive as soon as during training.
 EVAL_BATCH_FACTOR = 4
 
 

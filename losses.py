@@ -338,8 +338,7 @@ def gr_schedule(
     kept). Computed on the host from ints. ``q2`` and ``q3`` do not change over epochs; they are accepted (and ignored)
     so that a whole setting can be passed with ``**``.
     """
-    problems = gr_problems(w=w, b=b, mu=mu, sigma=sigma, q2=1.0, q3=1.0, linear_init=linear_init,
-                           num_epochs=num_epochs)  # fmt: skip
+    problems = gr_problems(w=w, b=b, mu=mu, sigma=sigma, q2=1.0, q3=1.0, linear_init=linear_init, num_epochs=num_epochs)
     if problems:
         raise ValueError("; ".join(problems))
     return _gr_schedule_checked(epoch, num_epochs, w=w, b=b, mu=mu, sigma=sigma, linear_init=linear_init)

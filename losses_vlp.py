@@ -162,8 +162,10 @@ def aevlp_problems(*, lambda1: float, lambda2: float, rho: float, reg: float) ->
     """What is wrong with AEVLP's own constants, one sentence per problem."""
     problems = []
     if not 0 <= lambda2 <= lambda1 <= 1:
-        problems.append(f"AEVLP's lambdas must satisfy 0 <= lambda2 <= lambda1 <= 1: v is clamped to "
-                        f"[1 - lambda1, 1 - lambda2] (got {lambda1}, {lambda2})")  # fmt: skip
+        problems.append(
+            f"AEVLP's lambdas must satisfy 0 <= lambda2 <= lambda1 <= 1: v is clamped to "
+            f"[1 - lambda1, 1 - lambda2] (got {lambda1}, {lambda2})"
+        )
     if not 0 <= rho <= 1:
         problems.append(f"AEVLP's rho mixes two targets and must lie in [0, 1] (got {rho})")
     if reg < 0:
@@ -195,7 +197,19 @@ def aevlp_loss(
     entries (GR's schedule for w, b, mu, sigma) plus ``reg`` times EPR's regulariser
     (mean predicted positives - expected_num_pos)^2 / C^2, as their ``GPR_loss``. No host synchronisation."""
     now = losses.gr_schedule(epoch, num_epochs, w=w, b=b, mu=mu, sigma=sigma)
-    matrix = aevlp_loss_matrix(logits, observed, pseudo, w=now.w, b=now.b, mu=now.mu, sigma=now.sigma, q2=q2, q3=q3,
-                               lambda1=lambda1, lambda2=lambda2, rho=rho)  # fmt: skip
+    matrix = aevlp_loss_matrix(
+        logits,
+        observed,
+        pseudo,
+        w=now.w,
+        b=now.b,
+        mu=now.mu,
+        sigma=now.sigma,
+        q2=q2,
+        q3=q3,
+        lambda1=lambda1,
+        lambda2=lambda2,
+        rho=rho,
+    )
     p = torch.sigmoid(logits.float())
     return losses._reduce(matrix, reduce) + reg * losses.expected_positive_regularizer(p, expected_num_pos)

@@ -8,19 +8,13 @@ and its test (docs/extending.md). Importing this module fills the registry.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-import clip_scores
 import datasets
-import label_rules
 import losses
-import losses_vlp
 import models
 from label_state import LabelState
 from linear_init import linear_init_phase
@@ -29,14 +23,12 @@ from registry import (
     MODE,
     MODIFIER,
     OBSERVED,
-    REGISTRY,
     SCHEME,
     VARIANT,
     Flag,
     LossInputs,
     Method,
     MethodError,
-    for_dataset,
     from_dataset,
     get,
     register,
@@ -72,7 +64,7 @@ def pseudo_label_negatives(scores: torch.Tensor, state: LabelState) -> int:
 # from_dataset; a value that is the same on every dataset stays in the method's entry.
 
 
-def _in_range(name: str, low: float, high: float, *, low_open=False, high_open=False) -> Callable[[Any], str | None]:
+def in_range(name: str, low: float, high: float, *, low_open=False, high_open=False) -> Callable[[Any], str | None]:
     def check(value) -> str | None:
         above = value > low if low_open else value >= low
         below = value < high if high_open else value <= high
@@ -84,24 +76,28 @@ def _in_range(name: str, low: float, high: float, *, low_open=False, high_open=F
     return check
 
 
-def _at_least(name: str, low: float) -> Callable[[Any], str | None]:
+def at_least(name: str, low: float) -> Callable[[Any], str | None]:
     return lambda value: None if value >= low else f"--{name} must be >= {low:g} (got {value})"
 
 
-def _needs_expected_num_pos(cfg) -> list[str]:
+def needs_expected_num_pos(cfg) -> list[str]:
     info = datasets.DATASET_INFO.get(cfg.dataset)
     if info is not None and cfg.expected_num_pos > info.num_classes:
-        return [f"--expected_num_pos is the expected number of positive labels per image: at most the "
-                f"{info.num_classes} classes of {info.title} (got {cfg.expected_num_pos:g})"]  # fmt: skip
+        return [
+            f"--expected_num_pos is the expected number of positive labels per image: at most the "
+            f"{info.num_classes} classes of {info.title} (got {cfg.expected_num_pos:g})"
+        ]
     if cfg.expected_num_pos > 0:
         return []
     return [f"--loss {cfg.loss} needs --expected_num_pos > 0 (got {cfg.expected_num_pos})"]
 
 
-def _dense_state(method: str, state: LabelState) -> torch.Tensor:
+def dense_state(method: str, state: LabelState) -> torch.Tensor:
     if state.initial is None:
-        raise MethodError(f"{method} keeps per-image state over the dense observed-label matrix, which sparse datasets "
-                          "do not have; add them to its not_on")  # fmt: skip
+        raise MethodError(
+            f"{method} keeps per-image state over the dense observed-label matrix, which sparse datasets "
+            "do not have; add them to its not_on"
+        )
     return state.initial
 
 
@@ -111,8 +107,10 @@ def _dense_state(method: str, state: LabelState) -> torch.Tensor:
 def _clean_rules(cfg) -> list[str]:
     problems = []
     if (cfg.num_pos, cfg.num_neg, cfg.label_proportion) != (1, 0, None):
-        problems.append("--num_pos, --num_neg and --label_proportion choose the observed labels; with "
-                        "--train_set_variant clean every label is known: drop them")  # fmt: skip
+        problems.append(
+            "--num_pos, --num_neg and --label_proportion choose the observed labels; with "
+            "--train_set_variant clean every label is known: drop them"
+        )
     if cfg.mod_scheme != "AN" or cfg.loss != "an":
         problems.append(
             "--train_set_variant clean trains on full labels with plain BCE: no entry is unobserved, so there is "
@@ -120,20 +118,27 @@ def _clean_rules(cfg) -> list[str]:
         )
     info = datasets.DATASET_INFO.get(cfg.dataset)
     if info is not None and info.sparse:
-        problems.append(f"{info.title} has partial labels only, no full labels: --train_set_variant clean is not "
-                        "available for it")  # fmt: skip
+        problems.append(
+            f"{info.title} has partial labels only, no full labels: --train_set_variant clean is not available for it"
+        )
     return problems
 
 
 register(Method(OBSERVED, VARIANT, summary="the observed (partial) labels: single positive by default"))
 register(
     Method(
-        "clean", VARIANT, title="Full label", row="full", summary="plain BCE on the full labels (the upper bound)",
+        "clean",
+        VARIANT,
+        title="Full label",
+        row="full",
+        summary="plain BCE on the full labels (the upper bound)",
         validate=_clean_rules,
-        paper={"end_to_end": {"pascal": 90.2, "coco": 78.0, "nuswide": 54.5, "cub": 32.9},
-               "linear_init": {"pascal": 91.1, "coco": 77.2, "nuswide": 54.9, "cub": 34.0}},
+        paper={
+            "end_to_end": {"pascal": 90.2, "coco": 78.0, "nuswide": 54.5, "cub": 32.9},
+            "linear_init": {"pascal": 91.1, "coco": 77.2, "nuswide": 54.9, "cub": 34.0},
+        },
     )
-)  # fmt: skip
+)
 
 
 # The LL schemes modify the AN loss (losses.large_loss); AN itself modifies nothing.
@@ -148,18 +153,30 @@ def _scheme_rate(cfg, epoch: int) -> float:
 
 
 DELTA_REL = Flag(
-    "delta_rel", float, 0.0, "percent per epoch (default: preset)", check=_in_range("delta_rel", 0, 100),
+    "delta_rel",
+    float,
+    0.0,
+    "percent per epoch (default: preset)",
+    check=in_range("delta_rel", 0, 100),
     always_preset=True,
-)  # fmt: skip
+)
 
 register(
     Method(
-        "AN", SCHEME, title="Naive AN", summary="assume negative: unobserved labels are negatives, nothing modified",
-        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,), presets={"delta_rel": 0.0},
-        paper={"end_to_end": {"pascal": 85.1, "coco": 64.1, "nuswide": 42.0, "cub": 19.1, "openimages": 82.0},
-               "linear_init": {"pascal": 86.9, "coco": 68.7, "nuswide": 47.6, "cub": 20.9}},
+        "AN",
+        SCHEME,
+        title="Naive AN",
+        summary="assume negative: unobserved labels are negatives, nothing modified",
+        loss=_scheme_loss,
+        rate=_scheme_rate,
+        flags=(DELTA_REL,),
+        presets={"delta_rel": 0.0},
+        paper={
+            "end_to_end": {"pascal": 85.1, "coco": 64.1, "nuswide": 42.0, "cub": 19.1, "openimages": 82.0},
+            "linear_init": {"pascal": 86.9, "coco": 68.7, "nuswide": 47.6, "cub": 20.9},
+        },
     )
-)  # fmt: skip
+)
 
 
 # The baseline losses (losses.py), each on the same protocol.
@@ -172,51 +189,71 @@ def _an_loss(b: LossInputs):
 
 register(
     Method(
-        "an", LOSS, summary="the AN loss, modified by --mod_scheme (AN, LL-R, LL-Ct, LL-Cp)", loss=_an_loss,
+        "an",
+        LOSS,
+        summary="the AN loss, modified by --mod_scheme (AN, LL-R, LL-Ct, LL-Cp)",
+        loss=_an_loss,
         combines_with_schemes=True,
     )
-)  # fmt: skip
+)
 register(
     Method(
-        "wan", LOSS, title="WAN", summary="weak AN: unobserved negatives weighted 1 / (C - 1)",
+        "wan",
+        LOSS,
+        title="WAN",
+        summary="weak AN: unobserved negatives weighted 1 / (C - 1)",
         loss=lambda b: losses.wan_loss(b.logits, b.observed, reduce=b.reduce),
-        paper={"end_to_end": {"pascal": 86.5, "coco": 64.8, "nuswide": 46.3, "cub": 20.3, "openimages": 77.0},
-               "linear_init": {"pascal": 87.1, "coco": 68.0, "nuswide": 47.5, "cub": 21.1}},
+        paper={
+            "end_to_end": {"pascal": 86.5, "coco": 64.8, "nuswide": 46.3, "cub": 20.3, "openimages": 77.0},
+            "linear_init": {"pascal": 87.1, "coco": 68.0, "nuswide": 47.5, "cub": 21.1},
+        },
     )
-)  # fmt: skip
+)
 register(
     Method(
-        "lsan", LOSS, title="LSAN", summary="AN with label smoothing",
-        flags=(Flag("ls_coef", float, 0.1, "LSAN label smoothing",
-                    check=_in_range("ls_coef", 0, 0.5, high_open=True)),),
+        "lsan",
+        LOSS,
+        title="LSAN",
+        summary="AN with label smoothing",
+        flags=(Flag("ls_coef", float, 0.1, "LSAN label smoothing", check=in_range("ls_coef", 0, 0.5, high_open=True)),),
         loss=lambda b: losses.lsan_loss(b.logits, b.observed, b.cfg.ls_coef, reduce=b.reduce),
-        paper={"end_to_end": {"pascal": 86.7, "coco": 66.9, "nuswide": 44.9, "cub": 17.9, "openimages": 75.0},
-               "linear_init": {"pascal": 86.5, "coco": 69.2, "nuswide": 50.5, "cub": 16.6}},
+        paper={
+            "end_to_end": {"pascal": 86.7, "coco": 66.9, "nuswide": 44.9, "cub": 17.9, "openimages": 75.0},
+            "linear_init": {"pascal": 86.5, "coco": 69.2, "nuswide": 50.5, "cub": 16.6},
+        },
     )
-)  # fmt: skip
+)
 
 # Cole et al.'s expected number of positives per image (their paper; the synthetic data's true mean), in the dataset
 # entries under "epr"; ROLE reads the same. OpenImages has none: EPR and ROLE are not offered there, and its runs
 # record the flag's default 0.
 EXPECTED_NUM_POS = Flag("expected_num_pos", float, 0.0, "EPR/ROLE (default: preset)", always_preset=True)
-_EXPECTED_NUM_POS = from_dataset("epr")
+EXPECTED_NUM_POS_PRESET = from_dataset("epr")
 _NO_EXPECTED_COUNT = {"openimages": "no expected number of positives is published for it"}
 
 register(
     Method(
-        "epr", LOSS, title="EPR", summary="observed labels plus the expected-positive regulariser",
-        flags=(EXPECTED_NUM_POS,), presets={"expected_num_pos": _EXPECTED_NUM_POS}, validate=_needs_expected_num_pos,
-        not_on=_NO_EXPECTED_COUNT, single_process="its regulariser needs the whole batch in one place",
+        "epr",
+        LOSS,
+        title="EPR",
+        summary="observed labels plus the expected-positive regulariser",
+        flags=(EXPECTED_NUM_POS,),
+        presets={"expected_num_pos": EXPECTED_NUM_POS_PRESET},
+        validate=needs_expected_num_pos,
+        not_on=_NO_EXPECTED_COUNT,
+        single_process="its regulariser needs the whole batch in one place",
         loss=lambda b: losses.epr_loss(b.logits, b.observed, b.cfg.expected_num_pos, reduce=b.reduce),
-        paper={"end_to_end": {"pascal": 85.5, "coco": 63.3, "nuswide": 46.0, "cub": 20.0},
-               "linear_init": {"pascal": 84.9, "coco": 66.8, "nuswide": 48.1, "cub": 21.2}},
+        paper={
+            "end_to_end": {"pascal": 85.5, "coco": 63.3, "nuswide": 46.0, "cub": 20.0},
+            "linear_init": {"pascal": 84.9, "coco": 66.8, "nuswide": 48.1, "cub": 21.2},
+        },
     )
-)  # fmt: skip
+)
 
 
 def _role_init(cfg, state: LabelState) -> None:
     generator = torch.Generator().manual_seed(cfg.seed)
-    initial = _dense_state("ROLE", state)
+    initial = dense_state("ROLE", state)
     state.extra["estimator"] = models.LabelEstimator(initial, generator).to(state.observed.device)
 
 
@@ -231,30 +268,46 @@ def _role_load(state: LabelState, saved: dict) -> None:
 
 register(
     Method(
-        "role", LOSS, title="ROLE", summary="a per-image label estimator trained jointly, with EPR's regulariser",
-        flags=(EXPECTED_NUM_POS,), presets={"expected_num_pos": _EXPECTED_NUM_POS}, validate=_needs_expected_num_pos,
+        "role",
+        LOSS,
+        title="ROLE",
+        summary="a per-image label estimator trained jointly, with EPR's regulariser",
+        flags=(EXPECTED_NUM_POS,),
+        presets={"expected_num_pos": EXPECTED_NUM_POS_PRESET},
+        validate=needs_expected_num_pos,
         not_on=_NO_EXPECTED_COUNT,
         single_process="its regulariser needs the whole batch in one place, and its estimator has a row per image",
-        loss=_role_loss, init_state=_role_init, save_state=lambda s: {"estimator": s.extra["estimator"].state_dict()},
-        load_state=_role_load, parameters=lambda s: list(s.extra["estimator"].parameters()),
-        paper={"end_to_end": {"pascal": 87.9, "coco": 66.3, "nuswide": 43.1, "cub": 15.0},
-               "linear_init": {"pascal": 88.2, "coco": 69.0, "nuswide": 51.0, "cub": 16.8}},
+        loss=_role_loss,
+        init_state=_role_init,
+        save_state=lambda s: {"estimator": s.extra["estimator"].state_dict()},
+        load_state=_role_load,
+        parameters=lambda s: list(s.extra["estimator"].parameters()),
+        paper={
+            "end_to_end": {"pascal": 87.9, "coco": 66.3, "nuswide": 43.1, "cub": 15.0},
+            "linear_init": {"pascal": 88.2, "coco": 69.0, "nuswide": 51.0, "cub": 16.8},
+        },
     )
-)  # fmt: skip
+)
 
 # Zhou et al.'s released per-dataset defaults, in the dataset entries: em_alpha under "em" (EM+APL reads the same),
 # apl_beta and apl_warmup under "em_apl".
-EM_ALPHA = Flag("em_alpha", float, 0.1, "EM entropy weight (default: preset)", check=_at_least("em_alpha", 0),
-                always_preset=True)  # fmt: skip
-_EM_ALPHA = from_dataset("em")
+EM_ALPHA = Flag(
+    "em_alpha", float, 0.1, "EM entropy weight (default: preset)", check=at_least("em_alpha", 0), always_preset=True
+)
+EM_ALPHA_PRESET = from_dataset("em")
 
 register(
     Method(
-        "em", LOSS, title="EM", summary="entropy maximisation on unobserved labels", flags=(EM_ALPHA,),
-        presets={"em_alpha": _EM_ALPHA}, table_skip=frozenset({"openimages"}),
+        "em",
+        LOSS,
+        title="EM",
+        summary="entropy maximisation on unobserved labels",
+        flags=(EM_ALPHA,),
+        presets={"em_alpha": EM_ALPHA_PRESET},
+        table_skip=frozenset({"openimages"}),
         loss=lambda b: losses.em_loss(b.logits, b.observed, b.cfg.em_alpha, reduce=b.reduce),
     )
-)  # fmt: skip
+)
 
 
 def _apl_rules(cfg) -> list[str]:
@@ -264,7 +317,7 @@ def _apl_rules(cfg) -> list[str]:
 
 
 def _apl_init(cfg, state: LabelState) -> None:
-    initial = _dense_state("EM+APL", state)
+    initial = dense_state("EM+APL", state)
     state.extra["pseudo_negative"] = torch.zeros_like(initial, dtype=torch.bool)
     state.extra["soft_label"] = torch.zeros_like(initial, dtype=torch.float32)
     # Zhou et al.: each labelling round takes neg_proportion * (unobserved entries of the class) / (rounds).
@@ -275,8 +328,15 @@ def _apl_init(cfg, state: LabelState) -> None:
 
 def _apl_loss(b: LossInputs):
     pseudo, soft = b.state.extra["pseudo_negative"][b.rows], b.state.extra["soft_label"][b.rows]
-    return losses.em_loss(b.logits, b.observed, b.cfg.em_alpha, pseudo_negative=pseudo, soft_label=soft,
-                          beta=b.cfg.apl_beta, reduce=b.reduce)  # fmt: skip
+    return losses.em_loss(
+        b.logits,
+        b.observed,
+        b.cfg.em_alpha,
+        pseudo_negative=pseudo,
+        soft_label=soft,
+        beta=b.cfg.apl_beta,
+        reduce=b.reduce,
+    )
 
 
 def _apl_save(state: LabelState) -> dict:
@@ -298,27 +358,45 @@ def _apl_after_epoch(cfg, state: LabelState, epoch: int, train_scores) -> dict:
 
 register(
     Method(
-        "em_apl", LOSS, title="EM+APL", summary="EM plus asymmetric pseudo-labelling of negatives after each epoch",
+        "em_apl",
+        LOSS,
+        title="EM+APL",
+        summary="EM plus asymmetric pseudo-labelling of negatives after each epoch",
         flags=(
             EM_ALPHA,
-            Flag("apl_beta", float, 0.2, "APL pseudo-label weight (default: preset)", check=_at_least("apl_beta", 0),
-                 always_preset=True),
+            Flag(
+                "apl_beta",
+                float,
+                0.2,
+                "APL pseudo-label weight (default: preset)",
+                check=at_least("apl_beta", 0),
+                always_preset=True,
+            ),
             Flag("apl_warmup", int, 5, "APL's first labelling epoch (default: preset)", always_preset=True),
-            Flag("apl_neg_proportion", float, 0.9, "APL: share of unobserved labelled",
-                 check=_in_range("apl_neg_proportion", 0, 1, low_open=True)),
+            Flag(
+                "apl_neg_proportion",
+                float,
+                0.9,
+                "APL: share of unobserved labelled",
+                check=in_range("apl_neg_proportion", 0, 1, low_open=True),
+            ),
         ),
         presets={
-            "em_alpha": _EM_ALPHA,
+            "em_alpha": EM_ALPHA_PRESET,
             "apl_beta": from_dataset("em_apl"),
             "apl_warmup": from_dataset("em_apl"),
         },
         validate=_apl_rules,
         not_on={"openimages": "its per-image pseudo-labels would take 3.4M x 5,000 entries"},
-        loss=_apl_loss, init_state=_apl_init, save_state=_apl_save, load_state=_apl_load,
-        after_epoch=_apl_after_epoch, scores_train_set=True,
+        loss=_apl_loss,
+        init_state=_apl_init,
+        save_state=_apl_save,
+        load_state=_apl_load,
+        after_epoch=_apl_after_epoch,
+        scores_train_set=True,
         paper={"end_to_end": {"pascal": 89.19, "coco": 70.87, "nuswide": 47.59, "cub": 21.84}},  # BoostLU's table
     )
-)  # fmt: skip
+)
 
 
 # GR Loss (Chen et al., IJCAI 2024): the authors' released defaults, a general default for every dataset (they publish
@@ -331,261 +409,51 @@ def _gr_loss(b: LossInputs) -> torch.Tensor:
         epoch, num_epochs, linear_init = 1, c.linear_epochs + c.num_epochs, c.linear_epochs
     else:  # the same schedule as the authors' after their --linear_init epochs: it spans the end-to-end epochs
         epoch, num_epochs, linear_init = b.epoch, c.num_epochs, 0
-    return losses.gr_loss(b.logits, b.observed, epoch=epoch, num_epochs=num_epochs, w=c.gr_w, b=c.gr_b, mu=c.gr_mu,
-                          sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, linear_init=linear_init,
-                          reduce=b.reduce)  # fmt: skip
+    return losses.gr_loss(
+        b.logits,
+        b.observed,
+        epoch=epoch,
+        num_epochs=num_epochs,
+        w=c.gr_w,
+        b=c.gr_b,
+        mu=c.gr_mu,
+        sigma=c.gr_sigma,
+        q2=c.gr_q2,
+        q3=c.gr_q3,
+        linear_init=linear_init,
+        reduce=b.reduce,
+    )
 
 
 def _gr_rules(c) -> list[str]:
-    return losses.gr_problems(w=c.gr_w, b=c.gr_b, mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3,
-                              linear_init=0, num_epochs=c.num_epochs)  # fmt: skip
+    return losses.gr_problems(
+        w=c.gr_w, b=c.gr_b, mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, linear_init=0, num_epochs=c.num_epochs
+    )
 
 
 _GR_PAIRS, _GR_SCALARS = ("w", "b", "mu", "sigma"), ("q2", "q3")
 _GR_SYNTHETIC = losses.GR_RELEASED
-_GR_FLAGS = tuple(Flag(f"gr_{k}", float, tuple(_GR_SYNTHETIC[k]), f"GR {k}: start and end values (default: preset)",
-                       nargs=2) for k in _GR_PAIRS) + tuple(
-    Flag(f"gr_{k}", float, _GR_SYNTHETIC[k], f"GR {k} (default: preset)") for k in _GR_SCALARS)  # fmt: skip
+GR_FLAGS = tuple(
+    Flag(f"gr_{k}", float, tuple(_GR_SYNTHETIC[k]), f"GR {k}: start and end values (default: preset)", nargs=2)
+    for k in _GR_PAIRS
+) + tuple(Flag(f"gr_{k}", float, _GR_SYNTHETIC[k], f"GR {k} (default: preset)") for k in _GR_SCALARS)
 register(
     Method(
-        "gr", LOSS, title="GR Loss", summary="generalised robust loss, soft pseudo-labels (Chen et al., IJCAI 2024)",
-        flags=_GR_FLAGS,
-        presets={f"gr_{k}": from_dataset("gr", tuple(_GR_SYNTHETIC[k]) if k in _GR_PAIRS else _GR_SYNTHETIC[k])
-                 for k in _GR_PAIRS + _GR_SCALARS},
+        "gr",
+        LOSS,
+        title="GR Loss",
+        summary="generalised robust loss, soft pseudo-labels (Chen et al., IJCAI 2024)",
+        flags=GR_FLAGS,
+        presets={
+            f"gr_{k}": from_dataset("gr", tuple(_GR_SYNTHETIC[k]) if k in _GR_PAIRS else _GR_SYNTHETIC[k])
+            for k in _GR_PAIRS + _GR_SCALARS
+        },
         validate=_gr_rules,
         loss=_gr_loss,
         table_skip=frozenset({"openimages"}),  # not in the paper's OpenImages table
         paper={"end_to_end": {d: v for d, v in losses.GR_PAPER_MAP.items() if v is not None}},
     )
-)  # fmt: skip
-
-
-# Vision-language pseudo-labels: VLPL (Xing et al., CVPR Workshops 2024; mvrl/VLPL) and AEVLP (Tran et al., ICCV 2025;
-# Fsoft-AIC/AEVLP). A frozen CLIP's scores are computed once per dataset and scorer (pseudo_labels.py); when a run
-# starts, each method's rule turns them into pseudo-labels per training image and flip (the rules need nothing from the
-# model being trained), kept on the device; the training step picks the row of the flip the loader drew. docs/vlp.md.
-
-VLP_CLIP = Flag("vlp_clip", str, clip_scores.STANDIN, "CLIP scorer of the score file: an open_clip model name, or "
-                "'standin' (synthetic) (default: preset)")  # fmt: skip
-VLP_GRID = Flag("vlp_grid", int, 4, "crops per side of the score file; 0: whole image only (default: preset)",
-                check=_in_range("vlp_grid", 0, 8))  # fmt: skip
-VLP_TEMPERATURE = Flag("vlp_temperature", float, 0.01, "temperature of CLIP's softmax over classes (default: preset)",
-                       check=lambda v: None if v > 0 else f"--vlp_temperature must be > 0 (got {v})")  # fmt: skip
-VLP_THRESHOLD = Flag("vlp_threshold", float, 0.5, "score a positive pseudo-label must reach (default: preset)",
-                     check=_in_range("vlp_threshold", 0, 1))  # fmt: skip
-VLP_NEGATIVES = Flag("vlp_negatives", float, 0.0, "fraction of classes, lowest scores, made negative pseudo-labels "
-                     "(default: preset)", check=_in_range("vlp_negatives", 0, 1))  # fmt: skip
-_VLP_FLAGS = (VLP_CLIP, VLP_GRID, VLP_TEMPERATURE, VLP_THRESHOLD, VLP_NEGATIVES)
-_NO_PSEUDO_LABELS = {"openimages": "its pseudo-labels would take 3.4M images x 5,000 classes, and no prompt set is "
-                     "published for it"}  # fmt: skip
-
-
-def _vlpl_rule(values, similarity: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """VLPL's pseudo-labels (whole image only) with the settings in ``values`` (a config or a preset mapping)."""
-    return losses_vlp.vlpl_pseudo_labels(
-        similarity[..., 0, :], temperature=value_of(values, "vlp_temperature"),
-        threshold=value_of(values, "vlp_threshold"), negative_fraction=value_of(values, "vlp_negatives"),
-    )  # fmt: skip
-
-
-def _aevlp_rule(values, similarity: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """AEVLP's DAMP pseudo-labels (whole image and crops) with the settings in ``values``."""
-    return losses_vlp.aevlp_pseudo_labels(
-        similarity, observed, temperature=value_of(values, "vlp_temperature"),
-        threshold=value_of(values, "vlp_threshold"), top_k=value_of(values, "aevlp_top_k"),
-        eta=value_of(values, "aevlp_eta"), negative_ratio=value_of(values, "vlp_negatives"),
-    )  # fmt: skip
-
-
-_VLP_RULES = {"vlpl": _vlpl_rule, "aevlp": _aevlp_rule}
-_UNSET = object()  # a preset the dataset's entry does not hold
-
-
-def pseudo_label_rules(dataset: str, grid: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """``{method: rule(similarity ... x V x C, observed ... x C) -> pseudo-labels}`` with each registered method's
-    preset constants for ``dataset``, for a score file of ``grid`` crops per side (AEVLP's needs crops), leaving out
-    a method whose constants the dataset's entry lacks (the scoring pass reports their precision and recall)."""
-    out = {}
-    for name, rule in _VLP_RULES.items():
-        entry = REGISTRY.get(name)
-        if entry is None or dataset in entry.not_on or (grid == 0 and name == "aevlp"):
-            continue
-        values = {k: for_dataset(v, dataset, k, missing=_UNSET) for k, v in entry.presets.items()}
-        if _UNSET not in values.values():
-            out[name] = functools.partial(rule, values)
-    return out
-
-
-def vlp_score_file(cfg, names: np.ndarray) -> tuple[Path, str]:
-    """The score file a run of ``cfg`` reads, and the one command that makes it."""
-    derived = datasets.derived_dir(cfg)
-    default_root = Path(__file__).resolve().parent / "data" / cfg.dataset
-    same_root = Path(cfg.data_root).resolve() == default_root.resolve()
-    fix = clip_scores.make_command(cfg.dataset, cfg.vlp_clip, cfg.vlp_grid, None if same_root else cfg.data_root,
-                                     getattr(cfg, "cache_dir", None))  # fmt: skip
-    return clip_scores.score_path(derived, cfg.vlp_clip, cfg.vlp_grid, names), fix
-
-
-def _vlp_init(cfg, state: LabelState) -> None:
-    """Read the score file (the stand-in is made on first use) and compute every training image's pseudo-labels for
-    both flips: N x 2 x C int8 on the device, the row of each image's flip picked in the training step."""
-    initial = _dense_state(cfg.loss, state)
-    root, derived = Path(cfg.data_root), datasets.derived_dir(cfg)
-    names = datasets.load_formatted(cfg.dataset, root, derived, label_rules.regime_of(cfg))["train"]["images"]
-    path, fix = vlp_score_file(cfg, names)
-    if cfg.vlp_clip == clip_scores.STANDIN:
-        rules = pseudo_label_rules(cfg.dataset, cfg.vlp_grid)
-        clip_scores.ensure_scores(
-            cfg.dataset, root, derived, clip_scores.STANDIN, cfg.vlp_grid, rules=rules, quiet=True
-        )
-    scores, meta = clip_scores.open_scores(path, len(names), initial.shape[1], cfg.vlp_grid, fix)
-    position = {name: i for i, name in enumerate(names.tolist())}
-    rows = np.array([position[name] for name in state.train_split.image_names.tolist()], dtype=np.int64)
-    rule = functools.partial(_VLP_RULES[cfg.loss], cfg)
-    state.extra["vlp_pseudo"] = pseudo_label_table(scores, rows, initial.cpu(), rule).to(initial.device)
-    state.extra["vlp_score_file"] = clip_scores.identity(meta)
-
-
-def pseudo_label_table(scores: np.ndarray, rows: np.ndarray, observed: torch.Tensor, rule) -> torch.Tensor:
-    """``rule`` applied to the scores of ``rows`` (in that order), unflipped and flipped: N x 2 x C int8."""
-    out = torch.empty((len(rows), 2, observed.shape[1]), dtype=torch.int8)
-    for start in range(0, len(rows), 4096):
-        part = slice(start, start + 4096)
-        similarity = torch.from_numpy(np.asarray(scores[rows[part]], dtype=np.float32))
-        for flip in (0, 1):
-            out[part, flip] = rule(similarity[:, flip], observed[part])
-    return out
-
-
-def _vlp_batch_pseudo(b: LossInputs) -> torch.Tensor:
-    """The batch's pseudo-labels, of the view each image was trained on (integer indexing: nothing waits)."""
-    flip = b.flip.long() if b.flip is not None else torch.zeros_like(b.rows)
-    return b.state.extra["vlp_pseudo"][b.rows, flip]
-
-
-def _vlp_load(state: LabelState, saved: dict) -> None:
-    if saved.get("vlp_score_file") != state.extra["vlp_score_file"]:
-        raise datasets.DataError("The pseudo-label score file changed since this run started (it was made again, with "
-                                 "other settings or images): the run cannot resume with other pseudo-labels. Start "
-                                 "it again under another --exp_name.")  # fmt: skip
-
-
-def _vlp_rules(cfg) -> list[str]:
-    problems = []
-    standin, synthetic = cfg.vlp_clip == clip_scores.STANDIN, cfg.dataset == "synthetic"
-    if standin and not synthetic:
-        entry = REGISTRY[cfg.loss]
-        scorer = for_dataset(entry.presets["vlp_clip"], cfg.dataset, "vlp_clip")
-        problems.append(f"--vlp_clip standin is the synthetic data's stand-in scorer; on {cfg.dataset} the "
-                        f"pseudo-labels come from a CLIP (the paper's: --vlp_clip {scorer})")  # fmt: skip
-    if cfg.train_mode == "linear_init":
-        problems.append(f"--loss {cfg.loss} is not offered with --train_mode linear_init (the papers train end to end)")
-    return problems
-
-
-def _vlpl_rules(cfg) -> list[str]:
-    problems = _vlp_rules(cfg)
-    if cfg.vlpl_warmup >= cfg.num_epochs:
-        problems.append(f"--vlpl_warmup {cfg.vlpl_warmup} leaves no epoch with pseudo-labels ({cfg.num_epochs} "
-                        "epochs)")  # fmt: skip
-    return problems
-
-
-def _vlpl_loss(b: LossInputs) -> torch.Tensor:
-    c = b.cfg
-    warming_up = b.epoch is not None and b.epoch <= c.vlpl_warmup
-    pseudo = None if warming_up else _vlp_batch_pseudo(b)
-    return losses_vlp.vlpl_loss(b.logits, b.observed, pseudo, alpha=c.em_alpha, beta_pos=c.vlpl_beta_pos,
-                                beta_neg=c.vlpl_beta_neg, reduce=b.reduce)  # fmt: skip
-
-
-register(
-    Method(
-        "vlpl", LOSS, title="VLPL", summary="EM plus CLIP pseudo-labels (Xing et al., CVPR Workshops 2024)",
-        flags=(*_VLP_FLAGS, EM_ALPHA,
-               Flag("vlpl_beta_pos", float, 0.7, "VLPL: weight of positive pseudo-labels (default: preset)",
-                    check=_at_least("vlpl_beta_pos", 0)),
-               Flag("vlpl_beta_neg", float, 0.0, "VLPL: weight of negative pseudo-labels (default: preset)",
-                    check=_at_least("vlpl_beta_neg", 0)),
-               Flag("vlpl_warmup", int, 0, "VLPL: epochs of plain EM first (default: preset)",
-                    check=_at_least("vlpl_warmup", 0))),
-        # mvrl/VLPL main_clip.py's flag defaults (-t 0.01, -th 0.3, -p 0.0); its scorer, CLIP ViT-L/14 at 336 px on
-        # the whole image, is a general default (the synthetic entry names the stand-in under "vlpl"); em_alpha is EM's.
-        presets={
-            "vlp_clip": from_dataset("vlpl", "ViT-L-14-336"),
-            "vlp_grid": from_dataset("vlpl", 0),
-            "vlp_temperature": 0.01,
-            "vlp_threshold": 0.3,
-            "vlp_negatives": 0.0,
-            "em_alpha": _EM_ALPHA,
-            "vlpl_beta_pos": 0.7,
-            "vlpl_beta_neg": 0.0,
-            "vlpl_warmup": 0,
-        },
-        validate=_vlpl_rules, not_on=_NO_PSEUDO_LABELS, table_skip=frozenset({"openimages"}),
-        loss=_vlpl_loss, init_state=_vlp_init, save_state=lambda s: {"vlp_score_file": s.extra["vlp_score_file"]},
-        load_state=_vlp_load,
-        paper={"end_to_end": {"pascal": 89.10, "coco": 71.45, "nuswide": 49.55, "cub": 24.02}},
-    )
-)  # fmt: skip
-
-
-def _aevlp_rules(c) -> list[str]:
-    problems = _vlp_rules(c) + _needs_expected_num_pos(c)
-    if c.vlp_grid < 1:
-        problems.append("--loss aevlp gates over the crops of a grid: --vlp_grid must be >= 1 (AEVLP: 4; CUB 5)")
-    problems += losses.gr_problems(w=c.gr_w, b=c.gr_b, mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3,
-                                   linear_init=0, num_epochs=c.num_epochs)  # fmt: skip
-    return problems + losses_vlp.aevlp_problems(lambda1=c.aevlp_lambda[0], lambda2=c.aevlp_lambda[1], rho=c.aevlp_rho,
-                                                reg=c.aevlp_reg)  # fmt: skip
-
-
-def _aevlp_loss(b: LossInputs) -> torch.Tensor:
-    if b.epoch is None:
-        raise MethodError("AEVLP follows GR Loss's per-epoch schedule: pass epoch= to compute_loss")
-    c = b.cfg
-    return losses_vlp.aevlp_loss(
-        b.logits, b.observed, _vlp_batch_pseudo(b), epoch=b.epoch, num_epochs=c.num_epochs, w=c.gr_w, b=c.gr_b,
-        mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, lambda1=c.aevlp_lambda[0], lambda2=c.aevlp_lambda[1],
-        rho=c.aevlp_rho, reg=c.aevlp_reg, expected_num_pos=c.expected_num_pos, reduce=b.reduce,
-    )  # fmt: skip
-
-
-register(
-    Method(
-        "aevlp", LOSS, title="AEVLP", summary="GR Loss plus CLIP pseudo-labels, crop grid (Tran et al., ICCV 2025)",
-        flags=(*_VLP_FLAGS, *_GR_FLAGS, EXPECTED_NUM_POS,
-               Flag("aevlp_top_k", int, 3, "AEVLP: most positive pseudo-labels per image (default: preset)",
-                    check=lambda v: None if v >= 1 else f"--aevlp_top_k must be >= 1 (got {v})"),
-               Flag("aevlp_eta", float, 0.0, "AEVLP: the gate's level, max over crops above it (default: preset)",
-                    check=_at_least("aevlp_eta", 0)),
-               Flag("aevlp_lambda", float, (0.7, 0.4), "AEVLP: lambda1 lambda2, v clamped to [1 - l1, 1 - l2] on "
-                    "positive pseudo-labels (default: preset)", nargs=2),
-               Flag("aevlp_rho", float, 0.9, "AEVLP: positive pseudo-labels' target mix (default: preset)"),
-               Flag("aevlp_reg", float, 0.05, "AEVLP: weight of EPR's regulariser (default: preset)")),
-        # Fsoft-AIC/AEVLP's configs (configs/pascal.json, coco.json at the repository's root, configs/nuswide.json,
-        # configs/cub.json, and config.py's per-dataset table): their beta [w0, wT, b0, bT], alpha [mu0, sigma0, muT,
-        # sigmaT] and q2q3 are GR Loss's flags here; the per-dataset ones in the dataset entries under "aevlp". Scorer:
-        # CLIP ViT-B/16 (OpenAI weights) at 224 px, 4 x 4 grid (CUB 5 x 5).
-        presets={
-            "vlp_clip": from_dataset("aevlp", "ViT-B-16"),
-            "vlp_grid": from_dataset("aevlp", 4),
-            **{flag: from_dataset("aevlp") for flag in ("vlp_temperature", "vlp_threshold", "vlp_negatives",
-                                                         "aevlp_top_k", "aevlp_eta", "aevlp_lambda", "aevlp_reg",
-                                                         "gr_w", "gr_b", "gr_q3")},
-            "aevlp_rho": 0.9,
-            "expected_num_pos": _EXPECTED_NUM_POS,
-            "gr_mu": (0.5, 0.8),
-            "gr_sigma": (2.0, 0.5),
-            "gr_q2": 0.01,
-        },
-        validate=_aevlp_rules, not_on=_NO_PSEUDO_LABELS, table_skip=frozenset({"openimages"}),
-        single_process="its EPR regulariser needs the whole batch in one place",
-        loss=_aevlp_loss, init_state=_vlp_init, save_state=lambda s: {"vlp_score_file": s.extra["vlp_score_file"]},
-        load_state=_vlp_load,
-        paper={"end_to_end": {"pascal": 90.46, "coco": 73.54, "nuswide": 50.70, "cub": 24.89}},
-    )
-)  # fmt: skip
+)
 
 
 # The large-loss schemes: the authors' posted delta_rel per dataset, in the dataset entries under each scheme's name.
@@ -597,31 +465,54 @@ def _ll_cp_rules(cfg) -> list[str]:
 
 register(
     Method(
-        "LL-R", SCHEME, title="LL-R", summary="reject the largest losses among unobserved labels",
-        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,),
+        "LL-R",
+        SCHEME,
+        title="LL-R",
+        summary="reject the largest losses among unobserved labels",
+        loss=_scheme_loss,
+        rate=_scheme_rate,
+        flags=(DELTA_REL,),
         presets={"delta_rel": from_dataset("LL-R")},
-        paper={"end_to_end": {"pascal": 89.2, "coco": 71.0, "nuswide": 47.4, "cub": 19.5, "openimages": 82.5},
-               "linear_init": {"pascal": 89.4, "coco": 71.9, "nuswide": 49.1, "cub": 21.5}},
+        paper={
+            "end_to_end": {"pascal": 89.2, "coco": 71.0, "nuswide": 47.4, "cub": 19.5, "openimages": 82.5},
+            "linear_init": {"pascal": 89.4, "coco": 71.9, "nuswide": 49.1, "cub": 21.5},
+        },
     )
-)  # fmt: skip
+)
 register(
     Method(
-        "LL-Ct", SCHEME, title="LL-Ct", summary="correct them to positive for the batch (temporary)",
-        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,),
+        "LL-Ct",
+        SCHEME,
+        title="LL-Ct",
+        summary="correct them to positive for the batch (temporary)",
+        loss=_scheme_loss,
+        rate=_scheme_rate,
+        flags=(DELTA_REL,),
         presets={"delta_rel": from_dataset("LL-Ct")},
-        paper={"end_to_end": {"pascal": 89.0, "coco": 70.5, "nuswide": 48.0, "cub": 20.4, "openimages": 82.6},
-               "linear_init": {"pascal": 89.3, "coco": 71.6, "nuswide": 49.6, "cub": 21.8}},
+        paper={
+            "end_to_end": {"pascal": 89.0, "coco": 70.5, "nuswide": 48.0, "cub": 20.4, "openimages": 82.6},
+            "linear_init": {"pascal": 89.3, "coco": 71.6, "nuswide": 49.6, "cub": 21.8},
+        },
     )
-)  # fmt: skip
+)
 register(
     Method(
-        "LL-Cp", SCHEME, title="LL-Cp", summary="correct them to positive in the label store (permanent)",
-        loss=_scheme_loss, rate=_scheme_rate, flags=(DELTA_REL,), corrects_labels=True, validate=_ll_cp_rules,
+        "LL-Cp",
+        SCHEME,
+        title="LL-Cp",
+        summary="correct them to positive in the label store (permanent)",
+        loss=_scheme_loss,
+        rate=_scheme_rate,
+        flags=(DELTA_REL,),
+        corrects_labels=True,
+        validate=_ll_cp_rules,
         presets={"delta_rel": from_dataset("LL-Cp")},
-        paper={"end_to_end": {"pascal": 88.4, "coco": 70.7, "nuswide": 48.3, "cub": 20.1, "openimages": 82.5},
-               "linear_init": {"pascal": 88.3, "coco": 71.0, "nuswide": 49.4, "cub": 21.4}},
+        paper={
+            "end_to_end": {"pascal": 88.4, "coco": 70.7, "nuswide": 48.3, "cub": 20.1, "openimages": 82.5},
+            "linear_init": {"pascal": 88.3, "coco": 71.0, "nuswide": 49.4, "cub": 21.4},
+        },
     )
-)  # fmt: skip
+)
 
 
 # BoostLU: the CAM-form head with positive values boosted (models.MultiLabelClassifier), with its own delta_rel, in the
@@ -638,12 +529,21 @@ _BOOSTLU_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
 
 register(
     Method(
-        "boostlu", MODIFIER, title="BoostLU", row="BoostLU",
+        "boostlu",
+        MODIFIER,
+        title="BoostLU",
+        row="BoostLU",
         summary="the CAM-form head, positive CAM values multiplied by alpha, then average pooling",
-        flags=(Flag("boostlu_alpha", float, 0.0, "BoostLU's alpha; 0 = off (paper: 5)",
-                    check=_at_least("boostlu_alpha", 0)),),
-        validate=_boostlu_rules, active=lambda cfg: value_of(cfg, "boostlu_alpha", 0.0) > 0,
-        cli=("--boostlu_alpha", "5"), applies_to=_BOOSTLU_SCHEMES, table_skip=frozenset({"openimages"}),
+        flags=(
+            Flag(
+                "boostlu_alpha", float, 0.0, "BoostLU's alpha; 0 = off (paper: 5)", check=at_least("boostlu_alpha", 0)
+            ),
+        ),
+        validate=_boostlu_rules,
+        active=lambda cfg: value_of(cfg, "boostlu_alpha", 0.0) > 0,
+        cli=("--boostlu_alpha", "5"),
+        applies_to=_BOOSTLU_SCHEMES,
+        table_skip=frozenset({"openimages"}),
         presets_with={s: {"delta_rel": from_dataset(f"{s}+BoostLU")} for s in _BOOSTLU_SCHEMES},
         model_options=lambda cfg: {"boostlu_alpha": cfg.boostlu_alpha},
         paper_with={
@@ -653,7 +553,7 @@ register(
         },
         name_suffix=lambda values: f"_boostlu{values['boostlu_alpha']:g}",
     )
-)  # fmt: skip
+)
 
 
 # Training modes: end to end (the paper's main table), or LinearInit (Cole et al.'s, the paper's second table).
@@ -661,10 +561,20 @@ register(
 register(Method("end_to_end", MODE, title="End-to-end", summary="fine-tune the whole network from the start"))
 register(
     Method(
-        "linear_init", MODE, title="LinearInit",
+        "linear_init",
+        MODE,
+        title="LinearInit",
         summary="train the head on frozen cached features first, then fine-tune end to end",
-        flags=(Flag("linear_epochs", int, 25, "LinearInit: epochs of the frozen phase",
-                    check=lambda v: None if v >= 1 else f"--linear_epochs must be a positive integer (got {v})"),),
-        before_training=linear_init_phase, name_suffix=lambda values: "_li",
+        flags=(
+            Flag(
+                "linear_epochs",
+                int,
+                25,
+                "LinearInit: epochs of the frozen phase",
+                check=lambda v: None if v >= 1 else f"--linear_epochs must be a positive integer (got {v})",
+            ),
+        ),
+        before_training=linear_init_phase,
+        name_suffix=lambda values: "_li",
     )
-)  # fmt: skip
+)

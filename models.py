@@ -228,8 +228,10 @@ def timm_feature_shape(arch: str, image_size: int | None) -> tuple[str, int, int
         tokens = out.shape[1] - getattr(model, "num_prefix_tokens", 0)
         grid = math.isqrt(max(tokens, 0))
         if grid * grid != tokens or grid == 0:
-            raise ArchError(f"--arch {arch} gives {tokens} patch tokens at {size}, not a square grid: its CAM cannot "
-                            "be formed. Choose another --image_size or model.")  # fmt: skip
+            raise ArchError(
+                f"--arch {arch} gives {tokens} patch tokens at {size}, not a square grid: its CAM cannot "
+                "be formed. Choose another --image_size or model."
+            )
         return layout, out.shape[2], grid
     if out.ndim != 4:
         raise ArchError(f"--arch {arch} gives a {out.ndim}-dimensional output, not a feature map; choose another model")
@@ -276,8 +278,9 @@ class TimmBackbone(nn.Module):
         self.model, self.layout = model, layout
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
         self.renormalise = (tuple(mean), tuple(std)) != (IMAGENET_MEAN, IMAGENET_STD)
-        m_in, s_in, m, s = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
-                            for v in (IMAGENET_MEAN, IMAGENET_STD, mean, std))  # fmt: skip
+        m_in, s_in, m, s = (
+            torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD, mean, std)
+        )
         # Not in the state dict: they follow from the architecture, and checkpoints keep the model's own keys.
         self.register_buffer("scale", s_in / s, persistent=False)
         self.register_buffer("shift", (m_in - m) / s, persistent=False)
@@ -328,11 +331,17 @@ def _load_checked(module: nn.Module, state: dict, path: str | Path, what: str, i
     state = {k: v for k, v in state.items() if not k.startswith(ignore)}
     missing = [k for k in own if k not in state and not k.startswith(ignore)]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{len(v)} {name} (e.g. {', '.join(v[:3])})" for name, v in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]  # fmt: skip
+        parts = [
+            f"{len(v)} {name} (e.g. {', '.join(v[:3])})"
+            for name, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+            if v
+        ]
         raise PretrainedWeightsUnavailable(
             f"--pretrained_path {path} does not fit {what}: keys {'; '.join(parts)}. Give the weights of this "
             "architecture (its state dict, or timm's .safetensors file for a timm model)."
@@ -365,8 +374,11 @@ def _check_timm_file(model: nn.Module, state: dict, path: str | Path, name: str)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and not k.startswith(ignore)]
     if missing or unexpected:
-        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in (("missing", missing),
-                 ("unexpected", unexpected)) if v]  # fmt: skip
+        parts = [
+            f"{len(v)} {what} (e.g. {', '.join(v[:3])})"
+            for what, v in (("missing", missing), ("unexpected", unexpected))
+            if v
+        ]
         raise PretrainedWeightsUnavailable(
             f"--pretrained_path {path} does not fit timm's {name}: keys {'; '.join(parts)}. Give timm's weights of "
             f"this model (model.safetensors from https://huggingface.co/timm/{name})."

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import checkpoint
 import config
+import config_rules
 import datasets
 import loaders
 import models
@@ -258,7 +259,7 @@ def score_files(
     eval_resize: str = "workers",
 ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
     """Sigmoid probabilities (fp32, on the CPU) of every readable file, and ``(file, error)`` for the unreadable
-    ones. The arithmetic of ``train.predict``: ``to_model_input`` on the device, the run's autocast (bf16 on CUDA
+    ones. The arithmetic of ``evaluation.predict``: ``to_model_input`` on the device, the run's autocast (bf16 on CUDA
     unless the run used fp32), the head in fp32; ``eval_resize`` as main.py's ``--eval_resize``."""
     import train  # the run's autocast rule; imported here so that ``cam.py`` does not pay for it
 
@@ -357,7 +358,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", default="csv", choices=("csv", "json"), help="output format (default csv)")
     parser.add_argument("--output", type=Path, default=None, help="write to this file (default: standard output)")
-    batch = _argument(int, lambda v: 1 <= v <= config.MAX_BATCH, f"an integer from 1 to {config.MAX_BATCH}")
+    batch = _argument(int, lambda v: 1 <= v <= config_rules.MAX_BATCH, f"an integer from 1 to {config_rules.MAX_BATCH}")
     parser.add_argument("--batch_size", type=batch, default=64, help="images per batch (default 64)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     parser.add_argument(
@@ -403,9 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         unlabelled = sum(not labels for _, labels in predictions)
         if unlabelled:  # an empty row is no error, but a short run may leave every image there: say why
             limit = 0.5 if args.threshold is None else args.threshold
-            print(f"note: {unlabelled} of {len(predictions)} images have no label with probability >= {limit:g} (a "
-                  "lower --threshold, or --top_k K for the K most probable whatever their probability)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"note: {unlabelled} of {len(predictions)} images have no label with probability >= {limit:g} (a "
+                "lower --threshold, or --top_k K for the K most probable whatever their probability)",
+                file=sys.stderr,
+            )
         text = format_predictions(predictions, args.format)
         if args.output is None:
             sys.stdout.write(text)

@@ -34,8 +34,11 @@ def cli(argv: list[str] | None = None) -> int:
         return 1
     except OSError as err:
         tool_io.reraise_if_output_closed(err)  # `python prepare_data.py D | head`: ends quietly (tool_io.run)
-        print(f"error: cannot use {err.filename or args.data_root}: {err.strerror or err}. Check --data_root and "
-              "--cache_dir.", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: cannot use {err.filename or args.data_root}: {err.strerror or err}. Check --data_root and "
+            "--cache_dir.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"error: {CLI_INTERRUPTED}", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 import clip_scores
 import datasets
 import files
-import methods
+import methods_vlp
 import registry
 import synthetic  # noqa: F401  (registers the synthetic dataset's generator)
 
@@ -31,17 +31,28 @@ INTERRUPTED = "interrupted; the images scored so far are kept: run the same comm
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=clip_scores.__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=sorted(datasets.DATASET_INFO))
-    parser.add_argument("--clip", required=True, help="open_clip model name (AEVLP: ViT-B-16; VLPL: ViT-L-14-336), or "
-                        "'standin' (synthetic data)")  # fmt: skip
-    parser.add_argument("--grid", type=int, default=None, help="crops per side (AEVLP: 4; CUB 5); 0: whole image only "
-                        "(default: AEVLP's for the dataset)")  # fmt: skip
+    parser.add_argument(
+        "--clip",
+        required=True,
+        help="open_clip model name (AEVLP: ViT-B-16; VLPL: ViT-L-14-336), or 'standin' (synthetic data)",
+    )
+    parser.add_argument(
+        "--grid",
+        type=int,
+        default=None,
+        help="crops per side (AEVLP: 4; CUB 5); 0: whole image only (default: AEVLP's for the dataset)",
+    )
     parser.add_argument("--pretrained", default="openai", help="open_clip weights tag (default: openai, the papers')")
     parser.add_argument("--clip_weights", default=None, help="a local checkpoint file instead (offline)")
     parser.add_argument("--template", default=clip_scores.DEFAULT_TEMPLATE, help="prompt with {} for the class name")
     parser.add_argument("--prompts", default=None, help="a file of prompts, one a line per class, instead")
     parser.add_argument("--size", type=int, default=None, help="input size (default: the model's)")
-    parser.add_argument("--normalisation", default="imagenet", choices=sorted(clip_scores.NORMALISATIONS),
-                        help="pixel statistics (default imagenet, as both papers' code)")  # fmt: skip
+    parser.add_argument(
+        "--normalisation",
+        default="imagenet",
+        choices=sorted(clip_scores.NORMALISATIONS),
+        help="pixel statistics (default imagenet, as both papers' code)",
+    )
     parser.add_argument("--data_root", default=None, help="default: data/<dataset> in the repository")
     parser.add_argument("--cache_dir", default=None, help="where derived files go (default: the data root)")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
@@ -54,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.sparse:
         print(f"error: {info.title} is not offered with pseudo-labels (no full class list per image)", file=sys.stderr)
         return 1
-    aevlp = methods.REGISTRY["aevlp"]
+    aevlp = registry.REGISTRY["aevlp"]
     grid = (
         args.grid
         if args.grid is not None
@@ -65,11 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         if info.prepare is not None:
             info.prepare(root)
         clip_scores.ensure_scores(
-            args.dataset, root, datasets.derived_folder(args.dataset, root, args.cache_dir), args.clip, grid,
-            weights=args.pretrained, weights_file=args.clip_weights, template=args.template, prompts_file=args.prompts,
-            size=args.size, normalisation=args.normalisation, device=device, batch=args.batch,
-            workers=args.num_workers, overwrite=args.overwrite, rules=methods.pseudo_label_rules(args.dataset, grid),
-        )  # fmt: skip
+            args.dataset,
+            root,
+            datasets.derived_folder(args.dataset, root, args.cache_dir),
+            args.clip,
+            grid,
+            weights=args.pretrained,
+            weights_file=args.clip_weights,
+            template=args.template,
+            prompts_file=args.prompts,
+            size=args.size,
+            normalisation=args.normalisation,
+            device=device,
+            batch=args.batch,
+            workers=args.num_workers,
+            overwrite=args.overwrite,
+            rules=methods_vlp.pseudo_label_rules(args.dataset, grid),
+        )
     except (clip_scores.ScoreError, datasets.DataError, files.LockError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -214,9 +214,11 @@ def _registration_problems(m: Method) -> list[str]:
         p.append("scores_train_set is for an after_epoch hook, and there is none")
     per_dataset = [f for p in (m.presets, *m.presets_with.values()) for f, v in p.items() if isinstance(v, Mapping)]
     if per_dataset:
-        p.append(f"per-dataset values of {', '.join('--' + f for f in per_dataset)} belong in the dataset entries: "
-                 "presets={flag: from_dataset(key)} here, method_constants={key: {flag: value}} in each "
-                 "datasets.DATASET_INFO entry (docs/extending.md)")  # fmt: skip
+        p.append(
+            f"per-dataset values of {', '.join('--' + f for f in per_dataset)} belong in the dataset entries: "
+            "presets={flag: from_dataset(key)} here, method_constants={key: {flag: value}} in each "
+            "datasets.DATASET_INFO entry (docs/extending.md)"
+        )
     if m.row_key is not None and "+" in m.row_key:
         p.append("a row key cannot contain '+' (it joins a row and a modifier)")
     for flag in m.flags:

@@ -32,8 +32,20 @@ import datasets
 import registry
 
 # ``final.json["test_metrics"]``, in percent: at threshold 0.5, and for each image's top-3 predictions.
-THRESHOLD_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3",
-                     "OF1_top3")  # fmt: skip
+THRESHOLD_METRICS = (
+    "CP",
+    "CR",
+    "CF1",
+    "OP",
+    "OR",
+    "OF1",
+    "CP_top3",
+    "CR_top3",
+    "CF1_top3",
+    "OP_top3",
+    "OR_top3",
+    "OF1_top3",
+)
 # What a run's config needs for it to be placed in a table (the other fields have defaults).
 _NEEDED = ("dataset", "seed", "train_set_variant", "mod_scheme", "loss")
 _NOT_A_SETTING = config.NOT_TRAINING_SETTINGS | {"seed"}  # runs differing only in these are seeds of one setting
@@ -245,8 +257,10 @@ def markdown(rows: list[dict]) -> str:
         names = sorted({r["dataset"] for r in mode_rows}, key=dataset_order)
         row_keys = sorted({r["method"] for r in mode_rows}, key=registry.row_order)
         out.append(f"### {_mode_title(mode)}\n")
-        out.append("Test mAP, mean +- std over seeds, at the delta_rel with the best mean val mAP; in brackets the "
-                   "paper's number and the difference.\n")  # fmt: skip
+        out.append(
+            "Test mAP, mean +- std over seeds, at the delta_rel with the best mean val mAP; in brackets the "
+            "paper's number and the difference.\n"
+        )
         out.append("| Method | " + " | ".join(dataset_title(d) for d in names) + " |")
         out.append("|---|" + "---|" * len(names))
         for method in row_keys:
@@ -270,9 +284,11 @@ def markdown(rows: list[dict]) -> str:
             if not with_metrics:
                 continue
             out.append(f"#### Threshold metrics, {dataset_title(d)}\n")
-            out.append("Test set, in percent, mean +- std over the seeds that recorded them (n): C = per class, "
-                       "averaged over classes; O = over all entries; at threshold 0.5, and for each image's top 3."
-                       "\n")  # fmt: skip
+            out.append(
+                "Test set, in percent, mean +- std over the seeds that recorded them (n): C = per class, "
+                "averaged over classes; O = over all entries; at threshold 0.5, and for each image's top 3."
+                "\n"
+            )
             out.append("| Method | " + " | ".join(THRESHOLD_METRICS) + " | n |")
             out.append("|---|" + "---|" * (len(THRESHOLD_METRICS) + 1))
             for row in sorted(with_metrics, key=lambda r: registry.row_order(r["method"])):
@@ -301,8 +317,20 @@ def _cell(row: dict | None) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    fields = ("train_mode", "dataset", "method", "delta_rel", "seeds", "val_mean", "test_mean", "test_std", "paper",
-              "difference", "settings", "chosen")  # fmt: skip
+    fields = (
+        "train_mode",
+        "dataset",
+        "method",
+        "delta_rel",
+        "seeds",
+        "val_mean",
+        "test_mean",
+        "test_std",
+        "paper",
+        "difference",
+        "settings",
+        "chosen",
+    )
     with open(path, "w", newline="", encoding="utf-8", errors=tool_io.FILE_NAME_ERRORS) as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -324,8 +352,12 @@ def write_thresholds_csv(rows: list[dict], path: Path) -> bool:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            line = {"train_mode": row["train_mode"], "dataset": row["dataset"], "method": row["method"],
-                    "n": row["thresholds_n"]}  # fmt: skip
+            line = {
+                "train_mode": row["train_mode"],
+                "dataset": row["dataset"],
+                "method": row["method"],
+                "n": row["thresholds_n"],
+            }
             for m in THRESHOLD_METRICS:
                 mean, std = row["thresholds"].get(m, (None, None))
                 line[f"{m}_mean"], line[f"{m}_std"] = mean, std
@@ -386,8 +418,9 @@ def _say_skipped(skipped: list[str], duplicates: dict[Path, list[Path]]) -> None
     for line in skipped:
         print(f"skipped {line}")
     for kept, others in sorted(duplicates.items()):
-        print(f"skipped as duplicates of {kept} (same method, dataset, settings and seed): "
-              f"{', '.join(map(str, others))}")  # fmt: skip
+        print(
+            f"skipped as duplicates of {kept} (same method, dataset, settings and seed): {', '.join(map(str, others))}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,8 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         plotted = plots(rows, args.out)
         print(f"wrote {', '.join(map(str, written))} and {len(plotted)} plots")
     except ImportError:
-        print(f"wrote {', '.join(map(str, written))}; matplotlib is not installed, so no plots "
-              "(pip install matplotlib for them)")  # fmt: skip
+        print(
+            f"wrote {', '.join(map(str, written))}; matplotlib is not installed, so no plots "
+            "(pip install matplotlib for them)"
+        )
     return 0
 
 

@@ -78,17 +78,34 @@ def pass_order(probes: int = 24) -> str | None:
     shapes on both sides of each rule with PIL and with this module (on the CPU) and comparing every pixel; ``None``
     when no rule gives PIL's pixels on all of them. Cached: the answer cannot change within a process."""
     rng = np.random.default_rng(0)
-    shapes = [(64, 40, 32, 32), (40, 64, 32, 32), (33, 58, 32, 32), (58, 33, 32, 32), (20, 30, 32, 32),
-              (30, 20, 32, 32), (50, 50, 70, 20), (50, 50, 20, 70), (90, 30, 32, 32), (30, 90, 32, 32),
-              (32, 45, 32, 32), (45, 32, 32, 32), (1, 1, 32, 32), (200, 150, 32, 32)]  # fmt: skip
+    shapes = [
+        (64, 40, 32, 32),
+        (40, 64, 32, 32),
+        (33, 58, 32, 32),
+        (58, 33, 32, 32),
+        (20, 30, 32, 32),
+        (30, 20, 32, 32),
+        (50, 50, 70, 20),
+        (50, 50, 20, 70),
+        (90, 30, 32, 32),
+        (30, 90, 32, 32),
+        (32, 45, 32, 32),
+        (45, 32, 32, 32),
+        (1, 1, 32, 32),
+        (200, 150, 32, 32),
+    ]
     while len(shapes) < probes:
         shapes.append(tuple(int(v) for v in rng.integers(1, 120, size=4)))
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h, _, _ in shapes]
-    expected = [np.asarray(Image.fromarray(a).resize((ow, oh), Image.BILINEAR)) for a, (_, _, ow, oh) in
-                zip(images, shapes, strict=True)]  # fmt: skip
+    expected = [
+        np.asarray(Image.fromarray(a).resize((ow, oh), Image.BILINEAR))
+        for a, (_, _, ow, oh) in zip(images, shapes, strict=True)
+    ]
     for name, rule in PASS_ORDERS.items():
-        got = [resize_image(torch.from_numpy(a), ow, oh, rule(w, h, ow, oh)).numpy() for a, (w, h, ow, oh) in
-               zip(images, shapes, strict=True)]  # fmt: skip
+        got = [
+            resize_image(torch.from_numpy(a), ow, oh, rule(w, h, ow, oh)).numpy()
+            for a, (w, h, ow, oh) in zip(images, shapes, strict=True)
+        ]
         if all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True)):
             return name
     return None

@@ -36,8 +36,16 @@ from typing import NoReturn
 
 INTERRUPTED_STARTING = "Interrupted (Ctrl-C) while starting: nothing was written."
 # The files main.py writes in a run folder (checkpoint.py, train.py), and their temporary twins (files.write_atomic).
-RUN_FOLDER_FILES = ("config.json", "data.json", "log.jsonl", "final.json", "bestmodel.pt", "checkpoint.pt",
-                    "checkpoint_prev.pt", ".lock")  # fmt: skip
+RUN_FOLDER_FILES = (
+    "config.json",
+    "data.json",
+    "log.jsonl",
+    "final.json",
+    "bestmodel.pt",
+    "checkpoint.pt",
+    "checkpoint_prev.pt",
+    ".lock",
+)
 
 FILE_NAME_ERRORS = "largeloss_bytes"  # the codec error handler registered below: ``open(..., errors=)``
 

@@ -1,4 +1,5 @@
-"""Training and evaluation: ``train_one_epoch`` and ``evaluate`` return plain dicts, ``run(cfg)`` does a whole run.
+"""Training: ``train_one_epoch`` returns a plain dict (``evaluation.evaluate`` scores a split), ``run(cfg)`` does a
+whole run.
 
 The trainer owns the training label matrix (observed labels, -1/0/1, on the device): the loader only yields images and
 row indices, so LL-Cp's permanent corrections are written where every later batch reads them, whatever the workers.
@@ -30,6 +31,7 @@ import checkpoint
 import datasets
 import diagnostics
 import distributed
+import evaluation
 import files
 import label_rules
 import label_state
@@ -188,7 +190,7 @@ def train_one_epoch(
     timings: dict = {}
     # Nothing in this loop reads a device value back to the host: indices arrive pinned and go to the device
     # without waiting, masks are applied arithmetically, and the only synchronisation is the periodic check.
-    for step, (images, idx) in enumerate(noting_first_batch(bar, timings), 1):
+    for step, (images, idx) in enumerate(evaluation.noting_first_batch(bar, timings), 1):
         host_rows = torch.where(idx >= 0, idx, -1 - idx)  # padding rows (a share of a tiny last batch) carry -1 - row
         idx = idx.to(device, non_blocking=True)
         real = idx >= 0
@@ -239,113 +241,6 @@ def train_one_epoch(
     return stats
 
 
-def noting_first_batch(batches, timings: dict):
-    """``batches``, one by one; ``timings["first_batch_seconds"]``: how long the first took to come (host clock). The
-    device waits that long for a pass to start: the pipeline's fill, paid once per pass (per 250 steps in the GPU
-    check, per 4,104 on COCO), apart from the rate at which the pass then runs."""
-    started = time.perf_counter()
-    for i, batch in enumerate(batches):
-        if i == 0:
-            timings["first_batch_seconds"] = time.perf_counter() - started
-        yield batch
-
-
-@torch.inference_mode()
-def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None, timings=None) -> torch.Tensor:
-    """Sigmoid scores of every image in row order, on the device, without host synchronisation per batch. Under
-    torchrun each process scores its contiguous share and the shares are gathered: every image exactly once.
-
-    The loader's batches (``bsize`` images, so that every worker delivers its first batch soon) are joined on the
-    device into model batches of ``loaders.EVAL_BATCH_FACTOR`` of them: the model sees the same batches of
-    ``4 x bsize`` images in row order as with one large loader batch, so the scores are the same. ``timings``: a dict
-    that receives ``first_batch_seconds`` (``noting_first_batch``)."""
-    ctx = ctx or SINGLE
-    model.eval()
-    scores, pending = [], []
-
-    def score() -> None:
-        images = torch.cat(pending) if len(pending) > 1 else pending[0]
-        with amp():
-            logits = model(loaders.to_model_input(images))
-        scores.append(torch.sigmoid(logits.float()))
-        pending.clear()
-
-    bar = tqdm(loader, desc=desc, leave=False, file=sys.stderr, disable=not ctx.is_main)
-    for images, _ in noting_first_batch(bar, {} if timings is None else timings):
-        pending.append(loaders.batch_to_device(images, device))
-        if len(pending) == loaders.EVAL_BATCH_FACTOR:
-            score()
-    if pending:
-        score()
-    local = torch.cat(scores) if scores else torch.zeros((0, _num_outputs(model)), device=device)
-    return distributed.gather_rows(local, ctx)
-
-
-def _num_outputs(model: torch.nn.Module) -> int:
-    while not hasattr(model, "head"):  # unwrap FastTrainStep, DistributedDataParallel, torch.compile
-        model = getattr(model, "eager", None) or getattr(model, "module", None) or model._orig_mod
-    return model.head.out_features
-
-
-def ap_against(scores: torch.Tensor, labels: torch.Tensor | label_rules.SparseLabels) -> torch.Tensor:
-    """Per-class AP: against full labels, or, for partial labels (OpenImages), over the annotated entries only."""
-    if isinstance(labels, label_rules.SparseLabels):
-        rows, cols, values = (torch.from_numpy(a).to(scores.device) for a in labels.entries())
-        return metrics.average_precision_entries(scores[rows, cols], values > 0, cols, labels.num_classes)
-    return metrics.average_precision(scores, labels)
-
-
-def threshold_metrics_against(scores: torch.Tensor, labels: torch.Tensor | label_rules.SparseLabels) -> dict:
-    """CP, CR, CF1, OP, OR, OF1 at 0.5 and for the top 3 (``metrics.report_metrics``); for partial labels
-    (OpenImages) over the annotated entries only."""
-    if isinstance(labels, label_rules.SparseLabels):
-        dense = torch.from_numpy(labels.dense(np.arange(len(labels)))).to(scores.device)
-        return metrics.report_metrics(scores, dense > 0, dense != 0)
-    return metrics.report_metrics(scores, labels)
-
-
-def evaluate(
-    model,
-    loader,
-    labels,
-    device,
-    desc="eval",
-    class_groups=None,
-    amp=contextlib.nullcontext,
-    ctx=None,
-    with_threshold_metrics: bool = False,
-):
-    """mAP and per-class AP in percent (NaN-free: a class without scored entries is left out and listed as None);
-    with ``class_groups``, the mAP of each group (G1 the rarest) too; ``images``: how many images were scored;
-    ``metrics``: the threshold metrics, when asked for; ``first_batch_seconds`` (``noting_first_batch``). Computed on
-    the device."""
-    timings: dict = {}
-    scores = predict(model, loader, device, desc, amp, ctx, timings)
-    extra = {"metrics": threshold_metrics_against(scores, labels)} if with_threshold_metrics else {}
-    ap = 100.0 * ap_against(scores, labels).cpu().double()
-    result = {"map": float(ap.nanmean()), "ap_per_class": [_null_if_nan(a) for a in ap.tolist()]}
-    result["images"] = scores.shape[0]
-    result["first_batch_seconds"] = timings.get("first_batch_seconds", 0.0)
-    if class_groups is not None:
-        groups = torch.from_numpy(class_groups)
-        result["group_map"] = {
-            f"G{g + 1}": _null_if_nan(float(ap[groups == g].nanmean())) for g in range(int(groups.max()) + 1)
-        }
-    return {**result, **extra}
-
-
-def _null_if_nan(value: float) -> float | None:
-    """NaN (no scored class) as JSON's null: final.json stays strict JSON."""
-    return None if value != value else value
-
-
-def eval_labels(split: datasets.Split, device: torch.device) -> torch.Tensor | label_rules.SparseLabels:
-    """What a split is scored against: full labels on the device, or the sparse annotated entries."""
-    if isinstance(split.labels, label_rules.SparseLabels):
-        return split.labels
-    return torch.from_numpy(split.labels).to(device)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Building a run.
 
@@ -391,7 +286,7 @@ def build_model(cfg: Config, num_classes: int) -> models.MultiLabelClassifier:
 
 
 def _scores_map(scores: torch.Tensor, labels) -> float:
-    return float(100.0 * ap_against(scores, labels).nanmean())
+    return float(100.0 * evaluation.ap_against(scores, labels).nanmean())
 
 
 def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: distributed.Context) -> dict:
@@ -422,8 +317,10 @@ def build_loaders(cfg: Config, data: datasets.Data, device: torch.device, ctx: d
             paths = [split.image_path(row) for row in range(min(64, len(split)))]
             checked += loaders.check_device_resize(paths, cfg.image_size, device, order)
         if ctx.is_main:
-            print(f"--eval_resize device: val and test images resized on {device.type} with PIL's arithmetic (the "
-                  f"installed Pillow's pass order: {order}; the same pixels as PIL on {checked} of them)")  # fmt: skip
+            print(
+                f"--eval_resize device: val and test images resized on {device.type} with PIL's arithmetic (the "
+                f"installed Pillow's pass order: {order}; the same pixels as PIL on {checked} of them)"
+            )
     distributed.barrier(ctx)
     return split_loaders
 
@@ -520,8 +417,10 @@ class Session:
             return
         _save(checkpoint.write_log, self.folder.log, self.log_lines, kept=self.kept())
         extra = f"  selected {record['num_selected']:6d}" if "num_selected" in record else ""
-        print(f"{record['phase']:10s} epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}{extra}"
-              f"  val mAP {record['val_map']:6.2f}")  # fmt: skip
+        print(
+            f"{record['phase']:10s} epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}{extra}"
+            f"  val mAP {record['val_map']:6.2f}"
+        )
 
     def kept(self) -> str:
         """What the run folder keeps when a write fails: the last checkpoint's epoch, for the message."""
@@ -546,9 +445,13 @@ def _run(cfg: Config, ctx: distributed.Context) -> dict:
     data = _main_first(ctx, device, lambda: datasets.build_data(cfg))  # a data error leaves no run folder behind
     check_last_batch(cfg, data, ctx)
     fingerprint = data_fingerprint(data)
-    folder = _main_first(ctx, device, lambda: checkpoint.open_run_folder(
-        cfg, resume=cfg.resume, not_training=NOT_TRAINING_SETTINGS, data_fingerprint=fingerprint, lock=ctx.is_main
-    ))  # fmt: skip
+    folder = _main_first(
+        ctx,
+        device,
+        lambda: checkpoint.open_run_folder(
+            cfg, resume=cfg.resume, not_training=NOT_TRAINING_SETTINGS, data_fingerprint=fingerprint, lock=ctx.is_main
+        ),
+    )
     try:
         return _run_in_folder(cfg, ctx, device, data, folder, started)
     finally:
@@ -602,7 +505,7 @@ def _prepare_and_train(s: Session) -> None:
     if s.folder.resume_from is None and registry.before_training_hooks(s.cfg):
         if s.ctx.is_main and s.folder.log.exists():
             _save(checkpoint.write_log, s.folder.log, [], kept=s.kept())  # an unfinished first phase runs again
-        registry.before_training(s, lambda scores: _scores_map(scores, eval_labels(s.data.val, s.device)))
+        registry.before_training(s, lambda scores: _scores_map(scores, evaluation.eval_labels(s.data.val, s.device)))
     s.optimizer = build_optimizer(s.cfg, s.model, s.state)
     if s.folder.resume_from is not None:
         s.progress = restore(s.folder.resume_from, s.model, s.optimizer, s.state)
@@ -621,9 +524,11 @@ def test_best_model(s: Session) -> dict:
     """Load the best-val weights into the model and score them on the test split."""
     best = checkpoint.load_best_model(s.folder.path / "bestmodel.pt", s.progress.best_epoch, map_location=s.device)
     s.model.load_state_dict(best["model"])
-    labels = eval_labels(s.data.test, s.device)
+    labels = evaluation.eval_labels(s.data.test, s.device)
     start = time.time()
-    test = evaluate(s.forward, s.loaders["test"], labels, s.device, "test", s.data.class_groups, s.amp, s.ctx, True)
+    test = evaluation.evaluate(
+        s.forward, s.loaders["test"], labels, s.device, "test", s.data.class_groups, s.amp, s.ctx, True
+    )
     test["seconds"] = time.time() - start
     return test
 
@@ -656,11 +561,18 @@ def write_final(test: dict, s: Session, seconds: float) -> dict:
         final["label_state_identical_on_all_processes"] = label_state.same_on_all_processes(s.state, s.ctx)
     if s.ctx.is_main:
         kept = "every checkpoint and bestmodel.pt"
-        _save(files.write_text_atomic, s.folder.path / "final.json", json.dumps(final, indent=2) + "\n", kept=kept,
-              then="score the best weights on test again")  # fmt: skip
+        _save(
+            files.write_text_atomic,
+            s.folder.path / "final.json",
+            json.dumps(final, indent=2) + "\n",
+            kept=kept,
+            then="score the best weights on test again",
+        )
         groups = "".join(f", {g} {'-' if m is None else f'{m:.2f}'}" for g, m in test.get("group_map", {}).items())
-        print(f"test mAP {test['map']:.2f}{groups} (best val mAP {progress.best_val_map:.2f} at epoch "
-              f"{progress.best_epoch}); {s.folder.path}")  # fmt: skip
+        print(
+            f"test mAP {test['map']:.2f}{groups} (best val mAP {progress.best_val_map:.2f} at epoch "
+            f"{progress.best_epoch}); {s.folder.path}"
+        )
         print(
             "  at 0.5: "
             + ", ".join(f"{k} {test['metrics'][k]:.1f}" for k in metrics.THRESHOLD_METRICS)
@@ -720,23 +632,36 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, ctx: d
 def _train_epochs(s: Session) -> None:
     """The end-to-end epochs from ``progress.epoch + 1``: train, (APL), validate, log, keep the best, checkpoint."""
     cfg, progress, device = s.cfg, s.progress, s.device
-    val_labels = eval_labels(s.data.val, device)
+    val_labels = evaluation.eval_labels(s.data.val, device)
     while progress.epoch < cfg.num_epochs and not progress.early_stopped:
         epoch = progress.epoch + 1
         epoch_start = time.time()
         rate = registry.modification_rate(cfg, epoch)
         positives_at_start = s.state.observed.num_positive()
-        stats = train_one_epoch(cfg, s.forward, s.loaders["train"], s.optimizer, s.state, rate=rate, epoch=epoch,
-                                device=device, amp=s.amp, ctx=s.ctx, stop=s.stop)  # fmt: skip
+        stats = train_one_epoch(
+            cfg,
+            s.forward,
+            s.loaders["train"],
+            s.optimizer,
+            s.state,
+            rate=rate,
+            epoch=epoch,
+            device=device,
+            amp=s.amp,
+            ctx=s.ctx,
+            stop=s.stop,
+        )
         train_seconds = time.time() - epoch_start  # train_one_epoch has read its loss back: the GPU is done
 
         # The methods' per-epoch hooks (EM+APL's pseudo-labelling), with the training images' scores if they ask.
         def train_scores(desc=f"epoch {epoch} APL"):  # the loader exists only for methods that ask for scores
-            return predict(s.forward, s.loaders["train_rows"], device, desc, s.amp, s.ctx)
+            return evaluation.predict(s.forward, s.loaders["train_rows"], device, desc, s.amp, s.ctx)
 
         stats.update(registry.after_epoch(cfg, s.state, epoch, train_scores))
         val_start = time.time()
-        val = evaluate(s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp, ctx=s.ctx)
+        val = evaluation.evaluate(
+            s.forward, s.loaders["val"], val_labels, device, f"epoch {epoch} val", amp=s.amp, ctx=s.ctx
+        )
         val_seconds, val_map = time.time() - val_start, val["map"]
         record = {"phase": "end_to_end", "epoch": epoch, "rate": rate, **stats}
         record.update(observed_positives=positives_at_start, val_map=val_map)
@@ -754,12 +679,18 @@ def _train_epochs(s: Session) -> None:
         if val_map > progress.best_val_map:
             progress.best_val_map, progress.best_epoch = val_map, epoch
             if s.ctx.is_main:
-                _save(files.save_torch_atomic, best_model_payload(s, epoch, val_map), s.folder.path / "bestmodel.pt",
-                      kept=s.kept() + " and the bestmodel.pt it points at")  # fmt: skip
+                _save(
+                    files.save_torch_atomic,
+                    best_model_payload(s, epoch, val_map),
+                    s.folder.path / "bestmodel.pt",
+                    kept=s.kept() + " and the bestmodel.pt it points at",
+                )
         elif progress.best_val_map - val_map > EARLY_STOP_DROP:
             if s.ctx.is_main:
-                print(f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below "
-                      f"{progress.best_val_map:.2f}")  # fmt: skip
+                print(
+                    f"early stop: val mAP {val_map:.2f} fell more than {EARLY_STOP_DROP:g} below "
+                    f"{progress.best_val_map:.2f}"
+                )
             progress.early_stopped = True
         if s.ctx.is_main:
             payload = checkpoint_payload(cfg, s.model, s.optimizer, s.state, progress, log=s.log_lines)

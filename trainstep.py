@@ -101,8 +101,11 @@ class FastTrainStep(torch.nn.Module):
                         "(which then trains without it) or --cuda_graph off."
                     ) from err
                 self.use_graph = False
-                print(f"CUDA graph: the training step could not be captured ({why}); it runs without (--cuda_graph "
-                      "off skips the attempt)", flush=True)  # fmt: skip
+                print(
+                    f"CUDA graph: the training step could not be captured ({why}); it runs without (--cuda_graph "
+                    "off skips the attempt)",
+                    flush=True,
+                )
                 if self.compiled is not None:  # the attempt compiled the step: its time is the compilation's
                     self._report(time.perf_counter() - started)
                 return fast(x)
@@ -128,8 +131,9 @@ class FastTrainStep(torch.nn.Module):
         kind = x.device.type
         # make_graphed_callables refuses autocast's weight cache; without it autocast casts the same weights the same
         # way, once per use, so the kernels and the values are the same.
-        amp = torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind),
-                             cache_enabled=False)  # fmt: skip
+        amp = torch.autocast(
+            kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind), cache_enabled=False
+        )
         try:
             with amp:
                 graphed = torch.cuda.make_graphed_callables(_Call(fast), (x.detach().clone(),))

@@ -26,7 +26,7 @@ Steps, all in one process tree on one machine, so every ratio compares numbers m
    formatted by ``main.py`` on first use as any real COCO folder;
    ``data_path``: this project's loader alone over the test images (decode in one worker per core, pinned memory),
    whether its batches reach the device channels-last, as the workers lay them out, and ``predict_img_s``: the same
-   loader through main.py's scoring loop (``train.predict``) with the model, outside main.py. The same two with
+   loader through main.py's scoring loop (``evaluation.predict``) with the model, outside main.py. The same two with
    ``--eval_resize device`` (workers only decode; ``device_resize_img_s``, ``predict_device_resize_img_s``; the
    resize alone on a batch already on the device, its cost in device time: ``device_resize_only_img_s``), whether
    that gives the workers' pixels on this device (``device_resize_same_pixels``, every test image) and the installed
@@ -71,10 +71,10 @@ sys.path.insert(0, str(REPO / "bench"))
 import throughput  # noqa: E402
 
 import datasets  # noqa: E402
+import evaluation  # noqa: E402
 import loaders  # noqa: E402
 import losses  # noqa: E402
 import resize  # noqa: E402
-import train  # noqa: E402
 import trainstep  # noqa: E402
 
 COCO = throughput.COCO
@@ -148,7 +148,7 @@ def roof(device: torch.device, graph: bool, candidates: bool = False) -> dict:
         with amp:
             torch.sigmoid(model(inputs()).float())
 
-    def eval_fed() -> torch.Tensor:  # train.predict's model batch: loader batches copied one by one, then joined
+    def eval_fed() -> torch.Tensor:  # evaluation.predict's model batch: loader batches copied one by one, then joined
         return loaders.to_model_input(
             torch.cat([loaders.batch_to_device(host, device) for _ in range(loaders.EVAL_BATCH_FACTOR)])
         )
@@ -368,7 +368,8 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
             loaders.to_model_input(on_device)
         sync(device)
         rates.append(len(paths) / (time.perf_counter() - start))
-    # The same loader through main.py's own scoring loop (train.predict) with the model, outside main.py: if main.py's
+    # The same loader through main.py's own scoring loop (evaluation.predict) with the model, outside main.py: if
+    # main.py's
     # evaluation is slower than this, the difference is in main.py; if this is already slower than the data path alone,
     # it is the pipeline itself (e.g. the batches of a pass arriving in waves, the last one scored after the workers
     # are done).
@@ -379,7 +380,7 @@ def data_path_rate(paths: list[str], device: torch.device) -> dict:
         rates = []
         for _ in range(2):
             start = time.perf_counter()
-            train.predict(model, scored, device, "predict", lambda: amp)
+            evaluation.predict(model, scored, device, "predict", lambda: amp)
             sync(device)
             rates.append(len(paths) / (time.perf_counter() - start))
         return rates[-1]

@@ -24,7 +24,7 @@ from conftest import BUILT_IN_DATASETS, run_main
 
 import config
 import linear_init
-import methods
+import methods_vlp
 import models
 import registry
 import trainstep
@@ -130,7 +130,7 @@ def test_each_distinct_code_path_trains_a_step(cfg, monkeypatch):
     torch.manual_seed(0)
     num_images, num_classes, feat = 12, 16, 8
     for method in registry.active(cfg):
-        if method.init_state is methods._vlp_init:  # reads a score file of a real data root
+        if method.init_state is methods_vlp._vlp_init:  # reads a score file of a real data root
             monkeypatch.setitem(
                 registry.REGISTRY, method.name, dataclasses.replace(method, init_state=fake_pseudo_labels)
             )

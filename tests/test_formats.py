@@ -26,11 +26,11 @@ from fixtures_raw import (
 
 import config
 import datasets
+import evaluation
 import formats
 import loaders
 import main
 import metrics
-import train
 from datasets import DataError, class_groups, format_dataset, load_formatted
 from label_rules import SparseLabels
 
@@ -390,7 +390,7 @@ def test_masked_ap_leaves_unknown_entries_out(tmp_path):
     rows, cols, values = labels.entries()
     got = metrics.average_precision_entries(scores[rows, cols], values > 0, cols, 5)
     np.testing.assert_allclose(got.numpy(), MASK_AP, equal_nan=True)
-    np.testing.assert_allclose(train.ap_against(scores, labels).numpy(), MASK_AP, equal_nan=True)
+    np.testing.assert_allclose(evaluation.ap_against(scores, labels).numpy(), MASK_AP, equal_nan=True)
     dense = labels.dense(np.arange(4))
     ap = metrics.average_precision(np.array(MASK_SCORES), dense > 0, valid=dense != 0)
     np.testing.assert_allclose(ap, MASK_AP, equal_nan=True)
@@ -398,15 +398,15 @@ def test_masked_ap_leaves_unknown_entries_out(tmp_path):
 
 
 def test_evaluate_skips_classes_without_entries_and_reports_group_maps(monkeypatch):
-    monkeypatch.setattr(train, "predict", lambda *args, **kwargs: torch.tensor(MASK_SCORES, dtype=torch.float64))
-    result = train.evaluate(None, None, mask_labels(), torch.device("cpu"), class_groups=np.array([0, 0, 1, 1, 2]))
+    monkeypatch.setattr(evaluation, "predict", lambda *args, **kwargs: torch.tensor(MASK_SCORES, dtype=torch.float64))
+    result = evaluation.evaluate(None, None, mask_labels(), torch.device("cpu"), class_groups=np.array([0, 0, 1, 1, 2]))
     assert result["map"] == pytest.approx(MASK_MAP)
     assert result["ap_per_class"][2] is None
     assert [a for i, a in enumerate(result["ap_per_class"]) if i != 2] == pytest.approx([500 / 6, 50, 700 / 12, 0])
     # G1 = classes 0, 1: (5/6 + 1/2) / 2; G2 = classes 2 (NaN, skipped), 3: 7/12; G3 = class 4: 0
     assert result["group_map"] == pytest.approx({"G1": 100 * 2 / 3, "G2": 100 * 7 / 12, "G3": 0.0})
     # a group whose classes were all left out has no mAP: null in final.json (strict JSON), not NaN
-    result = train.evaluate(None, None, mask_labels(), torch.device("cpu"), class_groups=np.array([0, 0, 1, 2, 2]))
+    result = evaluation.evaluate(None, None, mask_labels(), torch.device("cpu"), class_groups=np.array([0, 0, 1, 2, 2]))
     assert result["group_map"]["G2"] is None and json.loads(json.dumps(result["group_map"]))["G2"] is None
 
 

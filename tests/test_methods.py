@@ -12,6 +12,7 @@ from torch import nn
 
 import datasets
 import diagnostics
+import evaluation
 import linear_init
 import losses
 import methods
@@ -115,7 +116,7 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
         log=records.append,
         stop=train.StopRequest(),
     )
-    val_labels = train.eval_labels(data.val, "cpu")
+    val_labels = evaluation.eval_labels(data.val, "cpu")
     assert [m.name for m in registry.before_training_hooks(cfg)] == ["linear_init"]
     registry.before_training(session, lambda scores: train._scores_map(scores, val_labels))
     cache = list((synthetic_root / "features").glob("*.npy"))

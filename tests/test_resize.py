@@ -159,17 +159,17 @@ def mixed_coco_run(tmp_path) -> list[str]:
 def test_main_py_scores_the_same_with_either_resize(tmp_path, monkeypatch):
     """A COCO tree whose test and val images have other sizes and orientations than the output: main.py's results,
     down to every score of every evaluation, are identical with the workers' PIL resize and with the device's."""
-    import train
+    import evaluation
 
     scores = {"workers": [], "device": []}
-    real_predict = train.predict
+    real_predict = evaluation.predict
 
     def recording_predict(*args, **kwargs):
         out = real_predict(*args, **kwargs)
         scores[current].append(out.clone())
         return out
 
-    monkeypatch.setattr(train, "predict", recording_predict)
+    monkeypatch.setattr(evaluation, "predict", recording_predict)
     common = mixed_coco_run(tmp_path)
     current = "workers"
     run_main(*common, "--exp_name", "workers", "--num_workers", "0")

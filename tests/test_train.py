@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import datasets
+import evaluation
 import label_state
 import loaders
 import losses
@@ -114,7 +115,7 @@ def test_noting_first_batch_times_the_wait_for_the_first_batch_only(monkeypatch)
         yield 2
 
     timings = {}
-    assert list(train.noting_first_batch(batches(), timings)) == [1, 2]
+    assert list(evaluation.noting_first_batch(batches(), timings)) == [1, 2]
     assert timings == {"first_batch_seconds": 2.0}
     empty = {}
-    assert list(train.noting_first_batch(iter(()), empty)) == [] and empty == {}
+    assert list(evaluation.noting_first_batch(iter(()), empty)) == [] and empty == {}

@@ -15,7 +15,7 @@ import clip_scores
 import label_state
 import losses
 import losses_vlp
-import methods
+import methods_vlp
 import registry
 from config import parse_config
 
@@ -224,8 +224,8 @@ def test_the_flip_picks_the_pseudo_labels_of_the_view_trained_on():
     state.extra["vlp_pseudo"] = table
     b = registry.LossInputs(None, None, None, torch.tensor([1, 0]), state, 0.0, 1, None, None,
                            torch.tensor([True, False]))  # fmt: skip
-    assert methods._vlp_batch_pseudo(b).tolist() == [[0, -1], [1, 0]]
-    assert methods._vlp_batch_pseudo(b._replace(flip=None)).tolist() == [[-1, 0], [1, 0]]
+    assert methods_vlp._vlp_batch_pseudo(b).tolist() == [[0, -1], [1, 0]]
+    assert methods_vlp._vlp_batch_pseudo(b._replace(flip=None)).tolist() == [[-1, 0], [1, 0]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def tiny_clip():
 
 def score(root, **kw):
     torch.manual_seed(0)  # the random weights of the tiny CLIP, the same on every load
-    rules = methods.pseudo_label_rules("pascal", 2)  # what pseudo_labels.py reports on
+    rules = methods_vlp.pseudo_label_rules("pascal", 2)  # what pseudo_labels.py reports on
     return clip_scores.ensure_scores("pascal", root, root, TINY, 2, weights=None, batch=7, rules=rules, **kw)
 
 
@@ -328,7 +328,7 @@ def test_standin_reaches_about_eighty_percent_precision(synthetic_root):
 
     data = datasets.load_formatted("synthetic", synthetic_root)["train"]
     scores = clip_scores.standin_similarities(data["labels"], 4)
-    rules = methods.pseudo_label_rules("synthetic", 4)
+    rules = methods_vlp.pseudo_label_rules("synthetic", 4)
     assert set(rules) == {"vlpl", "aevlp"}
     for name, rule in rules.items():
         q = clip_scores.quality(scores, data["labels"], data["labels_obs"], rule)
