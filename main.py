@@ -28,6 +28,7 @@ USER_ERRORS = (
     train.Interrupted,
     trainstep.GraphCaptureError,
     resize.ResizeUnavailable,
+    models.ArchError,  # parse_config refuses these first; a config built in code reaches run() with them
 )
 INTERRUPTED = (
     "Interrupted (Ctrl-C). Every file written so far is complete (files are replaced whole, never half-written): run "

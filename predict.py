@@ -118,6 +118,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         )
     try:
         best = torch.load(best_path, map_location="cpu", weights_only=True)
+    except PermissionError as err:  # this user may not read it: not a damaged file
+        raise checkpoint.RunFolderError(checkpoint.permission_message(best_path, err, "predict")) from None
     except Exception as err:  # truncated, corrupt, or holding objects weights_only refuses: never run its code
         raise checkpoint.RunFolderError(
             f"{best_path} cannot be read safely ({type(err).__name__}: {_first_line(err)}). It is damaged or was not "

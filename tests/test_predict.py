@@ -273,6 +273,19 @@ def test_a_damaged_run_folder_is_refused_cleanly(run_dir, images, tmp_path, caps
     assert code == 1 and out == "" and message in err
 
 
+def test_a_bestmodel_this_user_may_not_read_is_called_a_permission_problem(run_dir, images, monkeypatch, capsys):
+    real_load = torch.load
+
+    def refuse(path, *args, **kwargs):  # the tests run as root, whom chmod does not stop: the error torch would raise
+        if Path(path).name == "bestmodel.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refuse)
+    code, out, err = call(capsys, run_dir, images)
+    assert code == 1 and out == "" and "permission denied" in err and "not damaged" in err and "chmod u+r" in err
+
+
 @pytest.mark.slow
 def test_bad_paths_and_flags_are_refused_cleanly(run_dir, images, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
