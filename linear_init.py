@@ -88,8 +88,8 @@ def train_linear_head(
 ) -> dict:
     """Phase 1 of LinearInit: ``cfg.linear_epochs`` epochs of the head alone (and the methods' trained state, ROLE's
     estimator) on cached features, with the configured loss and no LL modification. The best-val head (and state) is
-    loaded for phase 2. ``evaluate_scores(scores, val_labels)`` gives the val mAP; the methods' ``after_epoch`` hooks
-    run after each epoch (the trainer stops there on a SIGINT)."""
+    loaded for phase 2. ``evaluate_scores(scores, val_labels)`` gives the val mAP; the callback ``after_epoch()`` runs
+    after each epoch (the trainer stops there on a SIGINT)."""
     learnt = [m for m in registry.active(cfg) if m.parameters is not None]
     groups = [
         {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult},
@@ -121,7 +121,7 @@ def train_linear_head(
                 [copy.deepcopy(m.save_state(state)) for m in learnt],
             )
         if after_epoch is not None:
-            registry.after_epoch()
+            after_epoch()
     model.head.load_state_dict(best_states[0])
     for method, saved in zip(learnt, best_states[1], strict=True):
         method.load_state(state, saved)

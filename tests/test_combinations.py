@@ -140,10 +140,11 @@ def test_each_distinct_code_path_trains_a_step(cfg, monkeypatch):
     model = models.MultiLabelClassifier(backbone, feat, num_classes, "avg", **registry.model_options(cfg))
     if cfg.train_mode == "linear_init":
         feats = torch.randn(num_images, feat)
+        epochs_ended = []  # the trainer's callback after each linear epoch (where it stops on a SIGINT)
         best = linear_init.train_linear_head(
-            cfg, model, state, feats, feats[:4], None, lambda s, _: 50.0, lambda r: None
+            cfg, model, state, feats, feats[:4], None, lambda s, _: 50.0, lambda r: None, lambda: epochs_ended.append(1)
         )
-        assert best["epoch"] == 1
+        assert best["epoch"] == 1 and len(epochs_ended) == cfg.linear_epochs
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}, *registry.extra_param_groups(cfg, state)]
     optimizer = trainstep.make_optimizer(cfg, groups)
     images = torch.randn(num_images, 3, 4, 4)

@@ -179,8 +179,9 @@ def test_a_dataset_without_a_needed_preset_is_a_clean_error(monkeypatch, capsys)
     with pytest.raises(SystemExit):
         parse_config(["--list_methods"])
     out = capsys.readouterr().out  # what such a run needs, not the default it records when the entry is not used
-    presets = "pascal 1.5, coco 2.9, nuswide 1.9, cub 31.4, synthetic 2.5"
-    assert f"--expected_num_pos: {presets}; toy: give --expected_num_pos\n" in out
+    line = next(line for line in out.splitlines() if line.lstrip().startswith("--expected_num_pos: "))
+    assert "pascal 1.5, coco 2.9, nuswide 1.9, cub 31.4" in line and "synthetic 2.5" in line  # and any entry of yours
+    assert line.endswith("toy: give --expected_num_pos")
 
 
 def test_a_modifier_never_falls_back_to_the_plain_scheme_s_constant(monkeypatch, capsys):

@@ -13,6 +13,7 @@ from conftest import BUILT_IN_ROWS
 
 import config
 import datasets
+import formats
 import label_state
 import losses
 import methods
@@ -222,13 +223,20 @@ def test_registry_tables_are_complete():
 def test_the_extending_doc_examples_run_as_written(tmp_path, monkeypatch, capsys):
     doc = (Path(__file__).resolve().parent.parent / "docs" / "extending.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert len(blocks) == 5, "the doc's blocks: the loss, its entry, its tests, the dataset, its test"
-    loss_code, entry_code, method_tests, dataset_code, dataset_test = blocks
+    assert len(blocks) == 6, "the doc's blocks: the loss, its entry, its tests, the formatter, the dataset, its test"
+    loss_code, entry_code, method_tests, formatter_code, dataset_code, dataset_test = blocks
     namespace = dict(vars(losses))
     exec(loss_code, namespace)  # "goes in losses.py"
     monkeypatch.setattr(losses, "focal_an_loss", namespace["focal_an_loss"], raising=False)
+    namespace = dict(vars(formats))
+    exec(formatter_code, namespace)  # "goes in formats.py"
+    for name in ("MYDATA_CLASSES", "format_mydata"):
+        monkeypatch.setattr(formats, name, namespace[name], raising=False)
     monkeypatch.setitem(datasets.DATASET_INFO, "mydata", None)  # removed again after the test
     exec(dataset_code, dict(vars(datasets)))  # "goes in datasets.py"
+    # A researcher who followed the doc has its entries registered already: set them aside while the doc's run.
+    doc_entries = re.findall(r'Method\(\s*"([^"]+)"', entry_code)
+    set_aside = [registry.unregister(name) for name in doc_entries if name in registry.REGISTRY]
     registered = set(registry.REGISTRY)
     try:
         exec(entry_code, dict(vars(methods)))  # "goes in methods.py"
@@ -266,3 +274,5 @@ def test_the_extending_doc_examples_run_as_written(tmp_path, monkeypatch, capsys
     finally:  # whatever the doc's blocks registered, also when one of them failed
         for name in set(registry.REGISTRY) - registered:
             registry.unregister(name)
+        for entry in set_aside:
+            registry.register(entry)
