@@ -403,6 +403,11 @@ register(
 # no per-dataset values; docs/gr_loss.md). A dataset entry may hold its own under "gr".
 
 
+def gr_settings(c) -> dict:
+    """GR Loss's constants of a config, as ``losses.gr_loss`` and ``losses.gr_problems`` take them (AEVLP's too)."""
+    return {"w": c.gr_w, "b": c.gr_b, "mu": c.gr_mu, "sigma": c.gr_sigma, "q2": c.gr_q2, "q3": c.gr_q3}
+
+
 def _gr_loss(b: LossInputs) -> torch.Tensor:
     c = b.cfg
     if b.epoch is None:  # LinearInit's frozen phase: the authors' --linear_init holds the schedule at its start there
@@ -414,21 +419,14 @@ def _gr_loss(b: LossInputs) -> torch.Tensor:
         b.observed,
         epoch=epoch,
         num_epochs=num_epochs,
-        w=c.gr_w,
-        b=c.gr_b,
-        mu=c.gr_mu,
-        sigma=c.gr_sigma,
-        q2=c.gr_q2,
-        q3=c.gr_q3,
+        **gr_settings(c),
         linear_init=linear_init,
         reduce=b.reduce,
     )
 
 
 def _gr_rules(c) -> list[str]:
-    return losses.gr_problems(
-        w=c.gr_w, b=c.gr_b, mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, linear_init=0, num_epochs=c.num_epochs
-    )
+    return losses.gr_problems(**gr_settings(c), linear_init=0, num_epochs=c.num_epochs)
 
 
 _GR_PAIRS, _GR_SCALARS = ("w", "b", "mu", "sigma"), ("q2", "q3")

@@ -30,6 +30,7 @@ from methods import (
     GR_FLAGS,
     at_least,
     dense_state,
+    gr_settings,
     in_range,
     needs_expected_num_pos,
 )
@@ -287,9 +288,7 @@ def _aevlp_rules(c) -> list[str]:
     problems = _vlp_rules(c) + needs_expected_num_pos(c)
     if c.vlp_grid < 1:
         problems.append("--loss aevlp gates over the crops of a grid: --vlp_grid must be >= 1 (AEVLP: 4; CUB 5)")
-    problems += losses.gr_problems(
-        w=c.gr_w, b=c.gr_b, mu=c.gr_mu, sigma=c.gr_sigma, q2=c.gr_q2, q3=c.gr_q3, linear_init=0, num_epochs=c.num_epochs
-    )
+    problems += losses.gr_problems(**gr_settings(c), linear_init=0, num_epochs=c.num_epochs)
     return problems + losses_vlp.aevlp_problems(
         lambda1=c.aevlp_lambda[0], lambda2=c.aevlp_lambda[1], rho=c.aevlp_rho, reg=c.aevlp_reg
     )
@@ -305,12 +304,7 @@ def _aevlp_loss(b: LossInputs) -> torch.Tensor:
         _vlp_batch_pseudo(b),
         epoch=b.epoch,
         num_epochs=c.num_epochs,
-        w=c.gr_w,
-        b=c.gr_b,
-        mu=c.gr_mu,
-        sigma=c.gr_sigma,
-        q2=c.gr_q2,
-        q3=c.gr_q3,
+        **gr_settings(c),
         lambda1=c.aevlp_lambda[0],
         lambda2=c.aevlp_lambda[1],
         rho=c.aevlp_rho,
