@@ -307,7 +307,8 @@ def main() -> None:
 
         project = run_pipeline("project", project_loader(None), project_prepare, model, device, amp, args,
                                benchmark=True)  # fmt: skip
-        cache = loaders.build_disk_cache(split, size, Path(tmp) / "cache" / "bench.u8", workers)
+        with contextlib.redirect_stdout(sys.stderr):  # its size line: stdout holds the one JSON object
+            cache = loaders.build_disk_cache(split, size, Path(tmp) / "cache" / "bench.u8", workers)
         project_cache = run_pipeline("project + disk cache", project_loader(cache), project_prepare, model, device,
                                      amp, args, benchmark=True)  # fmt: skip
         eval_loader = torch.utils.data.DataLoader(
