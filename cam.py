@@ -111,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                 write_atomic(path, lambda f, png=png: f.write(png.getbuffer()))
             except OSError as err:
                 raise datasets.DataError(f"Cannot write {path}: {err.strerror or err}.") from None
-            except KeyboardInterrupt:  # write_atomic's temporary file (it removes it itself on an OSError only)
-                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-                raise
             renamed = path.name != f"{Path(image).stem}_cam.png"
             print(f"wrote {path}" + (f" (for {image})" if renamed else ""))
     except (datasets.DataError, checkpoint.RunFolderError, tool_io.OverwriteRefused) as err:

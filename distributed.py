@@ -35,6 +35,9 @@ class Context:
         return self.rank == 0
 
 
+SINGLE = Context()  # one process: what the trainer and evaluation use without torchrun
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

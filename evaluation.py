@@ -18,8 +18,6 @@ import label_rules
 import loaders
 import metrics
 
-SINGLE = distributed.Context()  # one process
-
 
 def noting_first_batch(batches, timings: dict):
     """``batches``, one by one; ``timings["first_batch_seconds"]``: how long the first took to come (host clock). The
@@ -41,7 +39,7 @@ def predict(model, loader, device, desc, amp=contextlib.nullcontext, ctx=None, t
     device into model batches of ``loaders.EVAL_BATCH_FACTOR`` of them: the model sees the same batches of
     ``4 x bsize`` images in row order as with one large loader batch, so the scores are the same. ``timings``: a dict
     that receives ``first_batch_seconds`` (``noting_first_batch``)."""
-    ctx = ctx or SINGLE
+    ctx = ctx or distributed.SINGLE
     model.eval()
     scores, pending = [], []
 

@@ -49,7 +49,8 @@ def free_bytes(folder: Path) -> int:
 def write_atomic(path: Path, write) -> None:
     """Call ``write(f)`` on a temporary file beside ``path`` and rename it into place once it is on disk. On an
     ``OSError`` (e.g. a full disk), or torch's RuntimeError for a write that failed, the temporary file is removed,
-    ``path`` is untouched and the error names ``path``: :class:`DiskFull` for a full disk, else an ``OSError``."""
+    ``path`` is untouched and the error names ``path``: :class:`DiskFull` for a full disk, else an ``OSError``. On any
+    other exception (a Ctrl-C included) the temporary file is removed too and the exception goes on unchanged."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -60,10 +61,10 @@ def write_atomic(path: Path, write) -> None:
     except (OSError, RuntimeError) as err:
         torch_failed = isinstance(err, RuntimeError) and any(m in str(err) for m in _TORCH_WRITE_FAILED)
         if isinstance(err, RuntimeError) and not torch_failed:
+            _remove(tmp)
             raise
         free = free_bytes(path.parent)  # measured before the temporary file gives its space back
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if (not torch_failed and err.errno == errno.ENOSPC) or (torch_failed and free < _NEARLY_FULL):
             raise DiskFull(path) from err
         if torch_failed:
@@ -73,7 +74,15 @@ def write_atomic(path: Path, write) -> None:
                 f"could not write {path}: torch could not write it ({detail}); {free / 2**20:.0f} MiB free there",
             ) from err
         raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
+    except BaseException:  # a Ctrl-C, or any other error inside write(): nothing half-written is left beside path
+        _remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def _remove(tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

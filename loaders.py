@@ -23,12 +23,10 @@ import distributed
 import files
 import resize
 from label_rules import DataError
+from models import IMAGENET_MEAN, IMAGENET_STD  # the pretrained weights' statistics, one definition
 
 if TYPE_CHECKING:
     from datasets import Split
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def _torchvision_models():
 
 ARCHS = RESNETS + ("smallcnn",)
 TIMM_PREFIX = "timm:"  # --arch timm:NAME: any model timm.create_model knows (``timm.list_models``)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what ``loaders.to_model_input`` normalises every batch with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet weights'; ``loaders.to_model_input`` normalises with it
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_INSTALL = "pip install timm (or pip install -r requirements-test.txt)"
 

@@ -46,7 +46,6 @@ from config import NOT_TRAINING_SETTINGS, REPO_DIR, Config, get_args_parser, ign
 
 EARLY_STOP_DROP = 3.0  # stop when val mAP falls more than this many points below the best so far (official rule)
 CHECK_EVERY = 25  # steps between host-side checks of the running loss (and, under torchrun, of a stop request)
-SINGLE = distributed.Context()  # one process
 
 
 class TrainingError(Exception):
@@ -143,7 +142,7 @@ def _as_given(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None, cfg: Config | None = None) -> None:
+def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None, cfg: Config) -> None:
     """The periodic host check: a non-finite loss stops the run; a stop request stops it at this safe point (agreed
     by every process, so none waits for another in a collective)."""
     requested = float(bool(stop and stop.requested))
@@ -151,12 +150,7 @@ def _periodic_check(loss_sum, epoch, step, ctx, stop: StopRequest | None, cfg: C
     flags = torch.stack([loss_sum.detach().double(), torch.full_like(loss_sum, requested, dtype=torch.float64)])
     loss, stop_flag = distributed.all_sum(flags, ctx).tolist()  # synchronises: the host waits for the device here
     if not math.isfinite(loss):
-        if cfg is not None:
-            raise TrainingError(divergence_message(cfg, epoch, step))
-        raise TrainingError(
-            f"The training loss became NaN or infinite at epoch {epoch}, by step {step}. "
-            "Lower --lr (or check the data for corrupt labels) and start again under another --exp_name."
-        )
+        raise TrainingError(divergence_message(cfg, epoch, step))
     if stop_flag > 0:
         raise Interrupted
 
@@ -172,7 +166,7 @@ def train_one_epoch(
     epoch: int,
     device: torch.device,
     amp=contextlib.nullcontext,
-    ctx: distributed.Context = SINGLE,
+    ctx: distributed.Context = distributed.SINGLE,
     stop: StopRequest | None = None,
 ) -> dict:
     """One pass over the training set. The label state takes LL-Cp's corrections; diagnostics are collected from the

@@ -12,6 +12,7 @@ from torch import nn
 
 import datasets
 import diagnostics
+import distributed
 import evaluation
 import linear_init
 import losses
@@ -112,7 +113,7 @@ def test_linear_init_caches_features_once_and_leaves_the_best_head(synthetic_roo
         data=data,
         state=state,
         device=torch.device("cpu"),
-        ctx=train.SINGLE,
+        ctx=distributed.SINGLE,
         log=records.append,
         stop=train.StopRequest(),
     )

@@ -361,3 +361,19 @@ def small_data(tmp_path, monkeypatch):
 def common(root, tmp_path, name, epochs=1):
     return ["--data_root", str(root), "--save_path", str(tmp_path / "runs"), "--exp_name", name,
             "--num_epochs", str(epochs), "--use_pretrained", "false", "--num_workers", "0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("not a write error"), ValueError("bad value")])
+def test_an_interrupted_atomic_write_leaves_nothing_beside_the_file(tmp_path, error):
+    """A Ctrl-C (or any error) inside the write goes on unchanged, and neither a half-written temporary file nor a
+    changed target is left: the file that was there before is intact."""
+    target = tmp_path / "final.json"
+    target.write_text("before")
+
+    def write(f):
+        f.write(b"half")
+        raise error
+
+    with pytest.raises(type(error)):
+        files.write_atomic(target, write)
+    assert target.read_text() == "before" and sorted(p.name for p in tmp_path.iterdir()) == ["final.json"]
