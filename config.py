@@ -560,7 +560,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if values["num_workers"] is None:
         values["num_workers"] = _default_num_workers(info)
     if values["data_root"] is None:
-        values["data_root"] = str(REPO_DIR / "data" / dataset)
+        values["data_root"] = str(datasets.default_root(dataset))
     if values["exp_name"] is None:
         values["exp_name"] = default_exp_name(values)
     return Config(**values)

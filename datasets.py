@@ -772,10 +772,15 @@ def class_names(dataset: str, root: str | os.PathLike) -> list[str]:
 # Prepare a dataset without training (``python prepare_data.py <name>``).
 
 
+def default_root(dataset: str) -> Path:
+    """Where a dataset's files are when no --data_root is given: ``data/<dataset>`` in the repository."""
+    return Path(__file__).resolve().parent / "data" / dataset
+
+
 def prepare(dataset: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> None:
     """Format the raw annotations, generate the observed labels, check that every image is there and that a sample
     decodes, and print a summary."""
-    root = Path(root) if root else Path(__file__).resolve().parent / "data" / dataset
+    root = Path(root) if root else default_root(dataset)
     info = DATASET_INFO[dataset]
     if info.prepare is not None:
         info.prepare(root)

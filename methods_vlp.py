@@ -137,8 +137,7 @@ def pseudo_label_rules(dataset: str, grid: int) -> dict[str, Callable[[torch.Ten
 def vlp_score_file(cfg, names: np.ndarray) -> tuple[Path, str]:
     """The score file a run of ``cfg`` reads, and the one command that makes it."""
     derived = datasets.derived_dir(cfg)
-    default_root = Path(__file__).resolve().parent / "data" / cfg.dataset
-    same_root = Path(cfg.data_root).resolve() == default_root.resolve()
+    same_root = Path(cfg.data_root).resolve() == datasets.default_root(cfg.dataset).resolve()
     fix = clip_scores.make_command(
         cfg.dataset, cfg.vlp_clip, cfg.vlp_grid, None if same_root else cfg.data_root, getattr(cfg, "cache_dir", None)
     )

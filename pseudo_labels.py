@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_workers", type=int, default=4, help="image decoding processes")
     parser.add_argument("--overwrite", action="store_true", help="replace a file made with other settings")
     args = parser.parse_args(argv)
-    root = Path(args.data_root) if args.data_root else Path(__file__).resolve().parent / "data" / args.dataset
+    root = Path(args.data_root) if args.data_root else datasets.default_root(args.dataset)
     info = datasets.DATASET_INFO[args.dataset]
     if info.sparse:
         print(f"error: {info.title} is not offered with pseudo-labels (no full class list per image)", file=sys.stderr)
